@@ -1,0 +1,56 @@
+"""Decoding catalog and query image bytes into RGB, the same way everywhere.
+
+Training, the encode pipeline, the index evaluator and a serving encoder all call
+``decode_rgb`` so that one product image always becomes the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own decompression-bomb guard, made an error rather than a warning.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image (or are too large to decode safely)."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Bytes of a JPEG/PNG/WebP... -> an RGB image.
+
+    EXIF orientation is applied; transparency is composited on white (catalog shots
+    are on white); grayscale, palette and CMYK are converted.
+    """
+    if not data:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise ImageDecodeError(
+                    f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... by format
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_array(img: Image.Image, size: int) -> np.ndarray:
+    """Resize (bicubic, no crop: catalog shots are framed) to size x size uint8 HWC."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)

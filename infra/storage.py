@@ -1,0 +1,264 @@
+"""The one module through which mimdex reads and writes.
+
+Every location is an fsspec URI (a plain path, ``file://``, ``s3://``...). Writes are
+whole-object: the bytes are first spooled to a local temporary file and then committed
+in one step (``os.replace``/``os.link`` on a local disk, a single PUT or completed
+multipart upload on an object store), so a reader sees either the old object, the new
+one, or nothing, never a prefix. Create-only writes use a conditional PUT
+(``If-None-Match: *``) so that of two writers racing for a key exactly one wins.
+
+S3 credentials and endpoint come from the standard AWS environment
+(``AWS_ENDPOINT_URL_S3`` points at a local server in tests); transient S3 failures are
+retried by botocore's own retry modes, configured below, not by loops of ours.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mimdex.infra.errors import DataError, TransientError
+
+# Per-protocol options handed to fsspec. A table, not branches: a new scheme needs an
+# entry here at most.
+STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {
+        # botocore's "adaptive" mode retries throttling and 5xx with backoff and
+        # client-side rate limiting; s3fs's _call_s3 adds its own retries (class
+        # attribute S3FileSystem.retries) for connection drops.
+        "config_kwargs": {
+            "retries": {"max_attempts": 8, "mode": "adaptive"},
+            "connect_timeout": 10,
+            "read_timeout": 120,
+        },
+        # Other processes write the same prefixes (Ray workers, Beam workers, a racing
+        # publisher): a cached listing would hide their commits.
+        "use_listings_cache": False,
+    },
+}
+
+
+class ObjectNotFound(DataError):
+    """A path that should exist does not; the message names the URI."""
+
+
+class ObjectExists(TransientError):
+    """A create-only write lost: another writer created the key first."""
+
+
+class StorageFailure(TransientError):
+    """A read or write failed after the configured retries."""
+
+
+def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path for ``uri``."""
+    protocol, _ = fsspec.core.split_protocol(str(uri))
+    options = STORAGE_OPTIONS.get(protocol or "file", {})
+    return fsspec.core.url_to_fs(str(uri), **options)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a URI with ``/`` whatever the platform."""
+    base = str(base)
+    return posixpath.join(base.rstrip("/") if base not in ("/",) else base, *parts)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    # Local disks need temp-file + rename to be atomic; object stores commit on PUT.
+    return isinstance(fs, LocalFileSystem)
+
+
+@contextlib.contextmanager
+def _translate_errors(uri: str, op: str) -> Iterator[None]:
+    """Turn filesystem exceptions into mimdex errors that name the URI."""
+    try:
+        yield
+    except (ObjectNotFound, ObjectExists, StorageFailure):
+        raise
+    except FileNotFoundError as exc:
+        raise ObjectNotFound(f"{op}: no such object or directory: {uri}") from exc
+    except FileExistsError as exc:
+        raise ObjectExists(
+            f"{op}: {uri} already exists (another writer created it first)"
+        ) from exc
+    except PermissionError as exc:
+        raise StorageFailure(f"{op}: permission denied for {uri}: {exc}") from exc
+    except OSError as exc:
+        raise StorageFailure(f"{op}: {uri}: {exc}") from exc
+    except Exception as exc:  # botocore/aiohttp errors that s3fs did not wrap
+        if _looks_like_precondition_failure(exc):
+            raise ObjectExists(
+                f"{op}: {uri} already exists (another writer created it first)"
+            ) from exc
+        if type(exc).__module__.split(".")[0] in {"botocore", "aiobotocore", "aiohttp"}:
+            raise StorageFailure(f"{op}: {uri}: {exc}") from exc
+        raise
+
+
+def _looks_like_precondition_failure(exc: BaseException) -> bool:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {412, 409}
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_only: bool) -> None:
+    if _is_local(fs):
+        os.chmod(local_tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others read our output
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if create_only:
+            os.link(local_tmp, path)  # atomic; raises FileExistsError if taken
+        else:
+            os.replace(local_tmp, path)
+        return
+    # mode="create" is a conditional PUT (If-None-Match: *): the store refuses it if
+    # the key exists, so of two racing writers exactly one wins.
+    fs.put_file(local_tmp, path, mode="create" if create_only else "overwrite")
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only binary file that keeps the sha256 and size of what passed through."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.bytes_written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.bytes_written += len(view)
+        return self._raw.write(view)
+
+    def tell(self) -> int:
+        return self.bytes_written
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+@contextlib.contextmanager
+def open_write(uri: str, *, create_only: bool = False) -> Iterator[HashingWriter]:
+    """A binary file whose content appears at ``uri`` only if the block succeeds.
+
+    On an exception nothing is written at ``uri`` and the spool file is removed. The
+    yielded file reports ``sha256()`` and ``bytes_written`` for manifests.
+    """
+    fs, path = resolve(uri)
+    spool_dir = posixpath.dirname(path) if _is_local(fs) else None
+    if spool_dir:
+        fs.makedirs(spool_dir, exist_ok=True)
+    fd, local_tmp = tempfile.mkstemp(
+        prefix=f".{posixpath.basename(path)}.", suffix=f".{uuid.uuid4().hex[:8]}.tmp", dir=spool_dir
+    )
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            yield HashingWriter(raw)
+        with _translate_errors(uri, "write"):
+            _commit(fs, local_tmp, path, create_only)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local_tmp)
+
+
+def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
+    """Write ``data`` as the whole object at ``uri`` (atomically)."""
+    with open_write(uri, create_only=create_only) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "read"):
+        return fs.cat_file(path)
+
+
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[IO[bytes]]:
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "read"):
+        f = fs.open(path, "rb")
+    with f:
+        yield f
+
+
+def write_json(uri: str, obj: Any, *, create_only: bool = False) -> None:
+    """Write ``obj`` as stable, human-readable JSON (sorted keys) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    write_bytes(uri, (text + "\n").encode("utf-8"), create_only=create_only)
+
+
+def read_json(uri: str) -> Any:
+    raw = read_bytes(uri)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"read: {uri} is not valid JSON: {exc}") from exc
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "exists"):
+        return fs.exists(path)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly under the directory/prefix ``uri``.
+
+    Spool files of in-progress writes (dot-prefixed) are never listed.
+    """
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "list"):
+        entries = fs.ls(path, detail=True)
+    out = []
+    for entry in entries:
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if entry.get("type") != "file" or name.startswith(".") or not name.endswith(suffix):
+            continue
+        out.append(join(uri, name))
+    return sorted(out)
+
+
+def delete(uri: str, *, recursive: bool = False) -> None:
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "delete"):
+        fs.rm(path, recursive=recursive)
+
+
+def size(uri: str) -> int:
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "stat"):
+        return int(fs.size(path))
+
+
+def parquet_dataset(uri: str, **kwargs: Any):
+    """A ``pyarrow.dataset`` over a Parquet file or directory at any fsspec URI.
+
+    pyarrow's discovery skips names starting with '.' or '_' (our spool files, reports).
+    """
+    import pyarrow.dataset as ds
+
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "open dataset"):
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        return ds.dataset(path, filesystem=fs, format="parquet", **kwargs)

@@ -1,0 +1,125 @@
+"""The `mimdex` command line (DESIGN.md, "CLI").
+
+Exit codes: 0 done, 2 usage or config error, 65 bad input data, 75 transient failure
+(safe to retry), 99 nothing to do. Every job ends by writing a JSON report next to its
+output and printing that report's URI as the last line of stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from mimdex.infra.errors import MimdexError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Subcommands of the DESIGN.md contract that later work items deliver; they are listed
+# in --help so the contract is visible, and refuse with exit 2 until they exist.
+NOT_BUILT: dict[str, str] = {
+    "train": "train the image-only / 3-tower / 4-tower towers into a model bundle",
+    "encode": "batch-encode a catalog into embedding shards on Ray",
+    "build-index": "build and publish sharded IVF-PQ indexes with Beam",
+    "search": "search a published index with an image and optional text",
+    "eval": "recall@k of a published index on street queries",
+    "refresh": "nightly refresh: re-encode changed products, publish a new version",
+    "backfill": "encode and index a given set of new products",
+    "versions": "list published index versions",
+    "rollback": "point LATEST back at an older complete version",
+}
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth-catalog", help="write a deterministic synthetic street-to-shop dataset",
+                       description="Write catalog/, train_pairs/ and queries/ Parquet tables "
+                                   "(plus manifest.json) under --out.")
+    p.add_argument("--out", required=True, help="dataset directory URI (local path or s3://...)")
+    p.add_argument("--products", type=int, required=True, help="number of catalog products")
+    p.add_argument("--queries", type=int, required=True,
+                   help="street queries of held-out products (plus half as many reformulations)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-frac", type=float, default=0.2, help="share of product families held out")
+    p.add_argument("--pairs-per-product", type=int, default=2, help="street photos per training product")
+    p.add_argument("--image-size", type=int, default=160, help="rendered image side in pixels")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from mimdex.pipelines.report import write_report
+    from mimdex.pipelines.synth import job
+    from mimdex.pipelines.synth.plan import SynthConfig
+
+    cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed,
+                      heldout_frac=args.heldout_frac, pairs_per_product=args.pairs_per_product,
+                      image_size=args.image_size)
+    report = job.run(cfg, args.out, workers=args.workers, progress=not args.no_progress)
+    counts = report["counts"]
+    state = "already complete, nothing rewritten" if report["skipped"] else "written"
+    print(f"dataset {state}: {counts['products']} products "
+          f"({counts['heldout_products']} held out), {counts['train_pairs']} training pairs, "
+          f"{counts['queries']} queries -> {args.out}")
+    print(write_report(args.out, "synth-catalog", report))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
+    p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
+    p.add_argument("--products", type=int, default=3000)
+    p.add_argument("--queries", type=int, default=600)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--no-s3", action="store_true",
+                   help="write to --workdir instead of a local S3 server the demo starts on 127.0.0.1")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mimdex.pipelines import demo
+
+    return demo.main(args)
+
+
+def _add_not_built(sub, name: str, summary: str) -> None:
+    p = sub.add_parser(name, help=f"{summary} [not built yet]", description=summary)
+    p.set_defaults(handler=lambda args, name=name: _not_built(name))
+
+
+def _not_built(name: str) -> int:
+    raise UsageError(f"`mimdex {name}` is part of the CLI contract but is not built yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimdex", description="Multimodal visual search over a product catalog: "
+                     "train 3/4-tower towers, batch-encode on Ray, build sharded IVF-PQ indexes on Beam.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_synth(sub)
+    for name, summary in NOT_BUILT.items():
+        _add_not_built(sub, name, summary)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in NOT_BUILT:  # a not-built command refuses below anyway
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except MimdexError as exc:
+        print(f"mimdex {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mimdex {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

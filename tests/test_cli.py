@@ -1,0 +1,50 @@
+"""The installed `mimdex` entry point and its exit-code contract."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mimdex.pipelines.cli import NOT_BUILT
+
+DESIGN_COMMANDS = ["synth-catalog", "train", "encode", "build-index", "search", "eval", "refresh",
+                   "backfill", "versions", "rollback", "demo"]
+
+
+def _mimdex(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("mimdex", path=os.path.dirname(sys.executable)) or shutil.which("mimdex")
+    assert exe, "the console script `mimdex` is not installed"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_design_subcommand():
+    res = _mimdex("--help")
+    assert res.returncode == 0
+    for name in DESIGN_COMMANDS:
+        assert f"    {name}" in res.stdout, f"{name} missing from mimdex --help"
+
+
+@pytest.mark.parametrize("name", sorted(NOT_BUILT))
+def test_commands_not_built_yet_say_so_and_exit_2(name):
+    res = _mimdex(name, "--some-flag", "value")
+    assert res.returncode == 2
+    assert f"`mimdex {name}` is part of the CLI contract but is not built yet" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_flag_and_missing_command_exit_2():
+    assert _mimdex("synth-catalog", "--out", "x", "--products", "50", "--queries", "5",
+                   "--bogus").returncode == 2
+    assert _mimdex().returncode == 2
+
+
+def test_bad_input_exits_65_without_a_traceback(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text("{broken")
+    res = _mimdex("synth-catalog", "--out", str(tmp_path / "ds"), "--products", "50",
+                  "--queries", "5", "--no-progress")
+    assert res.returncode == 65
+    assert "manifest.json is not valid JSON" in res.stderr and "Traceback" not in res.stderr

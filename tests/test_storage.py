@@ -1,0 +1,199 @@
+"""The storage layer, run against a local directory and against the local S3 server."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import threading
+
+import pytest
+
+from mimdex.infra import storage
+from mimdex.infra.errors import EXIT_DATA, EXIT_TRANSIENT
+
+
+def test_round_trip_bytes_and_json(store_root):
+    storage.write_bytes(storage.join(store_root, "a/b.bin"), b"\x00\x01payload")
+    storage.write_json(storage.join(store_root, "a/m.json"), {"z": 1, "a": [1, 2], "t": "naïve"})
+    assert storage.read_bytes(storage.join(store_root, "a/b.bin")) == b"\x00\x01payload"
+    assert storage.read_json(storage.join(store_root, "a/m.json")) == {"z": 1, "a": [1, 2], "t": "naïve"}
+    assert storage.list_files(storage.join(store_root, "a")) == [
+        storage.join(store_root, "a/b.bin"), storage.join(store_root, "a/m.json")]
+    assert storage.list_files(storage.join(store_root, "a"), suffix=".json") == [
+        storage.join(store_root, "a/m.json")]
+
+
+def test_create_only_refuses_an_existing_key(store_root):
+    uri = storage.join(store_root, "LATEST")
+    storage.write_bytes(uri, b"v1", create_only=True)
+    with pytest.raises(storage.ObjectExists) as err:
+        storage.write_bytes(uri, b"v2", create_only=True)
+    assert uri in str(err.value) and "already exists" in str(err.value)
+    assert err.value.exit_code == EXIT_TRANSIENT
+    assert storage.read_bytes(uri) == b"v1"
+
+
+def test_create_only_race_has_exactly_one_winner(store_root):
+    uri = storage.join(store_root, "race/marker")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        try:
+            storage.write_bytes(uri, f"writer-{i}".encode(), create_only=True)
+            outcomes.append(f"won-{i}")
+        except storage.ObjectExists:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(winners) == 1 and outcomes.count("lost") == 5
+    assert storage.read_bytes(uri) == f"writer-{winners[0][4:]}".encode()
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_object(store_root):
+    uri = storage.join(store_root, "obj.bin")
+    storage.write_bytes(uri, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(uri) as f:
+            f.write(b"new-but-partial")
+            raise RuntimeError("writer died half way")
+    assert storage.read_bytes(uri) == b"old"
+    fresh = storage.join(store_root, "never.bin")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(fresh) as f:
+            f.write(b"x" * 1000)
+            raise RuntimeError("writer died half way")
+    assert not storage.exists(fresh)
+    assert storage.list_files(store_root) == [uri]  # no spool files left behind
+
+
+def test_reader_never_sees_a_partial_object(store_root):
+    """A reader polling while a writer replaces a 3 MB object sees only whole versions."""
+    uri = storage.join(store_root, "big.bin")
+    size = 3 * 2**20
+    storage.write_bytes(uri, bytes([0]) * size)
+    stop = threading.Event()
+    seen: set[int] = set()
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = storage.read_bytes(uri)
+            if len(data) != size or data.count(data[:1]) != size:
+                bad.append(f"len={len(data)} first={data[:1]!r}")
+                return
+            seen.add(data[0])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for version in range(1, 6):
+            with storage.open_write(uri) as f:
+                for _ in range(size // 2**16):  # streamed in 64 KiB pieces
+                    f.write(bytes([version]) * 2**16)
+    finally:
+        stop.set()
+        t.join()
+    assert not bad, bad
+    assert storage.read_bytes(uri) == bytes([5]) * size
+    assert len(seen) >= 1
+
+
+def test_missing_path_error_names_the_uri(store_root):
+    uri = storage.join(store_root, "no/such/manifest.json")
+    with pytest.raises(storage.ObjectNotFound) as err:
+        storage.read_json(uri)
+    assert uri in str(err.value)
+    assert err.value.exit_code == EXIT_DATA
+    with pytest.raises(storage.ObjectNotFound, match="no/such/dir"):
+        storage.list_files(storage.join(store_root, "no/such/dir"))
+    with pytest.raises(storage.ObjectNotFound, match="no/such/table"):
+        storage.parquet_dataset(storage.join(store_root, "no/such/table"))
+
+
+def test_invalid_json_is_a_data_error_naming_the_uri(store_root):
+    uri = storage.join(store_root, "broken.json")
+    storage.write_bytes(uri, b"{not json")
+    with pytest.raises(Exception) as err:
+        storage.read_json(uri)
+    assert uri in str(err.value) and getattr(err.value, "exit_code", None) == EXIT_DATA
+
+
+def test_local_writes_are_world_readable(tmp_path):
+    uri = str(tmp_path / "x" / "y.bin")
+    storage.write_bytes(uri, b"1")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(uri).st_mode & 0o777 == 0o666 & ~umask
+
+
+class _FlakyProxy(http.server.BaseHTTPRequestHandler):
+    """Answers the first ``failures`` requests with 503 SlowDown, forwards the rest."""
+
+    protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" on PUT
+    upstream: tuple[str, int]
+    failures = 0
+    seen = 0
+    lock = threading.Lock()
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.lock:
+            type(self).seen += 1
+            fail = type(self).seen <= type(self).failures
+        if fail:
+            payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                       b"<Message>Please reduce your request rate.</Message></Error>")
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
+        conn.request(self.command, self.path, body=body or None,
+                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+def test_transient_s3_errors_are_retried_by_botocore(s3_bucket, monkeypatch):
+    """Four 503 SlowDown answers in a row are absorbed by the retries configured in
+    STORAGE_OPTIONS (botocore's adaptive mode; s3fs's own loop behind it)."""
+    import s3fs
+
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+    host, port = endpoint.rsplit("//", 1)[1].split(":")
+    handler = type("Proxy", (_FlakyProxy,), {"upstream": (host, int(port)), "failures": 4, "seen": 0})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.server_address[1]}")
+    s3fs.S3FileSystem.clear_instance_cache()  # the cached instance points at the old endpoint
+    try:
+        uri = storage.join(s3_bucket, "retried.json")
+        storage.write_json(uri, {"ok": True})
+        assert handler.seen > 4  # the failures happened, and more requests followed them
+        assert storage.read_json(uri) == {"ok": True}
+    finally:
+        proxy.shutdown()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -14,7 +14,6 @@ install: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24" 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -m pip install --quiet torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -m pip install --quiet -e ".[cpu,dev]" 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -m pip check

@@ -1,0 +1,139 @@
+"""Model bundles: a directory at any fsspec URI (DESIGN.md, "Model bundle").
+
+    config.json        architecture, variant, d, preprocessing, tokenizer settings and the
+                       sha256 of model.safetensors and tokenizer.json (written last)
+    model.safetensors  weights (never pickle)
+    tokenizer.json     the `tokenizers` tokenizer
+    README.md          model card: data, loss weights, validation metrics
+
+Loading verifies both checksums and refuses a tampered bundle, naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tokenizers import Tokenizer
+
+from mimdex.encoders.config import ModelConfig
+from mimdex.encoders.model import MIMModel
+from mimdex.encoders.preprocess import load_pixels, to_tensor
+from mimdex.encoders.text import configure, tokenize
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+
+BUNDLE_FORMAT = "mimdex-model-bundle/1"
+
+
+class BundleError(DataError):
+    """A bundle that is incomplete, tampered with, or of another format."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def state_dict_bytes(model: MIMModel) -> bytes:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return st_save(state, metadata={"format": BUNDLE_FORMAT})
+
+
+def save_bundle(model: MIMModel, tokenizer: Tokenizer, out: str, card: str,
+                extra: dict | None = None) -> str:
+    """Write the bundle; returns the weights' sha256. config.json goes last."""
+    weights = state_dict_bytes(model)
+    tok_json = tokenizer.to_str().encode("utf-8")
+    storage.write_bytes(storage.join(out, "model.safetensors"), weights)
+    storage.write_bytes(storage.join(out, "tokenizer.json"), tok_json)
+    storage.write_bytes(storage.join(out, "README.md"), card.encode("utf-8"))
+    cfg = model.cfg
+    config = {
+        "format": BUNDLE_FORMAT,
+        "model": cfg.to_dict(),
+        "variant": cfg.variant,
+        "embed_dim": cfg.embed_dim,
+        "preprocessing": {"image_size": cfg.image.image_size, "mean": list(cfg.mean),
+                          "std": list(cfg.std), "resize": "bicubic, no crop",
+                          "decode": "EXIF transpose; alpha composited on white; RGB"},
+        "tokenizer": {"file": "tokenizer.json", "context_length": cfg.text.context_length},
+        "sha256": {"model.safetensors": sha256(weights), "tokenizer.json": sha256(tok_json)},
+        **(extra or {}),
+    }
+    storage.write_json(storage.join(out, "config.json"), config)
+    return config["sha256"]["model.safetensors"]
+
+
+@dataclass
+class Encoder:
+    """A loaded bundle: the model, its tokenizer and preprocessing, ready to embed."""
+
+    model: MIMModel
+    tokenizer: Tokenizer
+    config: dict
+    uri: str
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def sha256(self) -> str:
+        return self.config["sha256"]["model.safetensors"]
+
+    def pixels(self, images: list[bytes]) -> np.ndarray:
+        return np.stack([load_pixels(b, self.cfg.image.image_size) for b in images])
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        out = [self.model.encode_image(to_tensor(pixels[i:i + batch_size], self.cfg.mean, self.cfg.std))
+               for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+
+    def encode_images(self, images: list[bytes], batch_size: int = 256) -> np.ndarray:
+        return self.embed_pixels(self.pixels(images), batch_size)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = tokenize(self.tokenizer, texts[i:i + batch_size])
+            out.append(self.model.encode_text(ids, mask))
+        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+
+    def encode_query(self, image: bytes, text: str | None = None, alpha: float | None = None) -> np.ndarray:
+        """One search vector: the image, or image + reformulation text fused."""
+        img = torch.from_numpy(self.encode_images([image]))
+        if not text:
+            return img[0].numpy()
+        from mimdex.encoders.model import fuse
+
+        txt = torch.from_numpy(self.encode_texts([text]))
+        return fuse(img, txt, self.cfg.fuse_alpha if alpha is None else alpha)[0].numpy()
+
+
+def load_bundle(uri: str) -> Encoder:
+    config_uri = storage.join(uri, "config.json")
+    config = storage.read_json(config_uri)
+    if config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{config_uri}: not a mimdex model bundle (format {config.get('format')!r})")
+    blobs = {}
+    for name, expected in config["sha256"].items():
+        data = storage.read_bytes(storage.join(uri, name))
+        if sha256(data) != expected:
+            raise BundleError(f"{storage.join(uri, name)}: sha256 {sha256(data)} does not match "
+                              f"{expected} recorded in config.json; refusing a tampered bundle")
+        blobs[name] = data
+    cfg = ModelConfig.from_dict(config["model"])
+    model = MIMModel(cfg)
+    try:
+        model.load_state_dict(st_load(blobs["model.safetensors"]), strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{storage.join(uri, 'model.safetensors')}: weights do not fit the "
+                          f"architecture in config.json: {exc}") from exc
+    model.eval()
+    tok = configure(Tokenizer.from_str(blobs["tokenizer.json"].decode("utf-8")), cfg.text.context_length)
+    return Encoder(model, tok, config, uri)

@@ -1,0 +1,107 @@
+"""Loading training data into memory-resident arrays (the I/O edge of training).
+
+Pairs are joined with the catalog on ``product_id``; every image is decoded once,
+with the bundle's own preprocessing, into uint8 pixels at the model's image size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from mimdex.encoders.images import ImageDecodeError
+from mimdex.encoders.preprocess import load_pixels
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+
+
+@dataclass
+class TrainData:
+    product_ids: list[str]            # the gallery: every catalog product
+    titles: list[str]
+    categories: list[str | None]
+    product_pixels: np.ndarray        # uint8 P x S x S x 3
+    train_products: np.ndarray        # gallery indices of products with street pairs
+    street_product: np.ndarray        # gallery index of each street pair
+    street_pixels: np.ndarray
+    street_text: list[str]            # short text query ("red mug") of each street pair
+    reform_product: np.ndarray        # gallery index each reformulation pair targets
+    reform_pixels: np.ndarray
+    reform_text: list[str]
+    val_product: np.ndarray           # held-out street queries: target gallery index
+    val_pixels: np.ndarray
+
+
+def _require(table, columns: list[str], uri: str) -> None:
+    for c in columns:
+        if c not in table.column_names:
+            raise DataError(f"{uri}: required column {c!r} is missing (has {table.column_names})")
+
+
+def _decode_all(images: list[bytes], size: int, uri: str, ids: list[str], desc: str,
+                progress: bool) -> np.ndarray:
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, data in enumerate(tqdm(images, desc=desc, unit="img", disable=not progress, mininterval=1.0)):
+        try:
+            out[i] = load_pixels(data, size)
+        except ImageDecodeError as exc:
+            raise DataError(f"{uri}: row {i} ({ids[i]}): {exc}") from exc
+    return out
+
+
+def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val: int = 300,
+                    progress: bool = True) -> TrainData:
+    """``data_uri``: training pairs (a table, or a dataset dir with train_pairs/ and queries/)."""
+    pairs_uri = data_uri
+    queries_uri = None
+    if storage.exists(storage.join(data_uri, "train_pairs")):
+        pairs_uri = storage.join(data_uri, "train_pairs")
+        if storage.exists(storage.join(data_uri, "queries")):
+            queries_uri = storage.join(data_uri, "queries")
+
+    catalog = storage.parquet_dataset(catalog_uri).to_table()
+    _require(catalog, ["product_id", "title", "image"], catalog_uri)
+    ids = catalog.column("product_id").to_pylist()
+    index = {pid: i for i, pid in enumerate(ids)}
+    if len(index) != len(ids):
+        raise DataError(f"{catalog_uri}: product_id values are not unique")
+    titles = catalog.column("title").to_pylist()
+    cats = catalog.column("category").to_pylist() if "category" in catalog.column_names else [None] * len(ids)
+    product_pixels = _decode_all(catalog.column("image").to_pylist(), image_size, catalog_uri, ids,
+                                 "decode catalog", progress)
+
+    pairs = storage.parquet_dataset(pairs_uri).to_table()
+    _require(pairs, ["query_image", "product_id"], pairs_uri)
+    kinds = pairs.column("kind").to_pylist() if "kind" in pairs.column_names else ["street"] * pairs.num_rows
+    texts = pairs.column("query_text").to_pylist() if "query_text" in pairs.column_names else [None] * pairs.num_rows
+    targets = pairs.column("product_id").to_pylist()
+    missing = sorted({t for t in targets if t not in index})
+    if missing:
+        raise DataError(f"{pairs_uri}: {len(missing)} product_id values are not in the catalog "
+                        f"{catalog_uri}, e.g. {missing[:3]}")
+    pair_pixels = _decode_all(pairs.column("query_image").to_pylist(), image_size, pairs_uri, targets,
+                              "decode pairs", progress)
+    street = [i for i, k in enumerate(kinds) if k != "reformulation"]
+    reform = [i for i, k in enumerate(kinds) if k == "reformulation" and texts[i]]
+
+    val_product, val_pixels = np.zeros(0, np.int64), np.zeros((0, image_size, image_size, 3), np.uint8)
+    if queries_uri:
+        q = storage.parquet_dataset(queries_uri).to_table()
+        rows = [i for i, k in enumerate(q.column("kind").to_pylist()) if k == "street"][:max_val]
+        q = q.take(rows)
+        qt = q.column("product_id").to_pylist()
+        val_product = np.array([index[t] for t in qt], np.int64)
+        val_pixels = _decode_all(q.column("query_image").to_pylist(), image_size, queries_uri, qt,
+                                 "decode validation", progress)
+
+    street_product = np.array([index[targets[i]] for i in street], np.int64)
+    return TrainData(
+        product_ids=ids, titles=titles, categories=cats, product_pixels=product_pixels,
+        train_products=np.unique(street_product),
+        street_product=street_product, street_pixels=pair_pixels[street],
+        street_text=[texts[i] or "" for i in street],
+        reform_product=np.array([index[targets[i]] for i in reform], np.int64),
+        reform_pixels=pair_pixels[reform], reform_text=[texts[i] for i in reform],
+        val_product=val_product, val_pixels=val_pixels,
+    )

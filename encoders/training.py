@@ -1,0 +1,243 @@
+"""Training the towers: AdamW with warm-up and cosine decay, in-batch negatives,
+checkpoints every N steps, exact resume, validation recall@k every epoch.
+
+Deterministic on the CPU for a given seed: each batch's products and augmentations are
+drawn from generators seeded by (seed, epoch) and (seed, step), so a resumed run takes
+the same steps as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from mimdex.encoders.config import LossWeights, ModelConfig
+from mimdex.encoders.losses import mim_loss
+from mimdex.encoders.model import MIMModel
+from mimdex.encoders.preprocess import to_tensor
+from mimdex.encoders.text import tokenize
+from mimdex.encoders.train_data import TrainData
+from mimdex.infra import storage
+from mimdex.infra.errors import UsageError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 4
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0
+    checkpoint_every: int = 100
+    weights: LossWeights = field(default_factory=LossWeights)
+    halt_after: int | None = None  # stop (as if killed) after this step's checkpoint; tests only
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augment(pixels: np.ndarray, rng: np.random.Generator, pad: int = 6) -> np.ndarray:
+    """Street-photo augmentation: random shift, horizontal flip, brightness/contrast."""
+    n, s = pixels.shape[:2]
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    out = np.empty_like(pixels)
+    offs = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5
+    for i in range(n):
+        y, x = offs[i]
+        crop = padded[i, y:y + s, x:x + s]
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    gain = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1))
+    bias = rng.uniform(-20, 20, size=(n, 1, 1, 1))
+    return np.clip(out.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TrainData, tokenizer,
+                 out: str, progress: bool = True):
+        self.mcfg, self.cfg, self.data, self.tok, self.out = model_cfg, cfg, data, tokenizer, out
+        self.progress = progress
+        self.weights = cfg.weights.for_variant(model_cfg.variant)
+        self.steps_per_epoch = len(data.train_products) // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_products)} "
+                             "training products; lower it")
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        torch.manual_seed(cfg.seed)
+        self.model = MIMModel(model_cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.history: list[dict] = []
+        self._rows_of = {}
+        for row, p in enumerate(data.street_product):
+            self._rows_of.setdefault(int(p), []).append(row)
+        self._reform_of = {}
+        for row, p in enumerate(data.reform_product):
+            self._reform_of.setdefault(int(p), []).append(row)
+        self._titles = tokenize(tokenizer, data.titles) if self.model.has_text else None
+
+    # --- batches -------------------------------------------------------------------------
+
+    def _batch_products(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, 1, epoch]).permutation(self.data.train_products)
+        return perm[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+
+    def _batch(self, step: int) -> dict:
+        d, rng = self.data, np.random.default_rng([self.cfg.seed, 2, step])
+        prods = self._batch_products(step)
+        rows = np.array([self._rows_of[int(p)][rng.integers(len(self._rows_of[int(p)]))] for p in prods])
+        images = [augment(d.street_pixels[rows], rng), d.product_pixels[prods]]
+        batch = {"n": len(prods), "prods": prods}
+        if self.model.has_text:
+            batch["title"] = (self._titles[0][prods], self._titles[1][prods])
+        if self.weights.text_product or self.weights.fused_product:
+            batch["query_text"] = tokenize(self.tok, [d.street_text[r] for r in rows])
+            # Fused input: a reformulation (a sibling's photo + "in blue") when one targets
+            # this product, half of the time; otherwise the product's own photo + short query.
+            f_pix, f_txt = [], []
+            for p, r in zip(prods, rows):
+                reforms = self._reform_of.get(int(p))
+                if reforms and rng.random() < 0.5:
+                    j = reforms[rng.integers(len(reforms))]
+                    f_pix.append(d.reform_pixels[j])
+                    f_txt.append(d.reform_text[j])
+                else:
+                    f_pix.append(d.street_pixels[r])
+                    f_txt.append(d.street_text[r])
+            images.append(augment(np.stack(f_pix), rng))
+            batch["fused_text"] = tokenize(self.tok, f_txt)
+        batch["images"] = to_tensor(np.concatenate(images), self.mcfg.mean, self.mcfg.std)
+        return batch
+
+    def _loss(self, batch: dict):
+        n, m = batch["n"], self.model
+        img = m.encode_image(batch["images"])
+        emb = {"query_image": img[:n], "product_image": img[n:2 * n]}
+        if "title" in batch:
+            emb["title"] = m.encode_text(*batch["title"])
+        if "query_text" in batch:
+            emb["query_text"] = m.encode_text(*batch["query_text"])
+            emb["fused_image"] = img[2 * n:3 * n]
+            emb["fused_text"] = m.encode_text(*batch["fused_text"])
+        return mim_loss(emb, self.weights, m.logit_scale, self.mcfg.fuse_alpha)
+
+    # --- validation ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def validate(self, k: int = 10) -> dict:
+        d = self.data
+        if not len(d.val_product):
+            return {}
+        self.model.eval()
+        embed = lambda px: torch.cat([self.model.encode_image(to_tensor(px[i:i + 512], self.mcfg.mean, self.mcfg.std))  # noqa: E731
+                                      for i in range(0, len(px), 512)])
+        gallery, queries = embed(d.product_pixels), embed(d.val_pixels)
+        self.model.train()
+        top = (queries @ gallery.t()).topk(k, dim=1).indices.numpy()
+        truth = d.val_product
+        out = {"val_queries": int(len(truth)), "recall@1": float(np.mean(top[:, 0] == truth)),
+               f"recall@{k}": float(np.mean((top == truth[:, None]).any(axis=1)))}
+        if d.categories[0] is not None:
+            cats = np.array(d.categories)
+            out["wrong_category@1"] = float(np.mean(cats[top[:, 0]] != cats[truth]))
+        return out
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        base = storage.join(self.out, CHECKPOINT_DIR)
+        opt = self.opt.state_dict()
+        opt_tensors = {f"{i}.{name}": t.contiguous() for i, s in opt["state"].items() for name, t in s.items()}
+        model_state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        storage.write_bytes(storage.join(base, "model.safetensors"), st_save(model_state))
+        storage.write_bytes(storage.join(base, "optimizer.safetensors"), st_save(opt_tensors))
+        storage.write_json(storage.join(base, "state.json"), {  # last: marks the checkpoint whole
+            "step": self.step, "param_groups": opt["param_groups"], "history": self.history,
+            "model": self.mcfg.to_dict(), "train": dataclasses.asdict(self.cfg),
+        })
+
+    def load_checkpoint(self) -> bool:
+        base = storage.join(self.out, CHECKPOINT_DIR)
+        if not storage.exists(storage.join(base, "state.json")):
+            return False
+        state = storage.read_json(storage.join(base, "state.json"))
+        if state["model"] != self.mcfg.to_dict() or state["train"] != json.loads(json.dumps(dataclasses.asdict(self.cfg))):
+            raise UsageError(f"{base}: the checkpoint was made with other model or training settings; "
+                             "resume with the same flags or drop --resume")
+        self.model.load_state_dict(st_load(storage.read_bytes(storage.join(base, "model.safetensors"))))
+        flat = st_load(storage.read_bytes(storage.join(base, "optimizer.safetensors")))
+        opt_state: dict[int, dict] = {}
+        for key, t in flat.items():
+            i, name = key.split(".", 1)
+            opt_state.setdefault(int(i), {})[name] = t
+        self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        self.model.train()
+        start = self.step
+        bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mcfg.variant}", unit="step",
+                   disable=not self.progress, mininterval=1.0)
+        t0, seen = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            lr = lr_at(self.step, self.total_steps, self.cfg)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            batch = self._batch(self.step)
+            loss, terms = self._loss(batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, math.log(100.0))
+            self.step += 1
+            seen += batch["n"]
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "pairs/s": f"{rate:.0f}"}, refresh=False)
+            bar.update(1)
+            end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+            if end_of_epoch:
+                metrics = self.validate()
+                self.history.append({"step": self.step, "epoch": math.ceil(self.step / self.steps_per_epoch),
+                                     "loss": float(loss.detach()), "terms": terms, "lr": lr, **metrics})
+                if metrics:
+                    bar.write(f"[train] step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                                      if isinstance(v, float)))
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+            if self.cfg.halt_after is not None and self.step >= self.cfg.halt_after:
+                break
+        bar.close()
+        return {"steps": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "pairs_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1),
+                "history": self.history, "halted": self.step < self.total_steps, "resumed_from": start}
+
+
+def with_threads(n: int | None):
+    """Pin torch's intra-op threads (determinism needs the same count on resume)."""
+    if n:
+        torch.set_num_threads(n)
+    return contextlib.nullcontext()

@@ -90,8 +90,8 @@ def preset(name: str, variant: str, **overrides) -> ModelConfig:
     production shape (ViT-B/16 + 12-layer text transformer, CLIP's state-dict layout)."""
     if name == "tiny":
         cfg = ModelConfig(variant=variant, embed_dim=128, preset="tiny",
-                          image=ImageTowerConfig(kind="cnn", image_size=64, width=32, layers=4),
-                          text=TextTowerConfig(kind="clip", vocab_size=2048, context_length=32,
+                          image=ImageTowerConfig(kind="cnn", image_size=64, width=16, layers=4),
+                          text=TextTowerConfig(kind="clip", vocab_size=2048, context_length=24,
                                                width=128, layers=2, heads=4))
     elif name == "base":
         cfg = ModelConfig(variant=variant, embed_dim=512, preset="base",

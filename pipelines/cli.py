@@ -18,7 +18,6 @@ Handler = Callable[[argparse.Namespace], int]
 # Subcommands of the DESIGN.md contract that later work items deliver; they are listed
 # in --help so the contract is visible, and refuse with exit 2 until they exist.
 NOT_BUILT: dict[str, str] = {
-    "train": "train the image-only / 3-tower / 4-tower towers into a model bundle",
     "encode": "batch-encode a catalog into embedding shards on Ray",
     "build-index": "build and publish sharded IVF-PQ indexes with Beam",
     "search": "search a published index with an image and optional text",
@@ -65,6 +64,59 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the image-only / 3-tower / 4-tower towers into a model bundle")
+    p.add_argument("--data", required=True, help="training pairs table, or a dataset dir with train_pairs/ "
+                   "(and queries/ for validation)")
+    p.add_argument("--catalog", required=True, help="catalog table the pairs join on product_id")
+    p.add_argument("--variant", required=True, choices=["image-only", "3-tower", "4-tower"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    p.add_argument("--out", required=True, help="model bundle URI")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
+    p.add_argument("--clip-checkpoint", help="local CLIP .safetensors (OpenAI/open_clip key names) to start from")
+    p.add_argument("--bert-checkpoint", help="local BERT-style dir (config.json, model.safetensors, "
+                   "tokenizer.json) for the text tower")
+    p.add_argument("--tokenizer", help="local tokenizer.json to use instead of training one")
+    p.add_argument("--weights", help='loss weights as JSON, e.g. \'{"query_title": 1.0}\'')
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.encoders.config import LossWeights
+    from mimdex.encoders.training import TrainConfig
+    from mimdex.pipelines import train_job
+    from mimdex.pipelines.report import write_report
+
+    try:
+        weights = LossWeights(**json.loads(args.weights)) if args.weights else LossWeights()
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--weights: {exc}") from exc
+    for flag in ("epochs", "batch_size", "checkpoint_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    job = train_job.TrainJob(data=args.data, catalog=args.catalog, out=args.out, variant=args.variant,
+                             preset=args.preset, resume=args.resume, clip_checkpoint=args.clip_checkpoint,
+                             bert_checkpoint=args.bert_checkpoint, tokenizer=args.tokenizer, threads=args.threads)
+    tcfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                       seed=args.seed, checkpoint_every=args.checkpoint_every, weights=weights)
+    report = train_job.run(job, tcfg, progress=not args.no_progress)
+    last = report["history"][-1] if report["history"] else {}
+    print(f"model bundle written: {args.out} (variant {args.variant}, {report['train']['steps']} steps, "
+          + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("recall", "wrong"))) + ")")
+    print(write_report(args.out, "train", report))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
     p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
@@ -97,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_synth(sub)
+    _add_train(sub)
     for name, summary in NOT_BUILT.items():
         _add_not_built(sub, name, summary)
     _add_demo(sub)

@@ -1,0 +1,107 @@
+"""`mimdex train`: training pairs + catalog -> a model bundle at --out."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer
+
+from mimdex.encoders.bundle import save_bundle
+from mimdex.encoders.checkpoints import bert_text_config, load_bert_checkpoint, load_clip_checkpoint
+from mimdex.encoders.config import ModelConfig, preset
+from mimdex.encoders.text import configure, train_tokenizer
+from mimdex.encoders.train_data import load_train_data
+from mimdex.encoders.training import Trainer, TrainConfig
+from mimdex.infra import storage
+from mimdex.infra.errors import UsageError
+from mimdex.pipelines.report import StageTimer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    data: str
+    catalog: str
+    out: str
+    variant: str
+    preset: str = "tiny"
+    resume: bool = False
+    clip_checkpoint: str | None = None
+    bert_checkpoint: str | None = None
+    tokenizer: str | None = None  # a local tokenizer.json (e.g. CLIP's) instead of training one
+    threads: int | None = None
+
+
+def _model_config(job: TrainJob) -> ModelConfig:
+    cfg = preset(job.preset, job.variant)
+    if job.bert_checkpoint:
+        cfg = dataclasses.replace(cfg, text=bert_text_config(job.bert_checkpoint))
+    return cfg
+
+
+def _card(job: TrainJob, cfg: ModelConfig, tcfg: TrainConfig, result: dict, data) -> str:
+    last = result["history"][-1] if result["history"] else {}
+    metrics = {k: v for k, v in last.items() if k.startswith(("recall", "wrong", "val_"))}
+    weights = dataclasses.asdict(tcfg.weights.for_variant(cfg.variant))
+    return "\n".join([
+        f"# mimdex model: {cfg.variant}, preset {cfg.preset}", "",
+        f"Embedding dimension {cfg.embed_dim}; image tower {cfg.image.kind} at {cfg.image.image_size}px; "
+        f"text tower {cfg.text.kind if cfg.variant != 'image-only' else 'none'}.", "",
+        "## Training data", "",
+        f"- pairs: `{job.data}`; catalog: `{job.catalog}`",
+        f"- {len(data.train_products)} training products, {len(data.street_product)} street pairs, "
+        f"{len(data.reform_product)} reformulation pairs; {len(data.product_ids)} catalog products", "",
+        "## Losses (symmetric InfoNCE, in-batch negatives, learnable temperature)", "",
+        "```json", json.dumps(weights, indent=2), "```", "",
+        "## Training", "",
+        f"{result['steps']} steps of batch {tcfg.batch_size}, AdamW lr {tcfg.lr} (warm-up {tcfg.warmup_steps}, "
+        f"cosine), seed {tcfg.seed}.", "",
+        "## Validation (held-out street queries against the whole catalog)", "",
+        "```json", json.dumps(metrics, indent=2), "```", "",
+    ])
+
+
+def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
+    timer = StageTimer()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    cfg = _model_config(job)
+    with timer.stage("load"):
+        data = load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress)
+    with timer.stage("tokenizer"):
+        tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
+                                     if job.bert_checkpoint else None)
+        if tok_file:
+            tok = Tokenizer.from_str(storage.read_bytes(tok_file).decode("utf-8"))
+        else:  # tiny: a WordPiece vocabulary learnt from the catalog's own text
+            texts = data.titles + data.street_text + data.reform_text
+            tok = train_tokenizer(texts, cfg.text.vocab_size, cfg.text.context_length)
+        tok = configure(tok, cfg.text.context_length)
+    trainer = Trainer(cfg, tcfg, data, tok, job.out, progress=progress)
+    init_reports = {}
+    resumed = False
+    if job.resume:
+        resumed = trainer.load_checkpoint()
+    elif storage.exists(storage.join(job.out, "checkpoint", "state.json")):
+        raise UsageError(f"{job.out} holds a checkpoint of an earlier run; pass --resume to continue it "
+                         "or choose another --out")
+    if not resumed:
+        if job.clip_checkpoint:
+            init_reports["clip"] = load_clip_checkpoint(trainer.model, job.clip_checkpoint).summary()
+        if job.bert_checkpoint:
+            report, _ = load_bert_checkpoint(trainer.model, job.bert_checkpoint)
+            init_reports["bert"] = report.summary()
+    with timer.stage("train"):
+        result = trainer.fit()
+    report = {"out": job.out, "variant": cfg.variant, "preset": cfg.preset, "resumed": resumed,
+              "train": {k: v for k, v in result.items() if k != "history"}, "history": result["history"],
+              "init": init_reports, "timings_s": timer.seconds}
+    if result["halted"]:
+        return report
+    with timer.stage("save"):
+        report["model_sha256"] = save_bundle(trainer.model, tok, job.out, _card(job, cfg, tcfg, result, data),
+                                             extra={"training": {"history": result["history"],
+                                                                 "train_config": dataclasses.asdict(tcfg)}})
+    report["timings_s"] = timer.seconds
+    return report

@@ -6,20 +6,36 @@ Either way the tokenizer is saved in the model bundle as tokenizer.json.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, context_length: int) -> Tokenizer:
-    """A lower-cased, NFKC-normalised WordPiece tokenizer; deterministic for a given input."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A lower-cased, NFKC-normalised WordPiece tokenizer, deterministic for a given input.
+
+    The library normalises and splits; the vocabulary is every character (so no word is
+    ever unknown, rare ones fall back to ##pieces) plus the most frequent words, ties
+    broken alphabetically. (WordPieceTrainer breaks ties in hash-map order, so two runs
+    on the same titles gave different ids: a resumed training run would not match.)
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = SPECIALS + chars + ["##" + c for c in chars]
+    taken = set(vocab)
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in taken]
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
-    tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", tok.token_to_id("[BOS]")),
                                                 ("[EOS]", tok.token_to_id("[EOS]"))])

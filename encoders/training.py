@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from mimdex.encoders.config import LossWeights, ModelConfig
 from mimdex.encoders.losses import mim_loss
 from mimdex.encoders.model import MIMModel
 from mimdex.encoders.preprocess import to_tensor
-from mimdex.encoders.text import tokenize
+from mimdex.encoders.text import configure, tokenize
 from mimdex.encoders.train_data import TrainData
 from mimdex.infra import storage
 from mimdex.infra.errors import UsageError
@@ -43,6 +44,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     weights: LossWeights = field(default_factory=LossWeights)
+    # "random": batches of random distinct products. "similar": batches built from groups
+    # of products whose catalog images have similar colour statistics, so that colour
+    # alone cannot tell the in-batch negatives apart (hard negatives, no labels needed).
+    batching: str = "random"
+    group_size: int = 16
     halt_after: int | None = None  # stop (as if killed) after this step's checkpoint; tests only
 
 
@@ -69,6 +75,31 @@ def augment(pixels: np.ndarray, rng: np.random.Generator, pad: int = 6) -> np.nd
     return np.clip(out.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
 
 
+def colour_clusters(pixels: np.ndarray, products: np.ndarray, seed: int, per_cluster: int = 48) -> list[np.ndarray]:
+    """Group ``products`` by k-means (faiss) on colour histograms of their catalog images."""
+    import faiss
+
+    px = pixels[products].reshape(len(products), -1, 3).astype(np.int32)
+    codes = (px // 64) @ np.array([16, 4, 1])  # 4x4x4 colour bins
+    keep = px.min(axis=2) <= 235  # ignore the studio-white background
+    hist = np.stack([np.bincount(c[k], minlength=64) for c, k in zip(codes, keep)]).astype(np.float32)
+    hist = np.sqrt(hist / np.maximum(hist.sum(1, keepdims=True), 1))
+    k = max(1, len(products) // per_cluster)
+    km = faiss.Kmeans(hist.shape[1], k, niter=20, seed=seed, verbose=False)
+    km.train(hist)
+    _, assign = km.index.search(hist, 1)
+    return [products[assign[:, 0] == c] for c in range(k) if np.any(assign[:, 0] == c)]
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def _resume_key(train: dict) -> dict:
+    """Training settings that must match for a checkpoint to be resumed."""
+    return {k: v for k, v in train.items() if k != "halt_after"}
+
+
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TrainData, tokenizer,
                  out: str, progress: bool = True):
@@ -82,7 +113,9 @@ class Trainer:
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         torch.manual_seed(cfg.seed)
-        self.model = MIMModel(model_cfg)
+        # CUDA: bf16 autocast, pinned host batches, non-blocking copies. CPU: plain fp32.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = MIMModel(model_cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.history: list[dict] = []
@@ -93,13 +126,30 @@ class Trainer:
         for row, p in enumerate(data.reform_product):
             self._reform_of.setdefault(int(p), []).append(row)
         self._titles = tokenize(tokenizer, data.titles) if self.model.has_text else None
+        self._order, self._order_epoch = None, -1
+        if cfg.batching not in ("random", "similar"):
+            raise UsageError(f"batching must be 'random' or 'similar', got {cfg.batching!r}")
+        self._clusters = colour_clusters(data.product_pixels, data.train_products, cfg.seed) \
+            if cfg.batching == "similar" else []
 
     # --- batches -------------------------------------------------------------------------
 
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, 1, epoch])
+        if self.cfg.batching == "random":
+            return rng.permutation(self.data.train_products)
+        # Shuffle within each colour cluster, cut into groups, shuffle the groups.
+        groups = []
+        for members in self._clusters:
+            members = rng.permutation(members)
+            groups += [members[i:i + self.cfg.group_size] for i in range(0, len(members), self.cfg.group_size)]
+        return np.concatenate([groups[i] for i in rng.permutation(len(groups))])
+
     def _batch_products(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, 1, epoch]).permutation(self.data.train_products)
-        return perm[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self._epoch_order(epoch), epoch
+        return self._order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
 
     def _batch(self, step: int) -> dict:
         d, rng = self.data, np.random.default_rng([self.cfg.seed, 2, step])
@@ -128,6 +178,18 @@ class Trainer:
         batch["images"] = to_tensor(np.concatenate(images), self.mcfg.mean, self.mcfg.std)
         return batch
 
+    def _to_device(self, batch: dict) -> dict:
+        if self.device.type != "cuda":
+            return batch
+        move = lambda t: t.pin_memory().to(self.device, non_blocking=True)  # noqa: E731
+        return {k: (move(v) if torch.is_tensor(v) else tuple(move(x) for x in v) if isinstance(v, tuple) else v)
+                for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _loss(self, batch: dict):
         n, m = batch["n"], self.model
         img = m.encode_image(batch["images"])
@@ -148,8 +210,11 @@ class Trainer:
         if not len(d.val_product):
             return {}
         self.model.eval()
-        embed = lambda px: torch.cat([self.model.encode_image(to_tensor(px[i:i + 512], self.mcfg.mean, self.mcfg.std))  # noqa: E731
-                                      for i in range(0, len(px), 512)])
+        def embed(px):
+            with self._autocast():
+                return torch.cat([self.model.encode_image(
+                    to_tensor(px[i:i + 512], self.mcfg.mean, self.mcfg.std).to(self.device)).float().cpu()
+                    for i in range(0, len(px), 512)])
         gallery, queries = embed(d.product_pixels), embed(d.val_pixels)
         self.model.train()
         top = (queries @ gallery.t()).topk(k, dim=1).indices.numpy()
@@ -166,10 +231,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         base = storage.join(self.out, CHECKPOINT_DIR)
         opt = self.opt.state_dict()
-        opt_tensors = {f"{i}.{name}": t.contiguous() for i, s in opt["state"].items() for name, t in s.items()}
-        model_state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        opt_tensors = {f"{i}.{name}": t.contiguous().cpu() for i, s in opt["state"].items() for name, t in s.items()}
+        model_state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         storage.write_bytes(storage.join(base, "model.safetensors"), st_save(model_state))
         storage.write_bytes(storage.join(base, "optimizer.safetensors"), st_save(opt_tensors))
+        storage.write_bytes(storage.join(base, "tokenizer.json"), self.tok.to_str().encode("utf-8"))
         storage.write_json(storage.join(base, "state.json"), {  # last: marks the checkpoint whole
             "step": self.step, "param_groups": opt["param_groups"], "history": self.history,
             "model": self.mcfg.to_dict(), "train": dataclasses.asdict(self.cfg),
@@ -180,7 +246,8 @@ class Trainer:
         if not storage.exists(storage.join(base, "state.json")):
             return False
         state = storage.read_json(storage.join(base, "state.json"))
-        if state["model"] != self.mcfg.to_dict() or state["train"] != json.loads(json.dumps(dataclasses.asdict(self.cfg))):
+        if state["model"] != _jsonable(self.mcfg.to_dict()) or _resume_key(state["train"]) != _resume_key(
+                _jsonable(dataclasses.asdict(self.cfg))):
             raise UsageError(f"{base}: the checkpoint was made with other model or training settings; "
                              "resume with the same flags or drop --resume")
         self.model.load_state_dict(st_load(storage.read_bytes(storage.join(base, "model.safetensors"))))
@@ -191,6 +258,10 @@ class Trainer:
             opt_state.setdefault(int(i), {})[name] = t
         self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         self.step, self.history = state["step"], state["history"]
+        # The token ids the checkpointed weights learnt, whatever the data looks like now.
+        self.tok = configure(Tokenizer.from_str(storage.read_bytes(storage.join(base, "tokenizer.json")).decode()),
+                             self.mcfg.text.context_length)
+        self._titles = tokenize(self.tok, self.data.titles) if self.model.has_text else None
         return True
 
     # --- the loop ------------------------------------------------------------------------
@@ -205,8 +276,9 @@ class Trainer:
             lr = lr_at(self.step, self.total_steps, self.cfg)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            batch = self._batch(self.step)
-            loss, terms = self._loss(batch)
+            batch = self._to_device(self._batch(self.step))
+            with self._autocast():
+                loss, terms = self._loss(batch)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -236,8 +308,3 @@ class Trainer:
                 "history": self.history, "halted": self.step < self.total_steps, "resumed_from": start}
 
 
-def with_threads(n: int | None):
-    """Pin torch's intra-op threads (determinism needs the same count on resume)."""
-    if n:
-        torch.set_num_threads(n)
-    return contextlib.nullcontext()

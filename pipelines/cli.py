@@ -84,6 +84,8 @@ def _add_train(sub) -> None:
                    "tokenizer.json) for the text tower")
     p.add_argument("--tokenizer", help="local tokenizer.json to use instead of training one")
     p.add_argument("--weights", help='loss weights as JSON, e.g. \'{"query_title": 1.0}\'')
+    p.add_argument("--batching", choices=["random", "similar"], default="random",
+                   help="similar: batches of products with similar colour statistics (hard negatives)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run_train)
@@ -108,7 +110,8 @@ def _run_train(args: argparse.Namespace) -> int:
                              preset=args.preset, resume=args.resume, clip_checkpoint=args.clip_checkpoint,
                              bert_checkpoint=args.bert_checkpoint, tokenizer=args.tokenizer, threads=args.threads)
     tcfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                       seed=args.seed, checkpoint_every=args.checkpoint_every, weights=weights)
+                       seed=args.seed, checkpoint_every=args.checkpoint_every, weights=weights,
+                       batching=args.batching)
     report = train_job.run(job, tcfg, progress=not args.no_progress)
     last = report["history"][-1] if report["history"] else {}
     print(f"model bundle written: {args.out} (variant {args.variant}, {report['train']['steps']} steps, "

@@ -100,7 +100,7 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     if result["halted"]:
         return report
     with timer.stage("save"):
-        report["model_sha256"] = save_bundle(trainer.model, tok, job.out, _card(job, cfg, tcfg, result, data),
+        report["model_sha256"] = save_bundle(trainer.model, trainer.tok, job.out, _card(job, cfg, tcfg, result, data),
                                              extra={"training": {"history": result["history"],
                                                                  "train_config": dataclasses.asdict(tcfg)}})
     report["timings_s"] = timer.seconds

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import time
 from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa

@@ -126,6 +126,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--products", type=int, default=3000)
     p.add_argument("--queries", type=int, default=600)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of each demo model (equal budgets)")
     p.add_argument("--no-s3", action="store_true",
                    help="write to --workdir instead of a local S3 server the demo starts on 127.0.0.1")
     p.set_defaults(handler=_run_demo)

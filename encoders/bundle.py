@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 from tokenizers import Tokenizer
 
 from mimdex.encoders.config import ModelConfig
-from mimdex.encoders.model import MIMModel
+from mimdex.encoders.model import MIMModel, fuse
 from mimdex.encoders.preprocess import load_pixels, to_tensor
 from mimdex.encoders.text import configure, tokenize
 from mimdex.infra import storage
@@ -104,15 +104,17 @@ class Encoder:
             out.append(self.model.encode_text(ids, mask))
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
 
+    def encode_queries(self, images: list[bytes], texts: list[str], alpha: float | None = None) -> np.ndarray:
+        """Multimodal search vectors: each image fused with its reformulation text."""
+        img = torch.from_numpy(self.encode_images(images))
+        txt = torch.from_numpy(self.encode_texts(texts))
+        return fuse(img, txt, self.cfg.fuse_alpha if alpha is None else alpha).numpy()
+
     def encode_query(self, image: bytes, text: str | None = None, alpha: float | None = None) -> np.ndarray:
         """One search vector: the image, or image + reformulation text fused."""
-        img = torch.from_numpy(self.encode_images([image]))
         if not text:
-            return img[0].numpy()
-        from mimdex.encoders.model import fuse
-
-        txt = torch.from_numpy(self.encode_texts([text]))
-        return fuse(img, txt, self.cfg.fuse_alpha if alpha is None else alpha)[0].numpy()
+            return self.encode_images([image])[0]
+        return self.encode_queries([image], [text], alpha)[0]
 
 
 def load_bundle(uri: str) -> Encoder:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mimdex.encoders.config import LossWeights, ModelConfig
 from mimdex.encoders.losses import mim_loss
+from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.encoders.model import MIMModel
 from mimdex.encoders.preprocess import to_tensor
 from mimdex.encoders.text import configure, tokenize
@@ -125,7 +126,7 @@ class Trainer:
         self._reform_of = {}
         for row, p in enumerate(data.reform_product):
             self._reform_of.setdefault(int(p), []).append(row)
-        self._titles = tokenize(tokenizer, data.titles) if self.model.has_text else None
+        self._tokenize_all()
         self._order, self._order_epoch = None, -1
         if cfg.batching not in ("random", "similar"):
             raise UsageError(f"batching must be 'random' or 'similar', got {cfg.batching!r}")
@@ -133,6 +134,13 @@ class Trainer:
             if cfg.batching == "similar" else []
 
     # --- batches -------------------------------------------------------------------------
+
+    def _tokenize_all(self) -> None:
+        """Token ids of every title and query text, once (texts are fixed per row)."""
+        d, tok = self.data, self.tok
+        self._titles = tokenize(tok, d.titles) if self.model.has_text else None
+        self._street_tokens = tokenize(tok, d.street_text) if self.model.has_text else None
+        self._reform_tokens = tokenize(tok, d.reform_text) if self.model.has_text and d.reform_text else None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, 1, epoch])
@@ -160,21 +168,24 @@ class Trainer:
         if self.model.has_text:
             batch["title"] = (self._titles[0][prods], self._titles[1][prods])
         if self.weights.text_product or self.weights.fused_product:
-            batch["query_text"] = tokenize(self.tok, [d.street_text[r] for r in rows])
+            street_ids, street_mask = self._street_tokens
+            batch["query_text"] = (street_ids[rows], street_mask[rows])
             # Fused input: a reformulation (a sibling's photo + "in blue") when one targets
             # this product, half of the time; otherwise the product's own photo + short query.
-            f_pix, f_txt = [], []
+            f_pix, f_ids, f_mask = [], [], []
             for p, r in zip(prods, rows):
                 reforms = self._reform_of.get(int(p))
                 if reforms and rng.random() < 0.5:
                     j = reforms[rng.integers(len(reforms))]
                     f_pix.append(d.reform_pixels[j])
-                    f_txt.append(d.reform_text[j])
+                    f_ids.append(self._reform_tokens[0][j])
+                    f_mask.append(self._reform_tokens[1][j])
                 else:
                     f_pix.append(d.street_pixels[r])
-                    f_txt.append(d.street_text[r])
+                    f_ids.append(street_ids[r])
+                    f_mask.append(street_mask[r])
             images.append(augment(np.stack(f_pix), rng))
-            batch["fused_text"] = tokenize(self.tok, f_txt)
+            batch["fused_text"] = (torch.stack(f_ids), torch.stack(f_mask))
         batch["images"] = to_tensor(np.concatenate(images), self.mcfg.mean, self.mcfg.std)
         return batch
 
@@ -217,14 +228,9 @@ class Trainer:
                     for i in range(0, len(px), 512)])
         gallery, queries = embed(d.product_pixels), embed(d.val_pixels)
         self.model.train()
-        top = (queries @ gallery.t()).topk(k, dim=1).indices.numpy()
-        truth = d.val_product
-        out = {"val_queries": int(len(truth)), "recall@1": float(np.mean(top[:, 0] == truth)),
-               f"recall@{k}": float(np.mean((top == truth[:, None]).any(axis=1)))}
-        if d.categories[0] is not None:
-            cats = np.array(d.categories)
-            out["wrong_category@1"] = float(np.mean(cats[top[:, 0]] != cats[truth]))
-        return out
+        cats = np.array(d.categories) if d.categories[0] is not None else None
+        top = top_k(queries.numpy(), gallery.numpy(), k)
+        return {"val_queries": int(len(d.val_product)), **retrieval_metrics(top, d.val_product, cats)}
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -261,7 +267,7 @@ class Trainer:
         # The token ids the checkpointed weights learnt, whatever the data looks like now.
         self.tok = configure(Tokenizer.from_str(storage.read_bytes(storage.join(base, "tokenizer.json")).decode()),
                              self.mcfg.text.context_length)
-        self._titles = tokenize(self.tok, self.data.titles) if self.model.has_text else None
+        self._tokenize_all()
         return True
 
     # --- the loop ------------------------------------------------------------------------

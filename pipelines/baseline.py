@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimdex.encoders.histogram import histogram_features
+from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.infra import storage
 
 
@@ -21,24 +22,18 @@ def evaluate_histogram_nn(dataset_uri: str, k: int = 10) -> dict:
     queries = [q for q in queries if q["kind"] == "street"]
     cat_feats = histogram_features([r["image"] for r in catalog])
     query_feats = histogram_features([q["query_image"] for q in queries], ignore_white=False)
-    topk = np.argsort(-(query_feats @ cat_feats.T), axis=1)[:, :k]
+    top = top_k(query_feats, cat_feats, k)
 
-    row_of = {r["product_id"]: r for r in catalog}
-    look = lambda r: (r["colour"], r["pattern"])  # noqa: E731
-    hit1 = hitk = wrong_cat = distractor_look = own_look = 0
-    for q, top in zip(queries, topk):
-        truth, first = row_of[q["product_id"]], catalog[top[0]]
-        hit1 += first["product_id"] == truth["product_id"]
-        hitk += any(catalog[j]["product_id"] == truth["product_id"] for j in top)
-        wrong_cat += first["category"] != truth["category"]
-        distractor_look += look(first) == look(row_of[q["distractor_product_id"]])
-        own_look += look(first) == look(truth)
+    index = {r["product_id"]: i for i, r in enumerate(catalog)}
+    truth = np.array([index[q["product_id"]] for q in queries])
+    categories = np.array([r["category"] for r in catalog])
+    look = lambda i: (catalog[i]["colour"], catalog[i]["pattern"])  # noqa: E731
     n = max(len(queries), 1)
+    distractor_look = sum(look(t) == look(index[q["distractor_product_id"]]) for t, q in zip(top[:, 0], queries))
+    own_look = sum(look(t) == look(i) for t, i in zip(top[:, 0], truth))
     return {
         "queries": len(queries),
-        "recall@1": hit1 / n,
-        f"recall@{k}": hitk / n,
-        "wrong_category@1": wrong_cat / n,
+        **retrieval_metrics(top, truth, categories),
         "top1_has_distractor_look": distractor_look / n,
         "top1_has_own_look": own_look / n,
     }

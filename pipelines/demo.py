@@ -35,12 +35,10 @@ def _train_and_eval(root: str, dataset: str, variant: str, args: argparse.Namesp
     from mimdex.pipelines import train_job
     from mimdex.pipelines.model_eval import evaluate_bundle
 
-    out = storage.join(root, "models", variant)
-    if not storage.exists(storage.join(out, "config.json")):
-        resume = storage.exists(storage.join(out, "checkpoint", "state.json"))
-        train_job.run(train_job.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"), out=out,
-                                         variant=variant, resume=resume),
-                      TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed))
+    out = train_job.train_unless_complete(
+        train_job.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
+                           out=storage.join(root, "models", variant), variant=variant),
+        TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed))
     return {"bundle": out, **evaluate_bundle(load_bundle(out), dataset)}
 
 

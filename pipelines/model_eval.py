@@ -10,12 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from mimdex.encoders.bundle import Encoder
+from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.infra import storage
-
-
-def _topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    scores = queries @ gallery.T
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def evaluate_bundle(enc: Encoder, dataset_uri: str, k: int = 10) -> dict:
@@ -29,23 +25,17 @@ def evaluate_bundle(enc: Encoder, dataset_uri: str, k: int = 10) -> dict:
 
     street = [q for q in queries if q["kind"] == "street"]
     truth = np.array([index[q["product_id"]] for q in street])
-    top = _topk(enc.encode_images([q["query_image"] for q in street]), gallery, k)
-    out = {"street_queries": len(street),
-           "recall@1": float(np.mean(top[:, 0] == truth)),
-           f"recall@{k}": float(np.mean((top == truth[:, None]).any(axis=1))),
-           "wrong_category@1": float(np.mean(cats[top[:, 0]] != cats[truth]))}
+    top = top_k(enc.encode_images([q["query_image"] for q in street]), gallery, k)
+    out = {"street_queries": len(street), **retrieval_metrics(top, truth, cats)}
 
     reform = [q for q in queries if q["kind"] == "reformulation"]
     if reform:
         target = np.array([index[q["product_id"]] for q in reform])
-        img = enc.encode_images([q["query_image"] for q in reform])
+        images = [q["query_image"] for q in reform]
         out["reformulation_queries"] = len(reform)
-        out["reform_recall@1_image_only"] = float(np.mean(_topk(img, gallery, 1)[:, 0] == target))
+        out["reform_recall@1_image_only"] = retrieval_metrics(
+            top_k(enc.encode_images(images), gallery, 1), target)["recall@1"]
         if enc.model.has_text:
-            import torch
-
-            from mimdex.encoders.model import fuse
-            txt = enc.encode_texts([q["query_text"] for q in reform])
-            fused = fuse(torch.from_numpy(img), torch.from_numpy(txt), enc.cfg.fuse_alpha).numpy()
-            out["reform_recall@1_image_text"] = float(np.mean(_topk(fused, gallery, 1)[:, 0] == target))
+            fused = enc.encode_queries(images, [q["query_text"] for q in reform])
+            out["reform_recall@1_image_text"] = retrieval_metrics(top_k(fused, gallery, 1), target)["recall@1"]
     return out

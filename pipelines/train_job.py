@@ -105,3 +105,12 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
                                                                  "train_config": dataclasses.asdict(tcfg)}})
     report["timings_s"] = timer.seconds
     return report
+
+
+def train_unless_complete(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> str:
+    """Train ``job`` unless its bundle is already complete; resume a checkpoint if one is
+    there. Returns the bundle URI (what the demo and benchmarks re-run over)."""
+    if not storage.exists(storage.join(job.out, "config.json")):
+        resume = storage.exists(storage.join(job.out, "checkpoint", "state.json"))
+        run(dataclasses.replace(job, resume=resume), tcfg, progress=progress)
+    return job.out

@@ -43,12 +43,11 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     results = {}
     for variant in VARIANTS:
-        out = storage.join(work, f"model-{variant}-e{args.epochs}")
         t0 = time.perf_counter()
-        if not storage.exists(storage.join(out, "config.json")):
-            resume = storage.exists(storage.join(out, "checkpoint", "state.json"))
-            train_job.run(train_job.TrainJob(data=data, catalog=storage.join(data, "catalog"), out=out,
-                                             variant=variant, resume=resume), cfg, progress=False)
+        out = train_job.train_unless_complete(
+            train_job.TrainJob(data=data, catalog=storage.join(data, "catalog"),
+                               out=storage.join(work, f"model-{variant}-e{args.epochs}"), variant=variant),
+            cfg, progress=False)
         train_s = time.perf_counter() - t0
         results[variant] = {**evaluate_bundle(load_bundle(out), data), "train_s": round(train_s, 1)}
         print(f"{variant:>10}: " + json.dumps(results[variant]), flush=True)

@@ -4,9 +4,22 @@ The import namespace is ``mimdex``; its subpackages live in the repository's
 top-level folders and are mapped in with ``package_dir`` so the repo keeps the
 layout of DESIGN.md and no generic top-level names (``pipelines``...) are claimed.
 """
+from pathlib import Path
+
 from setuptools import setup
 
 SUBPACKAGES = ("encoders", "indexing", "pipelines", "infra")
+
+
+def _packages() -> dict[str, str]:
+    """mimdex.<dotted path> -> folder, for every folder with an __init__.py."""
+    found = {}
+    for top in SUBPACKAGES:
+        for init in sorted(Path(top).rglob("__init__.py")):
+            folder = init.parent.as_posix()
+            found["mimdex." + folder.replace("/", ".")] = folder
+    return found
+
 
 # torch is pinned to the CPU wheel this project is developed against; on GPU
 # nodes the container image installs the CUDA build of the same version first.
@@ -24,6 +37,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "pillow>=10.0",
     "tqdm>=4.66",
+    "psutil>=5.9",
 ]
 
 EXTRAS = {
@@ -46,8 +60,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[f"mimdex.{name}" for name in SUBPACKAGES],
-    package_dir={f"mimdex.{name}": name for name in SUBPACKAGES},
+    packages=list(_packages()),
+    package_dir=_packages(),
     package_data={"mimdex.infra": ["*.yaml", "*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -21,8 +21,9 @@ from tokenizers import Tokenizer
 
 from mimdex.encoders.config import ModelConfig
 from mimdex.encoders.model import MIMModel, fuse
-from mimdex.encoders.preprocess import load_pixels, to_tensor
-from mimdex.encoders.text import configure, tokenize
+from mimdex.encoders.inference import embed_images, embed_texts
+from mimdex.encoders.preprocess import load_pixels
+from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
 
@@ -87,22 +88,15 @@ class Encoder:
     def pixels(self, images: list[bytes]) -> np.ndarray:
         return np.stack([load_pixels(b, self.cfg.image.image_size) for b in images])
 
-    @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        out = [self.model.encode_image(to_tensor(pixels[i:i + batch_size], self.cfg.mean, self.cfg.std))
-               for i in range(0, len(pixels), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+        return embed_images(self.model, pixels, batch_size)
 
     def encode_images(self, images: list[bytes], batch_size: int = 256) -> np.ndarray:
         return self.embed_pixels(self.pixels(images), batch_size)
 
-    @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids, mask = tokenize(self.tokenizer, texts[i:i + batch_size])
-            out.append(self.model.encode_text(ids, mask))
-        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+        ids, mask = tokenize_arrays(self.tokenizer, texts)
+        return embed_texts(self.model, ids, mask, batch_size)
 
     def encode_queries(self, images: list[bytes], texts: list[str], alpha: float | None = None) -> np.ndarray:
         """Multimodal search vectors: each image fused with its reformulation text."""

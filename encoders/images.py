@@ -16,7 +16,15 @@ MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image (or are too large to decode safely)."""
+    """The bytes are not a decodable image (or are too large to decode safely).
+
+    ``reason`` is a short stable code (image_empty, image_too_large, image_corrupt) that
+    reject tables record; the message carries the detail.
+    """
+
+    def __init__(self, message: str, reason: str = "image_corrupt"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -26,19 +34,20 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     are on white); grayscale, palette and CMYK are converted.
     """
     if not data:
-        raise ImageDecodeError("empty image bytes")
+        raise ImageDecodeError("empty image bytes", "image_empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(
-                    f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+                    f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}",
+                    "image_too_large")
             img.load()
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+        raise ImageDecodeError(f"decompression bomb: {exc}", "image_too_large") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... by format
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     img = ImageOps.exif_transpose(img)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -51,9 +51,21 @@ def configure(tok: Tokenizer, context_length: int) -> Tokenizer:
     return tok
 
 
-def tokenize(tok: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids, attention mask), both int64 N x context_length."""
+def tokenize_arrays(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids int32, attention mask uint8), N x context_length, without torch.
+
+    The encode pipeline tokenises in CPU decode workers that never import torch.
+    """
     enc = tok.encode_batch(list(texts))
-    ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
-    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+    ctx = len(enc[0].ids) if enc else 0
+    ids = np.array([e.ids for e in enc], dtype=np.int32).reshape(len(enc), ctx)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.uint8).reshape(len(enc), ctx)
     return ids, mask
+
+
+def tokenize(tok: Tokenizer, texts: list[str]):
+    """(token ids, attention mask) as int64 torch tensors, N x context_length."""
+    import torch
+
+    ids, mask = tokenize_arrays(tok, texts)
+    return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()

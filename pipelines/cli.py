@@ -18,7 +18,6 @@ Handler = Callable[[argparse.Namespace], int]
 # Subcommands of the DESIGN.md contract that later work items deliver; they are listed
 # in --help so the contract is visible, and refuse with exit 2 until they exist.
 NOT_BUILT: dict[str, str] = {
-    "encode": "batch-encode a catalog into embedding shards on Ray",
     "build-index": "build and publish sharded IVF-PQ indexes with Beam",
     "search": "search a published index with an image and optional text",
     "eval": "recall@k of a published index on street queries",
@@ -120,6 +119,53 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_encode(sub) -> None:
+    p = sub.add_parser("encode", help="batch-encode a catalog into embedding shards on Ray",
+                       description="Encode every catalog product's image and title with a model bundle into "
+                                   "Parquet shards (one per work unit) under --out, resumably: a re-run "
+                                   "skips committed units. Bad rows go to rejects/ with a reason.")
+    p.add_argument("--model", required=True, help="model bundle URI")
+    p.add_argument("--catalog", required=True, help="catalog Parquet file or directory URI")
+    p.add_argument("--out", required=True, help="embeddings root URI")
+    p.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
+                   "default: start an embedded local Ray sized to this machine")
+    p.add_argument("--unit-rows", type=int, default=2048, help="target rows per work unit (whole row groups)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--batch-size", type=int, default=256, help="encoder forward batch (1024+ on a GPU)")
+    p.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, else 1)")
+    p.add_argument("--encoder-cpus", type=int, help="torch threads per CPU encoder actor (default: half the CPUs)")
+    p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task")
+    p.add_argument("--max-in-flight", type=int, help="units decoding or encoding at once "
+                   "(default: decode slots + 2 per actor)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from mimdex.infra.errors import DataError, TransientError
+    from mimdex.pipelines.encode.config import EncodeConfig
+    from mimdex.pipelines.encode.job import run
+    from mimdex.pipelines.report import write_report
+
+    cfg = EncodeConfig(model=args.model, catalog=args.catalog, out=args.out, ray_address=args.ray_address,
+                       unit_rows=args.unit_rows, dtype=args.dtype, batch_size=args.batch_size,
+                       encoders=args.encoders, encoder_cpus=args.encoder_cpus, decode_cpus=args.decode_cpus,
+                       max_in_flight=args.max_in_flight, progress=not args.no_progress)
+    report = run(cfg)
+    c = report["counts"]
+    print(f"encode: {c['units_encoded']} units encoded, {c['units_skipped']} already committed; "
+          f"{c['read']} rows read, {c['encoded']} encoded, {c['rejected']} rejected"
+          + (f" ({report['products_per_s']} products/s)" if report["products_per_s"] else "") + f" -> {args.out}")
+    report_uri = write_report(args.out, "encode", report)
+    print(report_uri)
+    if not report["complete"]:
+        fails = report["failed_units"]
+        cls = DataError if all(f["exit_code"] == DataError.exit_code for f in fails) else TransientError
+        raise cls(f"{len(fails)} of {c['units']} units failed (first: {fails[0]['error']}); committed units "
+                  f"are kept and a re-run encodes only the rest; report: {report_uri}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
     p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
@@ -154,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_synth(sub)
     _add_train(sub)
+    _add_encode(sub)
     for name, summary in NOT_BUILT.items():
         _add_not_built(sub, name, summary)
     _add_demo(sub)

@@ -1,0 +1,55 @@
+"""Frozen configs that pickle into Ray tasks and actors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    model: str                      # model bundle URI
+    catalog: str                    # catalog Parquet file or directory URI
+    out: str                        # embeddings root URI
+    ray_address: str | None = None  # join this cluster; None starts an embedded local Ray
+    unit_rows: int = 2048           # target rows per work unit (whole row groups)
+    dtype: str = "float16"
+    batch_size: int = 256           # encoder forward batch (use 1024+ on a GPU)
+    encoders: int | None = None     # encoder actors (default: one per GPU, else 1)
+    encoder_cpus: int | None = None  # CPUs (torch threads) per CPU encoder actor
+    decode_cpus: float = 1.0        # CPUs reserved per decode task
+    max_in_flight: int | None = None  # units decoded or encoding at once (backpressure)
+    fetch_threads: int = 16         # parallel image_uri reads inside one decode task
+    max_attempts: int = 3           # tries per unit (actor restarts, lost workers)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A work unit: a range of whole row groups of one catalog file."""
+
+    index: int                      # stable id within the plan -> part-{index:05d}
+    file: str                       # catalog file URI
+    row_groups: tuple[int, ...]
+    first_row: int                  # row offset of the unit within its file
+    rows: int
+    duplicates: tuple[tuple[int, str], ...]  # (row in unit, "first seen at ...") rejects
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decode task needs from the model bundle, without torch."""
+
+    image_size: int
+    has_text: bool
+    tokenizer_json: str
+    context_length: int
+    model_sha256: str
+    catalog_root: str
+    image_column: str               # "image" (bytes) or "image_uri"
+    fetch_threads: int = 16

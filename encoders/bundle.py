@@ -68,6 +68,23 @@ def save_bundle(model: MIMModel, tokenizer: Tokenizer, out: str, card: str,
     return config["sha256"]["model.safetensors"]
 
 
+def save_untrained_bundle(out: str, titles: list[str], variant: str = "3-tower", preset_name: str = "tiny",
+                         seed: int = 0) -> str:
+    """A bundle with freshly initialised weights and a tokenizer fitted on ``titles``.
+
+    For throughput benchmarks and pipeline tests, where what matters is the
+    architecture, not what it learned. Returns the weights' sha256.
+    """
+    from mimdex.encoders.config import preset
+    from mimdex.encoders.text import train_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = preset(preset_name, variant)
+    tok = train_tokenizer(titles, cfg.text.vocab_size, cfg.text.context_length)
+    return save_bundle(MIMModel(cfg).eval(), tok, out, f"# untrained {preset_name} {variant} (seed {seed})\n"
+                       "Random weights: for benchmarks and pipeline tests only.\n")
+
+
 @dataclass
 class Encoder:
     """A loaded bundle: the model, its tokenizer and preprocessing, ready to embed."""

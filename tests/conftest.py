@@ -32,17 +32,9 @@ def store_root(request, tmp_path):
     return request.getfixturevalue("s3_bucket") + "/store"
 
 
+
 def random_bundle(uri: str, titles: list[str], variant: str = "3-tower", seed: int = 0) -> str:
-    """An untrained tiny bundle (random weights, tokenizer fitted on ``titles``); returns
-    its weights' sha256. Enough for pipeline tests: they check plumbing, not quality."""
-    import torch
+    """An untrained tiny bundle: pipeline tests check plumbing, not what a model learned."""
+    from mimdex.encoders.bundle import save_untrained_bundle
 
-    from mimdex.encoders.bundle import save_bundle
-    from mimdex.encoders.config import preset
-    from mimdex.encoders.model import MIMModel
-    from mimdex.encoders.text import train_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = preset("tiny", variant)
-    tok = train_tokenizer(titles, cfg.text.vocab_size, cfg.text.context_length)
-    return save_bundle(MIMModel(cfg).eval(), tok, uri, "# untrained tiny model for tests\n")
+    return save_untrained_bundle(uri, titles, variant, "tiny", seed)

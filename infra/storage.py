@@ -93,6 +93,10 @@ def _translate_errors(uri: str, op: str) -> Iterator[None]:
     except PermissionError as exc:
         raise StorageFailure(f"{op}: permission denied for {uri}: {exc}") from exc
     except OSError as exc:
+        # s3fs turns a 412 from a conditional PUT into OSError(EINVAL) with the
+        # botocore error as its cause
+        if _looks_like_precondition_failure(exc.__cause__ or exc.__context__):
+            raise ObjectExists(f"{op}: {uri} already exists or changed (a conditional write lost)") from exc
         raise StorageFailure(f"{op}: {uri}: {exc}") from exc
     except Exception as exc:  # botocore/aiohttp errors that s3fs did not wrap
         if _looks_like_precondition_failure(exc):
@@ -104,7 +108,7 @@ def _translate_errors(uri: str, op: str) -> Iterator[None]:
         raise
 
 
-def _looks_like_precondition_failure(exc: BaseException) -> bool:
+def _looks_like_precondition_failure(exc: BaseException | None) -> bool:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -213,6 +217,60 @@ def read_json(uri: str) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"read: {uri} is not valid JSON: {exc}") from exc
+
+
+class ConcurrentUpdate(TransientError):
+    """A conditional replace lost: the object changed since it was read."""
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The object's bytes and a version token for ``replace_if`` (None, None if absent).
+
+    The token is the ETag on an object store and the content's sha256 on a local disk.
+    """
+    fs, path = resolve(uri)
+    with _translate_errors(uri, "read"):
+        try:
+            # The ETag is taken before the body: if the object changes in between, the
+            # token is older than the bytes and a replace_if fails (safe), never succeeds
+            # over an update it did not see.
+            etag = None if _is_local(fs) else fs.info(path)["ETag"]
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return None, None
+        if _is_local(fs):
+            return data, hashlib.sha256(data).hexdigest()
+    return data, etag
+
+
+def replace_if(uri: str, data: bytes, expected: str | None) -> None:
+    """Write ``data`` at ``uri`` only if the object is still the version ``expected``
+    (None: only if it does not exist). Raises ConcurrentUpdate (exit 75) otherwise.
+
+    S3: a conditional PUT (If-Match / If-None-Match). Local: the same check under an
+    exclusive lock on a sidecar lock file, then an atomic rename.
+    """
+    fs, path = resolve(uri)
+    lost = ConcurrentUpdate(f"replace: {uri} changed since it was read (another publisher "
+                            f"replaced it first); nothing was written")
+    if _is_local(fs):
+        import fcntl
+
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _, current = read_versioned(uri)
+            if current != expected:
+                raise lost
+            write_bytes(uri, data)
+        return
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+    try:
+        with _translate_errors(uri, "replace"):
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except ObjectExists as exc:
+        raise lost from exc
 
 
 def exists(uri: str) -> bool:

@@ -11,16 +11,13 @@ import logging
 import sys
 from typing import Callable
 
-from mimdex.infra.errors import MimdexError, UsageError
+from mimdex.infra.errors import DataError, MimdexError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
 # Subcommands of the DESIGN.md contract that later work items deliver; they are listed
 # in --help so the contract is visible, and refuse with exit 2 until they exist.
 NOT_BUILT: dict[str, str] = {
-    "build-index": "build and publish sharded IVF-PQ indexes with Beam",
-    "search": "search a published index with an image and optional text",
-    "eval": "recall@k of a published index on street queries",
     "refresh": "nightly refresh: re-encode changed products, publish a new version",
     "backfill": "encode and index a given set of new products",
     "versions": "list published index versions",
@@ -166,6 +163,119 @@ def _run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build_index(sub) -> None:
+    p = sub.add_parser("build-index", help="build and publish sharded IVF-PQ indexes with Beam",
+                       description="Train IVF-PQ once on a sample, add vectors per (input part, shard) on Apache "
+                                   "Beam, merge per shard, evaluate against exact search, publish a new version "
+                                   "and point LATEST at it. Unrecognised --flags are Beam pipeline options "
+                                   "(e.g. --runner=FlinkRunner); the default is the DirectRunner.")
+    p.add_argument("--embeddings", required=True, help="embeddings root (with manifest.json)")
+    p.add_argument("--out", required=True, help="index root URI")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--vector", choices=["image", "text", "fused"], default="image")
+    p.add_argument("--factory", help="explicit faiss factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--max-index-memory", help="memory budget for the whole index, e.g. 4G")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 (vs exact) the default nprobe must reach")
+    p.add_argument("--min-recall", type=float, help="do not publish below this recall@10 at the default nprobe")
+    p.add_argument("--queries", help="street queries to evaluate with (encoded with the embeddings' model)")
+    p.add_argument("--eval-queries", type=int, default=1000, help="held-out catalog vectors to evaluate with")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
+    p.set_defaults(handler=_run_build_index, passes_through=True)
+
+
+def _run_build_index(args: argparse.Namespace) -> int:
+    from mimdex.indexing.params import parse_memory
+    from mimdex.pipelines.build_index.job import BuildConfig, QualityGateFailed, run
+    from mimdex.pipelines.report import write_report
+
+    cfg = BuildConfig(embeddings=args.embeddings, out=args.out, shards=args.shards, vector=args.vector,
+                      factory=args.factory,
+                      max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
+                      recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
+                      eval_queries=args.eval_queries, seed=args.seed, metadata=not args.no_metadata)
+    try:
+        report = run(cfg, args.extra)
+    except QualityGateFailed as exc:
+        print(write_report(args.out, "build-index", {"published": False, "error": str(exc)}))
+        raise
+    held = report["evaluation"].get("held_out", {})
+    row = next((r for r in held.get("sweep", []) if r["nprobe"] == report["default_nprobe"]), {})
+    print(f"build-index: version {report['version']} published ({report['counts']['indexed']} vectors, "
+          f"{args.shards} shards, {report['params']['factory']}, nprobe {report['default_nprobe']}: "
+          + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith("recall")) + f") -> {args.out}")
+    print(write_report(args.out, "build-index", report))
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a published index with an image and optional text")
+    p.add_argument("--index", required=True, help="index root URI")
+    p.add_argument("--image", help="query image file (any fsspec URI)")
+    p.add_argument("--text", help="text query, or reformulation text fused with --image")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, help="default: the manifest's, chosen at build time")
+    p.add_argument("--version", help="search this version instead of LATEST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing.reader import IndexReader
+    from mimdex.infra import storage
+    from mimdex.pipelines.query import encoder_for, query_vectors
+
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    reader = IndexReader.open(args.index, args.version)
+    enc = encoder_for(reader)
+    image = storage.read_bytes(args.image) if args.image else None
+    try:
+        vector = query_vectors(enc, [image] if image else None, [args.text] if args.text else None)
+    except ValueError as exc:  # an undecodable query image
+        raise DataError(f"--image {args.image}: {exc}") from exc
+    results = reader.search_products(vector, args.k, args.nprobe)[0]
+    if args.json:
+        print(json.dumps({"version": reader.version, "results": results}, ensure_ascii=False, default=str))
+        return 0
+    print(f"index version {reader.version}, {reader.ntotal} products")
+    for rank, r in enumerate(results, 1):
+        print(f"{rank:>3}  {r['score']:.4f}  {r['product_id']}  {r.get('title') or ''}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="recall@k of a published index on street queries")
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True, help="Parquet with query_image, product_id [, query_text]")
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--version")
+    p.add_argument("--limit", type=int, help="evaluate the first N queries only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing.reader import IndexReader
+    from mimdex.pipelines.query import evaluate_queries
+    from mimdex.pipelines.report import write_report
+
+    reader = IndexReader.open(args.index, args.version)
+    result = evaluate_queries(reader, args.queries, args.nprobe, args.limit)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"eval: version {result['version']}, {result['queries']} queries, nprobe {result['nprobe']}: "
+              + ", ".join(f"{k} {v}" for k, v in result.items() if k.startswith("recall")))
+    print(write_report(args.index, "eval", {"queries_uri": args.queries, **result}))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
     p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
@@ -201,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_train(sub)
     _add_encode(sub)
+    _add_build_index(sub)
+    _add_search(sub)
+    _add_eval(sub)
     for name, summary in NOT_BUILT.items():
         _add_not_built(sub, name, summary)
     _add_demo(sub)
@@ -210,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in NOT_BUILT:  # a not-built command refuses below anyway
+    args.extra = extra  # build-index hands unknown --flags to Beam as pipeline options
+    if extra and args.command not in NOT_BUILT and not getattr(args, "passes_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,168 @@
+"""The Beam graph of build-index: partial indexes per (input part, shard), merged per shard.
+
+Only compressed codes and ids cross the shuffle (GroupByKey on the shard number); raw
+vectors never leave the worker that read them. DoFns get one frozen BuildSpec and write
+their outputs whole through mimdex.infra.storage, plus a small JSON record per output
+under <version>/_build/ that the launcher collects after the run.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mimdex.indexing.ids import check_unique, ids_for
+from mimdex.indexing.train import deserialize, lists_bytes, shard_index
+from mimdex.indexing.vectors import index_vectors, invalid_reasons
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+
+_level = logging.root.manager.disable
+logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
+import apache_beam as beam  # noqa: E402
+logging.disable(_level)
+
+BUILD_DIR = "_build"
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    embeddings: str
+    version_dir: str
+    shards: int
+    vector: str
+    fuse_alpha: float
+    metadata: bool = True
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def read_part(spec: BuildSpec, entry: dict) -> pa.Table:
+    """A part file, checked against the embeddings manifest's sha256."""
+    import hashlib
+
+    uri = storage.join(spec.embeddings, entry["part"]["file"])
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != entry["part"]["sha256"]:
+        raise DataError(f"{uri}: sha256 does not match the embeddings manifest")
+    return pq.read_table(pa.BufferReader(data))
+
+
+def catalog_metadata(entry: dict, product_ids: list[str]) -> pa.Table | None:
+    """The catalog rows behind a part (its source file and row groups), minus image bytes,
+    aligned with ``product_ids`` (first occurrence wins, as encode decided)."""
+    source = entry.get("source")
+    if not source:
+        return None
+    with storage.open_read(source) as f:
+        try:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in pf.schema_arrow.names if c not in ("image",)]
+            table = pf.read_row_groups(entry["row_groups"], columns=cols)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"catalog {source}: cannot read the metadata of row groups {entry['row_groups']}: {exc}") from exc
+    first: dict[str, int] = {}
+    for i, pid in enumerate(table.column("product_id").to_pylist()):
+        first.setdefault(pid, i)
+    idx = [first.get(p, -1) for p in product_ids]
+    taken = table.take(pa.array([max(i, 0) for i in idx]))
+    mask = pa.array([i < 0 for i in idx])
+    cols = {c: pc.if_else(mask, pa.nulls(len(idx), taken.column(c).type), taken.column(c))
+            for c in taken.column_names if c != "product_id"}
+    return pa.table(cols) if cols else None
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+
+
+class AddPart(beam.DoFn):
+    """One embeddings part -> one partial index per shard its products fall in."""
+
+    def __init__(self, spec: BuildSpec):
+        self.spec = spec
+        self._trained = None
+
+    def setup(self):
+        self._trained = storage.read_bytes(storage.join(self.spec.version_dir, "trained.index"))
+
+    def process(self, entry: dict):
+        spec = self.spec
+        table = read_part(spec, entry)
+        vectors = index_vectors(table, spec.vector, spec.fuse_alpha)
+        reasons = invalid_reasons(vectors)
+        keep = reasons == ""
+        pids = table.column("product_id").to_pylist()
+        kept_pids = [p for p, k in zip(pids, keep) if k]
+        ids = ids_for(kept_pids)
+        meta = catalog_metadata(entry, kept_pids) if spec.metadata else None
+        idmap = pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept_pids, pa.string())})
+        if meta is not None:
+            for name in meta.column_names:
+                idmap = idmap.append_column(name, meta.column(name))
+        shard_of = ids % spec.shards
+        for shard in np.unique(shard_of).tolist():
+            sel = np.flatnonzero(shard_of == shard)
+            index = deserialize(self._trained)
+            index.add_with_ids(np.ascontiguousarray(vectors[keep][sel]), ids[sel])
+            yield int(shard), {"part": entry["name"], "lists": lists_bytes(index),
+                               "ids": _ipc(idmap.take(pa.array(sel)))}
+        skipped = {r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}}
+        storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry['name']}.json"),
+                           {"part": entry["name"], "rows": len(pids), "indexed": int(keep.sum()),
+                            "skipped": skipped,
+                            "skipped_ids": [p for p, r in zip(pids, reasons) if r][:1000]})
+
+
+def write_shard(spec: BuildSpec, shard: int, index, idmap: pa.Table) -> dict:
+    name = shard_name(shard)
+    with storage.open_write(storage.join(spec.version_dir, f"{name}.index")) as f:
+        f.write(lists_bytes(index))  # the quantizer and codebooks are in trained.index, once
+    index_rec = {"file": f"{name}.index", "sha256": f.sha256(), "bytes": f.bytes_written}
+    with storage.open_write(storage.join(spec.version_dir, f"{name}.ids.parquet")) as f:
+        pq.write_table(idmap, f, compression="zstd")
+    ids_rec = {"file": f"{name}.ids.parquet", "sha256": f.sha256(), "bytes": f.bytes_written}
+    return {"shard": shard, "name": name, "ntotal": int(index.ntotal), "index": index_rec, "ids": ids_rec}
+
+
+class MergeShard(beam.DoFn):
+    """All partial indexes of one shard -> the shard index and its id map."""
+
+    def __init__(self, spec: BuildSpec):
+        self.spec = spec
+
+    def process(self, element):
+        shard, partials = element
+        partials = sorted(partials, key=lambda p: p["part"])  # byte-identical re-runs
+        trained = storage.read_bytes(storage.join(self.spec.version_dir, "trained.index"))
+        index = deserialize(trained)
+        for p in partials:
+            index.merge_from(shard_index(trained, p["lists"]), 0)
+        idmap = pa.concat_tables([_from_ipc(p["ids"]) for p in partials], promote_options="permissive")
+        ids = idmap.column("id").to_numpy()
+        check_unique(ids, idmap.column("product_id").to_pylist(), f"shard {shard_name(shard)}")
+        record = write_shard(self.spec, shard, index, idmap.sort_by("id"))
+        storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record['name']}.json"), record)
+        yield record
+
+
+def build_pipeline(pipeline: beam.Pipeline, spec: BuildSpec, parts: list[dict]) -> None:
+    (pipeline
+     | "Parts" >> beam.Create(parts, reshuffle=True)
+     | "AddPerShard" >> beam.ParDo(AddPart(spec))
+     | "GroupByShard" >> beam.GroupByKey()
+     | "MergeShard" >> beam.ParDo(MergeShard(spec)))

@@ -1,0 +1,186 @@
+"""`mimdex build-index`, the reader, `search` and `eval`: Beam DirectRunner, real faiss,
+the local S3 server. Embeddings are seeded clustered unit vectors written in the
+embeddings contract, except in the end-to-end test, which encodes a synthetic catalog."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import random_bundle
+from mimdex.indexing import publish
+from mimdex.indexing.ids import ids_for
+from mimdex.indexing.reader import IndexReader
+from mimdex.infra import storage
+from mimdex.pipelines import cli
+from mimdex.pipelines.build_index.job import BuildConfig, run
+from mimdex.pipelines.encode import shards
+
+D = 64
+
+
+def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, D)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_embeddings(root: str, vectors: np.ndarray, pids: list[str], model_uri: str, sha: str,
+                     parts: int = 5, override: dict | None = None) -> None:
+    """An embeddings root in the encode contract (parts + manifest), without running encode."""
+    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": D, "has_text": True}
+    records = []
+    for i, sl in enumerate(np.array_split(np.arange(len(pids)), parts)):
+        meta = {"model_sha256": sha, "variant": "3-tower", "d": D, "dtype": "float16", "unit": f"part-{i:05d}",
+                "fingerprint": "test", **((override or {}).get(i, {}))}
+        schema = shards.part_schema(D, "float16", True, meta)
+        v = shards._vectors(vectors[sl], D, "float16")
+        table = pa.table([pa.array([pids[j] for j in sl]), v, v, pa.array(["h"] * len(sl))], schema=schema)
+        name = f"part-{i:05d}"
+        info = shards._write_parquet(storage.join(root, f"{name}.parquet"), table)
+        records.append({"name": name, "unit": i, "fingerprint": "test", "source": None, "row_groups": [],
+                        "input_rows": len(sl), "part": {"file": f"{name}.parquet", **info}, "rejects": None})
+    storage.write_json(shards.manifest_uri(root), shards.build_manifest(records, model, "float16", "none", 0))
+
+
+@pytest.fixture
+def emb_root(s3_bucket):
+    n = 3000
+    x = clustered(n)
+    x[10] = np.nan  # bad vectors are counted and skipped, never indexed
+    x[11] = np.inf
+    x[12] = 0.0
+    pids = [f"prod-{i:05d}" for i in range(n)]
+    model = s3_bucket + "/model"
+    sha = random_bundle(model, ["a title"], "3-tower")
+    root = s3_bucket + "/emb"
+    write_embeddings(root, x, pids, model, sha)
+    return s3_bucket, root, x, pids
+
+
+def test_build_on_s3_every_id_in_one_shard_and_self_search_first(emb_root):
+    bucket, emb, x, pids = emb_root
+    out = bucket + "/index"
+    report = run(BuildConfig(embeddings=emb, out=out, shards=4, eval_queries=300))
+    assert report["published"] and report["counts"]["skipped"] == {"nan_or_inf": 2, "zero": 1}
+    version, _ = publish.read_latest(out)
+    assert version == report["version"]
+    manifest = publish.read_manifest(out, version)
+    assert len(manifest["shards"]) == 4 and manifest["params"]["factory"] == report["params"]["factory"]
+    seen: list[str] = []
+    for entry in manifest["shards"]:
+        fs, path = storage.resolve(storage.join(publish.version_uri(out, version), entry["ids"]["file"]))
+        seen += pq.read_table(path, filesystem=fs).column("product_id").to_pylist()
+    good = [p for i, p in enumerate(pids) if i not in (10, 11, 12)]
+    assert sorted(seen) == good  # exactly once each, bad vectors nowhere
+
+    reader = IndexReader.open(out)
+    assert reader.version == version and reader.ntotal == len(good)
+    sample = np.random.default_rng(1).choice([i for i in range(len(pids)) if i > 12], 400, replace=False)
+    scores, ids = reader.search(x[sample], 5)
+    assert (ids[:, 0] == ids_for([pids[i] for i in sample])).mean() >= 0.99
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    # searching shard by shard and merging gives what the consolidated index gives: the
+    # same scores; ids can differ only in the order of equal scores (fast-scan distances
+    # are quantised, so ties are common, also with the (k+1)-th result)
+    split_scores, split_ids = IndexReader.open(out, consolidate=False).search(x[sample], 5)
+    assert np.array_equal(split_scores, scores) and (split_ids == ids).mean() >= 0.98
+    held = report["evaluation"]["held_out"]
+    assert held["default_nprobe"] == manifest["default_nprobe"]
+    # the default nprobe is the smallest reaching the 0.95 target, else the best one tried
+    at = {r["nprobe"]: r["recall@10"] for r in held["sweep"]}
+    reached = [p for p, r in at.items() if r >= 0.95]
+    assert held["default_nprobe"] == (min(reached) if reached else max(at, key=lambda p: (at[p], -p)))
+
+
+def test_mismatched_parts_are_refused_with_65_naming_them(s3_bucket, capsys):
+    x = clustered(600, seed=2)
+    model = s3_bucket + "/model"
+    sha = random_bundle(model, ["t"], "3-tower")
+    emb = s3_bucket + "/emb"
+    write_embeddings(emb, x, [f"p{i}" for i in range(600)], model, sha, parts=3,
+                     override={1: {"model_sha256": "0" * 64}})
+    code = cli.main(["build-index", "--embeddings", emb, "--out", s3_bucket + "/index", "--shards", "2"])
+    err = capsys.readouterr().err
+    assert code == 65 and "part-00001.parquet" in err and "model_sha256" in err
+    assert not storage.exists(s3_bucket + "/index/LATEST")
+
+
+def test_min_recall_gate_keeps_a_weak_index_unpublished(emb_root, capsys):
+    bucket, emb, _, _ = emb_root
+    out = bucket + "/index"
+    code = cli.main(["build-index", "--embeddings", emb, "--out", out, "--shards", "2", "--factory", "IVF64,PQ8x4fs",
+                     "--recall-target", "0.3", "--min-recall", "0.99"])
+    captured = capsys.readouterr()
+    assert code == 65 and "below --min-recall 0.99" in captured.err and "not published" in captured.err
+    assert not storage.exists(out + "/LATEST")
+
+
+_KILL_BEFORE_POINTER = """
+import os, signal, sys
+from mimdex.indexing import publish
+publish.point_latest = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+from mimdex.pipelines import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_build_killed_before_the_pointer_leaves_the_previous_version_served(emb_root):
+    bucket, emb, x, _ = emb_root
+    out = bucket + "/index"
+    first = run(BuildConfig(embeddings=emb, out=out, shards=2, eval_queries=200))
+    proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_POINTER, "build-index", "--embeddings", emb,
+                           "--out", out, "--shards", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert publish.read_latest(out)[0] == first["version"]
+    assert len(publish.list_versions(out)) == 2  # the killed build's version is there, unpublished
+    reader = IndexReader.open(out)
+    assert reader.version == first["version"] and reader.search(x[100:101], 1)[1].shape == (1, 1)
+
+
+def test_a_second_publisher_racing_on_the_same_root_gets_a_clear_75(emb_root, monkeypatch, capsys):
+    bucket, emb, _, _ = emb_root
+    out = bucket + "/index"
+    original = publish.point_latest
+
+    def other_publisher_wins_first(*args, **kwargs):
+        # a real second process builds and publishes on the same root while we were building
+        other = subprocess.run([sys.executable, "-m", "mimdex.pipelines.cli", "build-index", "--embeddings", emb,
+                                "--out", out, "--shards", "2"], capture_output=True, text=True, timeout=300)
+        assert other.returncode == 0, other.stderr
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "point_latest", other_publisher_wins_first)
+    code = cli.main(["build-index", "--embeddings", emb, "--out", out, "--shards", "2"])
+    err = capsys.readouterr().err
+    assert code == 75 and "another publisher replaced" in err and "complete but not published" in err
+    winner = publish.read_latest(out)[0]
+    assert winner in publish.list_versions(out) and len(publish.list_versions(out)) == 2
+
+
+def test_concurrent_pointer_replacements_have_exactly_one_winner(emb_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket, emb, _, _ = emb_root
+    out = bucket + "/index"
+    base = run(BuildConfig(embeddings=emb, out=out, shards=1, eval_queries=100))
+    _, token = publish.read_latest(out)
+
+    def attempt(_):
+        try:
+            publish.point_latest(out, base["version"], token, base["version"])
+            return "won"
+        except storage.ConcurrentUpdate:
+            return "lost"
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(attempt, range(6)))
+    assert sorted(results) == ["lost"] * 5 + ["won"]

@@ -15,7 +15,9 @@ from mimdex.infra.errors import UsageError
 
 MIN_POINTS_PER_CENTROID = 39   # below this faiss warns that k-means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # faiss's own training cap
-TRAIN_POINTS_PER_CENTROID = 128  # ours: half faiss's cap; recall is measured against it
+# faiss's cap, by default: a 64-per-list sample trains 1.5x faster on 200k x 256 but
+# costs 0.017 recall@10 (bench_index.py); --train-size trades that explicitly
+TRAIN_POINTS_PER_CENTROID = MAX_POINTS_PER_CENTROID
 ID_BYTES = 8                   # int64 id stored with every code in the inverted lists
 
 
@@ -49,7 +51,8 @@ def _parse_factory(factory: str) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 8)
 
 
-def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = None) -> IndexParams:
+def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = None,
+           train_size: int | None = None) -> IndexParams:
     reasons = []
     if factory:
         nlist, m, bits = _parse_factory(factory)
@@ -84,10 +87,14 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
             m = fits[0]
         factory = f"IVF{nlist},PQ{m}x4fs"
     code_bytes = math.ceil(m * bits / 8)
-    train_size = min(n, max(TRAIN_POINTS_PER_CENTROID * nlist, 2 ** bits * MAX_POINTS_PER_CENTROID))
-    reasons.append(f"training sample {train_size}: min(n, {TRAIN_POINTS_PER_CENTROID} * nlist) (faiss caps at "
-                   f"{MAX_POINTS_PER_CENTROID}; 39..256 per centroid is its guideline), and at least the "
-                   f"{2 ** bits * MAX_POINTS_PER_CENTROID} points PQ training samples")
+    if train_size:
+        train_size = min(n, train_size)
+        reasons.append(f"training sample {train_size}: --train-size")
+    else:
+        train_size = min(n, max(TRAIN_POINTS_PER_CENTROID * nlist, 2 ** bits * MAX_POINTS_PER_CENTROID))
+        reasons.append(f"training sample {train_size}: min(n, {TRAIN_POINTS_PER_CENTROID} * nlist), faiss's own cap "
+                       f"(39..256 per list is its guideline), and at least the {2 ** bits * MAX_POINTS_PER_CENTROID} "
+                       "points PQ training samples")
     estimated = n * (code_bytes + ID_BYTES) + nlist * d * 4 + (2 ** bits) * d * 4
     if max_memory and estimated > max_memory:
         raise UsageError(f"{factory} needs about {estimated} bytes for {n} vectors, over --max-index-memory "

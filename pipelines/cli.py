@@ -180,6 +180,7 @@ def _add_build_index(sub) -> None:
     p.add_argument("--min-recall", type=float, help="do not publish below this recall@10 at the default nprobe")
     p.add_argument("--queries", help="street queries to evaluate with (encoded with the embeddings' model)")
     p.add_argument("--eval-queries", type=int, default=1000, help="held-out catalog vectors to evaluate with")
+    p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
     p.set_defaults(handler=_run_build_index, passes_through=True)
@@ -194,7 +195,7 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       factory=args.factory,
                       max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
-                      eval_queries=args.eval_queries, seed=args.seed, metadata=not args.no_metadata)
+                      eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata)
     try:
         report = run(cfg, args.extra)
     except QualityGateFailed as exc:

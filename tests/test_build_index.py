@@ -184,3 +184,43 @@ def test_concurrent_pointer_replacements_have_exactly_one_winner(emb_root):
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(attempt, range(6)))
     assert sorted(results) == ["lost"] * 5 + ["won"]
+
+
+def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
+    from mimdex.pipelines.synth import job as synth_job
+    from mimdex.pipelines.synth.plan import SynthConfig
+
+    data = str(tmp_path / "data")
+    synth_job.run(SynthConfig(products=300, queries=40, seed=5), data, workers=2, progress=False)
+    titles = storage.parquet_dataset(data + "/catalog").to_table(columns=["title"]).column("title").to_pylist()
+    random_bundle(str(tmp_path / "model"), titles, "3-tower")
+    mimdex = [sys.executable, "-m", "mimdex.pipelines.cli"]
+    enc = subprocess.run(mimdex + ["encode", "--model", str(tmp_path / "model"), "--catalog", data + "/catalog",
+                                   "--out", str(tmp_path / "emb"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert enc.returncode == 0, enc.stderr
+    out = str(tmp_path / "index")
+    build = subprocess.run(mimdex + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out,
+                                     "--shards", "3", "--vector", "fused", "--queries", data + "/queries",
+                                     "--runner=DirectRunner"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    report = json.loads(open(build.stdout.strip().splitlines()[-1]).read())
+    assert report["published"] and "street" in report["evaluation"] and report["vector"] == "fused"
+
+    catalog = storage.parquet_dataset(data + "/catalog").to_table().slice(0, 1).to_pylist()[0]
+    (tmp_path / "q.jpg").write_bytes(catalog["image"])
+    hit = subprocess.run(mimdex + ["search", "--index", out, "--image", str(tmp_path / "q.jpg"), "--text",
+                                   catalog["title"], "-k", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert hit.returncode == 0, hit.stderr
+    results = json.loads(hit.stdout)["results"]
+    # a catalog product's own image + title is its own fused vector: it comes back first,
+    # with the catalog's metadata from the id map
+    assert results[0]["product_id"] == catalog["product_id"] and results[0]["category"] == catalog["category"]
+    ev = subprocess.run(mimdex + ["eval", "--index", out, "--queries", data + "/queries", "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout.splitlines()[0])
+    assert result["queries"] == 60 and 0.0 <= result["recall@1"] <= result["recall@10"] <= result["recall@100"]
+    missing = subprocess.run(mimdex + ["search", "--index", str(tmp_path / "nowhere"), "--image",
+                                       str(tmp_path / "q.jpg")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 65 and "no LATEST" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,13 +11,14 @@ import io
 import logging
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.indexing.ids import check_unique, ids_for
-from mimdex.indexing.train import deserialize, lists_bytes, shard_index
+from mimdex.indexing.train import deserialize
 from mimdex.indexing.vectors import index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
@@ -90,15 +91,28 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
 
 
+def coarse_bytes(nlist: int) -> int:
+    """Bytes faiss's IVF sa_encode puts before each code for its list number."""
+    nbytes, nl = 0, nlist - 1
+    while nl > 0:
+        nbytes, nl = nbytes + 1, nl >> 8
+    return nbytes
+
+
 class AddPart(beam.DoFn):
-    """One embeddings part -> one partial index per shard its products fall in."""
+    """One embeddings part -> one partial index per shard its products fall in.
+
+    A partial is what faiss's IVF ``sa_encode`` makes of the vectors (list number + PQ
+    code, a few dozen bytes each) plus their ids: the trained index does the coarse
+    assignment and the quantisation, and no raw vector crosses the shuffle.
+    """
 
     def __init__(self, spec: BuildSpec):
         self.spec = spec
         self._trained = None
 
     def setup(self):
-        self._trained = storage.read_bytes(storage.join(self.spec.version_dir, "trained.index"))
+        self._trained = deserialize(storage.read_bytes(storage.join(self.spec.version_dir, "trained.index")))
 
     def process(self, entry: dict):
         spec = self.spec
@@ -114,13 +128,12 @@ class AddPart(beam.DoFn):
         if meta is not None:
             for name in meta.column_names:
                 idmap = idmap.append_column(name, meta.column(name))
+        codes = self._trained.sa_encode(np.ascontiguousarray(vectors[keep])) if len(ids) else None
         shard_of = ids % spec.shards
         for shard in np.unique(shard_of).tolist():
             sel = np.flatnonzero(shard_of == shard)
-            index = deserialize(self._trained)
-            index.add_with_ids(np.ascontiguousarray(vectors[keep][sel]), ids[sel])
-            yield int(shard), {"part": entry["name"], "lists": lists_bytes(index),
-                               "ids": _ipc(idmap.take(pa.array(sel)))}
+            yield int(shard), {"part": entry["name"], "ids": ids[sel], "codes": codes[sel],
+                               "idmap": _ipc(idmap.take(pa.array(sel)))}
         skipped = {r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}}
         storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry['name']}.json"),
                            {"part": entry["name"], "rows": len(pids), "indexed": int(keep.sum()),
@@ -128,15 +141,38 @@ class AddPart(beam.DoFn):
                             "skipped_ids": [p for p, r in zip(pids, reasons) if r][:1000]})
 
 
-def write_shard(spec: BuildSpec, shard: int, index, idmap: pa.Table) -> dict:
+def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, codes: np.ndarray) -> tuple[bytes, int]:
+    """sa_encode output (list number + code per vector) -> faiss inverted lists, serialised.
+
+    Stored flat (ArrayInvertedLists): the quantizer and codebooks are in trained.index,
+    once, and fast-scan's 32-code blocks are rebuilt when a reader loads the shard.
+    """
+    cb = coarse_bytes(nlist)
+    lists = np.zeros(len(ids), np.int64)
+    for b in range(cb):
+        lists |= codes[:, b].astype(np.int64) << (8 * b)
+    order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
+    ids, lists, pq_codes = ids[order], lists[order], np.ascontiguousarray(codes[order, cb:])
+    flat = faiss.ArrayInvertedLists(nlist, code_size)
+    bounds = np.searchsorted(lists, np.arange(nlist + 1))
+    for lst in np.flatnonzero(np.diff(bounds)).tolist():
+        a, b = bounds[lst], bounds[lst + 1]
+        flat.add_entries(lst, int(b - a), faiss.swig_ptr(np.ascontiguousarray(ids[a:b])),
+                         faiss.swig_ptr(np.ascontiguousarray(pq_codes[a:b])))
+    writer = faiss.VectorIOWriter()
+    faiss.write_InvertedLists(flat, writer)
+    return faiss.vector_to_array(writer.data).tobytes(), len(ids)
+
+
+def write_shard(spec: BuildSpec, shard: int, lists: bytes, ntotal: int, idmap: pa.Table) -> dict:
     name = shard_name(shard)
     with storage.open_write(storage.join(spec.version_dir, f"{name}.index")) as f:
-        f.write(lists_bytes(index))  # the quantizer and codebooks are in trained.index, once
+        f.write(lists)
     index_rec = {"file": f"{name}.index", "sha256": f.sha256(), "bytes": f.bytes_written}
     with storage.open_write(storage.join(spec.version_dir, f"{name}.ids.parquet")) as f:
         pq.write_table(idmap, f, compression="zstd")
     ids_rec = {"file": f"{name}.ids.parquet", "sha256": f.sha256(), "bytes": f.bytes_written}
-    return {"shard": shard, "name": name, "ntotal": int(index.ntotal), "index": index_rec, "ids": ids_rec}
+    return {"shard": shard, "name": name, "ntotal": int(ntotal), "index": index_rec, "ids": ids_rec}
 
 
 class MergeShard(beam.DoFn):
@@ -147,15 +183,15 @@ class MergeShard(beam.DoFn):
 
     def process(self, element):
         shard, partials = element
-        partials = sorted(partials, key=lambda p: p["part"])  # byte-identical re-runs
-        trained = storage.read_bytes(storage.join(self.spec.version_dir, "trained.index"))
-        index = deserialize(trained)
-        for p in partials:
-            index.merge_from(shard_index(trained, p["lists"]), 0)
-        idmap = pa.concat_tables([_from_ipc(p["ids"]) for p in partials], promote_options="permissive")
-        ids = idmap.column("id").to_numpy()
+        partials = sorted(partials, key=lambda p: p["part"])
+        trained = deserialize(storage.read_bytes(storage.join(self.spec.version_dir, "trained.index")))
+        ivf = faiss.extract_index_ivf(trained)
+        idmap = pa.concat_tables([_from_ipc(p["idmap"]) for p in partials], promote_options="permissive")
+        ids = np.concatenate([p["ids"] for p in partials])
         check_unique(ids, idmap.column("product_id").to_pylist(), f"shard {shard_name(shard)}")
-        record = write_shard(self.spec, shard, index, idmap.sort_by("id"))
+        codes = np.concatenate([p["codes"] for p in partials])
+        lists, ntotal = encoded_lists(ivf.nlist, ivf.code_size, ids, codes)
+        record = write_shard(self.spec, shard, lists, ntotal, idmap.sort_by("id"))
         storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record['name']}.json"), record)
         yield record
 

@@ -16,7 +16,7 @@ from mimdex.indexing.exact import ExactTopK
 from mimdex.indexing.ids import ids_for
 from mimdex.indexing.params import choose
 from mimdex.indexing.reader import IndexReader
-from mimdex.indexing.train import deserialize, serialize, train_index
+from mimdex.indexing.train import deserialize, lists_bytes, serialize, train_index
 from mimdex.indexing.vectors import KINDS, index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageError
@@ -43,6 +43,7 @@ class BuildConfig:
     min_recall: float | None = None
     queries: str | None = None
     eval_queries: int = 1000
+    train_size: int | None = None
     seed: int = 0
     metadata: bool = True
 
@@ -144,7 +145,7 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[list[dict], dict]:
     for shard in range(spec.shards):  # a shard no product hashed to is still a valid, empty index
         if shard not in records:
             empty = pa.table({"id": pa.array([], pa.int64()), "product_id": pa.array([], pa.string())})
-            records[shard] = write_shard(spec, shard, deserialize(trained), empty)
+            records[shard] = write_shard(spec, shard, lists_bytes(deserialize(trained)), 0, empty)
     skipped: dict[str, int] = {}
     for s in stats:
         for reason, count in s["skipped"].items():
@@ -184,7 +185,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
         parent, token = publish.read_latest(cfg.out)  # we publish only over what we started from
         alpha = _fuse_alpha(manifest) if cfg.vector == "fused" else 0.5
         n, d = manifest["counts"]["encoded"], manifest["model"]["d"]
-        params = choose(n, d, cfg.max_index_memory, cfg.factory)
+        params = choose(n, d, cfg.max_index_memory, cfg.factory, cfg.train_size)
     version = publish.new_version()
     vdir = publish.version_uri(cfg.out, version)
     with timer.stage("sample"):

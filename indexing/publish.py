@@ -44,13 +44,9 @@ def read_latest(root: str) -> tuple[str | None, str | None]:
 
 
 def read_manifest(root: str, version: str) -> dict:
-    uri = storage.join(version_uri(root, version), "manifest.json")
-    if not storage.exists(uri):
-        raise DataError(f"index {root}: version {version} has no manifest.json (incomplete or not an index version)")
-    manifest = storage.read_json(uri)
-    if manifest.get("format") != INDEX_FORMAT:
-        raise DataError(f"{uri}: not a mimdex index manifest (format {manifest.get('format')!r})")
-    return manifest
+    return storage.read_manifest(storage.join(version_uri(root, version), "manifest.json"), INDEX_FORMAT,
+                                 f"index {root}: version {version} has no manifest.json "
+                                 "(incomplete or not an index version)")
 
 
 def write_manifest(root: str, version: str, manifest: dict) -> None:

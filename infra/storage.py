@@ -273,6 +273,18 @@ def replace_if(uri: str, data: bytes, expected: str | None) -> None:
         raise lost from exc
 
 
+def read_manifest(uri: str, fmt: str, missing: str) -> dict:
+    """A JSON manifest of format ``fmt``; exit 65 with ``missing`` if absent, or if it
+    is some other document."""
+    if not exists(uri):
+        raise ObjectNotFound(missing)
+    manifest = read_json(uri)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{uri}: not a {fmt} manifest (format {found!r})")
+    return manifest
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     with _translate_errors(uri, "exists"):

@@ -4,13 +4,11 @@ embeddings contract, except in the end-to-end test, which encodes a synthetic ca
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -35,20 +33,18 @@ def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
 
 def write_embeddings(root: str, vectors: np.ndarray, pids: list[str], model_uri: str, sha: str,
                      parts: int = 5, override: dict | None = None) -> None:
-    """An embeddings root in the encode contract (parts + manifest), without running encode."""
+    """An embeddings root in the encode contract, without running encode; ``override``
+    rewrites one part with other schema metadata (a part from another model...)."""
     model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": D, "has_text": True}
-    records = []
-    for i, sl in enumerate(np.array_split(np.arange(len(pids)), parts)):
-        meta = {"model_sha256": sha, "variant": "3-tower", "d": D, "dtype": "float16", "unit": f"part-{i:05d}",
-                "fingerprint": "test", **((override or {}).get(i, {}))}
-        schema = shards.part_schema(D, "float16", True, meta)
-        v = shards._vectors(vectors[sl], D, "float16")
-        table = pa.table([pa.array([pids[j] for j in sl]), v, v, pa.array(["h"] * len(sl))], schema=schema)
-        name = f"part-{i:05d}"
-        info = shards._write_parquet(storage.join(root, f"{name}.parquet"), table)
-        records.append({"name": name, "unit": i, "fingerprint": "test", "source": None, "row_groups": [],
-                        "input_rows": len(sl), "part": {"file": f"{name}.parquet", **info}, "rejects": None})
-    storage.write_json(shards.manifest_uri(root), shards.build_manifest(records, model, "float16", "none", 0))
+    shards.write_vectors(root, vectors, pids, model, "float16", parts)
+    for i, meta in (override or {}).items():
+        uri = storage.join(root, f"part-{i:05d}.parquet")
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs)
+        table = table.replace_schema_metadata({**table.schema.metadata,
+                                               **{f"mimdex.{k}".encode(): str(v).encode() for k, v in meta.items()}})
+        with storage.open_write(uri) as f:
+            pq.write_table(table, f)
 
 
 @pytest.fixture

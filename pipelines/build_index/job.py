@@ -20,7 +20,7 @@ from mimdex.indexing.train import deserialize, lists_bytes, serialize, train_ind
 from mimdex.indexing.vectors import KINDS, index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageError
-from mimdex.pipelines.build_index.graph import BUILD_DIR, BuildSpec, build_pipeline, shard_name, write_shard
+from mimdex.pipelines.build_index.graph import BUILD_DIR, BuildSpec, build_pipeline, write_shard
 from mimdex.pipelines.encode import shards as emb_shards
 from mimdex.pipelines.report import StageTimer
 

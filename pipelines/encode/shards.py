@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
-from mimdex.infra.errors import DataError
 from mimdex.pipelines.encode.config import Unit
 from mimdex.pipelines.encode.decode import REJECT_SCHEMA
 
@@ -129,13 +128,8 @@ def build_manifest(records: list[dict], model: dict, dtype: str, catalog: str, u
 
 def read_manifest(root: str) -> dict:
     """The manifest of a complete embeddings root, or exit 65 saying why it is not one."""
-    uri = manifest_uri(root)
-    if not storage.exists(uri):
-        raise DataError(f"embeddings {root}: no manifest.json (the encode run has not completed)")
-    manifest = storage.read_json(uri)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{uri}: not a mimdex embeddings manifest (format {manifest.get('format')!r})")
-    return manifest
+    return storage.read_manifest(manifest_uri(root), MANIFEST_FORMAT,
+                                 f"embeddings {root}: no manifest.json (the encode run has not completed)")
 
 
 def remove_orphans(out: str, keep: set[str]) -> list[str]:
@@ -163,3 +157,26 @@ def read_files(root: str, manifest: dict, which: str = "part") -> pa.Table:
     if not tables:
         return REJECT_SCHEMA.empty_table() if which == "rejects" else pa.table({"product_id": pa.array([], pa.string())})
     return pa.concat_tables(tables)
+
+
+def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model: dict, dtype: str = "float16",
+                  parts: int = 1, text_vectors: np.ndarray | None = None) -> dict:
+    """An embeddings root from vectors computed elsewhere (an import, a benchmark, a test):
+    the same parts and manifest encode writes, content_hash "-" (no catalog behind them).
+    ``model`` needs uri, sha256, variant, d, has_text. Returns the manifest."""
+    d = model["d"]
+    records = []
+    for i, sl in enumerate(np.array_split(np.arange(len(product_ids)), max(1, parts))):
+        name = f"part-{i:05d}"
+        schema = part_schema(d, dtype, model["has_text"], {"model_sha256": model["sha256"], "variant": model["variant"],
+                                                           "d": d, "dtype": dtype, "unit": name, "fingerprint": "-"})
+        cols = [pa.array([product_ids[j] for j in sl], pa.string()), _vectors(vectors[sl], d, dtype)]
+        if model["has_text"]:
+            cols.append(_vectors((vectors if text_vectors is None else text_vectors)[sl], d, dtype))
+        table = pa.table(cols + [pa.array(["-"] * len(sl), pa.string())], schema=schema)
+        info = _write_parquet(storage.join(root, f"{name}.parquet"), table)
+        records.append({"name": name, "unit": i, "fingerprint": "-", "source": None, "row_groups": [],
+                        "input_rows": len(sl), "part": {"file": f"{name}.parquet", **info}, "rejects": None})
+    manifest = build_manifest(records, model, dtype, "-", 0)
+    storage.write_json(manifest_uri(root), manifest)
+    return manifest

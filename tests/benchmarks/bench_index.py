@@ -22,7 +22,6 @@ import time
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from mimdex.encoders.bundle import save_untrained_bundle
 from mimdex.indexing.evaluate import recall_at
@@ -43,20 +42,9 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def write_embeddings(root: str, x: np.ndarray, model_uri: str, sha: str, parts: int = 20) -> list[str]:
-    d = x.shape[1]
     pids = [f"v{i:07d}" for i in range(len(x))]
-    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": d, "has_text": True}
-    records = []
-    for i, sl in enumerate(np.array_split(np.arange(len(x)), parts)):
-        schema = shards.part_schema(d, "float32", True, {"model_sha256": sha, "variant": "3-tower", "d": d,
-                                                          "dtype": "float32", "unit": f"part-{i:05d}",
-                                                          "fingerprint": "bench"})
-        v = shards._vectors(x[sl], d, "float32")
-        table = pa.table([pa.array([pids[j] for j in sl]), v, v, pa.array(["-"] * len(sl))], schema=schema)
-        info = shards._write_parquet(storage.join(root, f"part-{i:05d}.parquet"), table)
-        records.append({"name": f"part-{i:05d}", "unit": i, "fingerprint": "bench", "source": None, "row_groups": [],
-                        "input_rows": len(sl), "part": {"file": f"part-{i:05d}.parquet", **info}, "rejects": None})
-    storage.write_json(shards.manifest_uri(root), shards.build_manifest(records, model, "float32", "bench", 0))
+    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": x.shape[1], "has_text": False}
+    shards.write_vectors(root, x, pids, model, "float32", parts)
     return pids
 
 

@@ -21,7 +21,8 @@ INDEX_FORMAT = "mimdex-index/1"
 
 
 def new_version() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    # microseconds: names sort in creation order even for builds a second apart
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def version_uri(root: str, version: str) -> str:

@@ -20,8 +20,6 @@ Handler = Callable[[argparse.Namespace], int]
 NOT_BUILT: dict[str, str] = {
     "refresh": "nightly refresh: re-encode changed products, publish a new version",
     "backfill": "encode and index a given set of new products",
-    "versions": "list published index versions",
-    "rollback": "point LATEST back at an older complete version",
 }
 
 
@@ -277,6 +275,65 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_versions(sub) -> None:
+    p = sub.add_parser("versions", help="list index versions; --prune applies retention",
+                       description="List the versions under an index root (time, vectors, model, recall, which "
+                                   "one LATEST names). With --prune, delete versions beyond the newest --keep, "
+                                   "never LATEST, the version it replaced, or anything younger than --grace-hours.")
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--prune", action="store_true", help="apply retention")
+    p.add_argument("--keep", type=int, default=5, help="complete versions to keep (with --prune)")
+    p.add_argument("--grace-hours", type=float, default=24.0,
+                   help="never delete versions younger than this (readers and unpublished builds)")
+    p.set_defaults(handler=_run_versions)
+
+
+def _run_versions(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing import versions
+    from mimdex.pipelines.report import write_report
+
+    if args.prune:
+        result = versions.prune(args.index, args.keep, args.grace_hours)
+        print(f"versions: deleted {len(result['deleted'])} ({', '.join(result['deleted']) or 'none'}), "
+              f"kept {len(result['kept'])}")
+        print(write_report(args.index, "prune", result))
+        return 0
+    rows = versions.describe(args.index)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no versions under {args.index}")
+    for r in rows:
+        if not r["complete"]:
+            print(f"   {r['version']}  incomplete (no manifest)")
+            continue
+        print(f"{'*' if r['latest'] else ' '}  {r['version']}  {r['vectors']:>10} vectors  {r['shards']} shards  "
+              f"{r['factory']}  nprobe {r['nprobe']}  recall@10 {r['recall_at_10']}  model {r['model']} "
+              f"({r['variant']}, {r['vector']})")
+    return 0
+
+
+def _add_rollback(sub) -> None:
+    p = sub.add_parser("rollback", help="point LATEST back at an older complete version")
+    p.add_argument("--index", required=True)
+    p.add_argument("--to", required=True, help="the version to serve (see `mimdex versions`)")
+    p.set_defaults(handler=_run_rollback)
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    from mimdex.indexing import versions
+    from mimdex.pipelines.report import write_report
+
+    result = versions.rollback(args.index, args.to)
+    print(f"rollback: LATEST now names {result['to']} (was {result['from']})")
+    print(write_report(args.index, "rollback", result))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
     p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
@@ -315,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_index(sub)
     _add_search(sub)
     _add_eval(sub)
+    _add_versions(sub)
+    _add_rollback(sub)
     for name, summary in NOT_BUILT.items():
         _add_not_built(sub, name, summary)
     _add_demo(sub)

@@ -1,0 +1,70 @@
+"""versions, rollback and retention on the local S3 server (and a local directory)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_bundle
+from mimdex.indexing import publish, versions
+from mimdex.indexing.reader import IndexReader
+from mimdex.infra import storage
+from mimdex.pipelines import cli
+from mimdex.pipelines.build_index.job import BuildConfig, run
+from mimdex.pipelines.encode import shards
+
+
+@pytest.fixture
+def three_versions(store_root):
+    rng = np.random.default_rng(0)
+    model_uri = store_root + "/model"
+    sha = random_bundle(model_uri, ["t"], "3-tower")
+    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": 32, "has_text": True}
+    out, built = store_root + "/index", []
+    for i in range(3):  # each version indexes a different catalog size
+        x = rng.standard_normal((400 + 100 * i, 32)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        emb = f"{store_root}/emb{i}"
+        shards.write_vectors(emb, x, [f"p{j}" for j in range(len(x))], model, "float16", 2)
+        built.append(run(BuildConfig(embeddings=emb, out=out, shards=2, eval_queries=50))["version"])
+    return out, built
+
+
+def test_versions_lists_every_version_and_marks_latest(three_versions, capsys):
+    out, built = three_versions
+    storage.write_bytes(publish.version_uri(out, "20990101T000000000000Z-aaaaaa") + "/trained.index", b"x")  # unpublished
+    rows = versions.describe(out)
+    assert [r["version"] for r in rows] == built + ["20990101T000000000000Z-aaaaaa"]
+    assert [r["latest"] for r in rows] == [False, False, True, False]
+    assert [r.get("vectors") for r in rows[:3]] == [400, 500, 600] and rows[3]["complete"] is False
+    assert cli.main(["versions", "--index", out]) == 0
+    text = capsys.readouterr().out
+    assert f"*  {built[2]}" in text and "incomplete" in text
+
+
+def test_rollback_makes_the_reader_serve_the_older_version(three_versions, capsys):
+    out, built = three_versions
+    assert cli.main(["rollback", "--index", out, "--to", built[0]]) == 0
+    assert IndexReader.open(out).version == built[0] and IndexReader.open(out).ntotal == 400
+    pointer, _ = versions.latest_pointer(out)
+    assert pointer["previous"] == built[2]
+    assert cli.main(["rollback", "--index", out, "--to", "nope"]) == 2
+    assert "no such version" in capsys.readouterr().err
+    assert IndexReader.open(out).version == built[0]
+
+
+def test_retention_keeps_newest_latest_and_what_latest_replaced(three_versions):
+    out, built = three_versions
+    more = run(BuildConfig(embeddings=out.rsplit("/", 1)[0] + "/emb0", out=out, shards=1, eval_queries=50))["version"]
+    versions.rollback(out, built[1])  # LATEST -> built[1]; it replaced `more`
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    result = versions.prune(out, keep=1, grace_hours=24, now=later)
+    # newest (`more`), LATEST (built[1]) and the one LATEST replaced (`more` again) stay
+    assert sorted(result["deleted"]) == sorted([built[0], built[2]])
+    assert publish.list_versions(out) == sorted([built[1], more])
+    assert IndexReader.open(out).version == built[1]
+    # within the grace period nothing is deleted, whatever --keep says
+    assert versions.prune(out, keep=1, grace_hours=24)["deleted"] == []
+    assert json.loads(storage.read_bytes(publish.latest_uri(out)))["version"] == built[1]

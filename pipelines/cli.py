@@ -11,16 +11,10 @@ import logging
 import sys
 from typing import Callable
 
-from mimdex.infra.errors import DataError, MimdexError, UsageError
+from mimdex.infra.errors import DataError, MimdexError, NothingToDo, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Subcommands of the DESIGN.md contract that later work items deliver; they are listed
-# in --help so the contract is visible, and refuse with exit 2 until they exist.
-NOT_BUILT: dict[str, str] = {
-    "refresh": "nightly refresh: re-encode changed products, publish a new version",
-    "backfill": "encode and index a given set of new products",
-}
 
 
 def _add_synth(sub) -> None:
@@ -334,6 +328,74 @@ def _run_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh_args(p, backfill: bool) -> None:
+    p.add_argument("--catalog", required=True)
+    if backfill:
+        p.add_argument("--ids", required=True, help="file with one product_id per line")
+    p.add_argument("--model", required=True, help="model bundle URI")
+    p.add_argument("--embeddings", required=True, help="embeddings root (runs/, manifests/, manifest.json)")
+    p.add_argument("--index", required=True, help="index root")
+    p.add_argument("--shards", type=int, default=4, help="shards of a first build (later versions keep theirs)")
+    p.add_argument("--vector", choices=["image", "text", "fused"], default="image", help="for a first build")
+    p.add_argument("--max-drift", type=float, default=1.25,
+                   help="retrain when the new vectors' coarse MSE exceeds this multiple of the training MSE")
+    p.add_argument("--max-change", type=float, default=0.25,
+                   help="retrain when more than this share of the catalog was added, changed or deleted")
+    p.add_argument("--max-recall-drop", type=float, default=0.05,
+                   help="retrain when new vectors find themselves (top 10) this much less often than old ones")
+    p.add_argument("--keep", type=int, default=5, help="index versions retention keeps")
+    p.add_argument("--grace-hours", type=float, default=24.0, help="retention never deletes younger versions")
+    p.add_argument("--lock-ttl-hours", type=float, default=6.0, help="break a lock older than this")
+    p.add_argument("--min-recall", type=float)
+    p.add_argument("--eval-queries", type=int, default=1000)
+    p.add_argument("--ray-address")
+    p.add_argument("--unit-rows", type=int, default=2048)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_refresh)
+
+
+def _add_refresh(sub) -> None:
+    p = sub.add_parser("refresh", help="nightly refresh: re-encode changed products, publish a new version",
+                       description="Diff the catalog against the current embeddings by content_hash, encode only "
+                                   "new and changed products, drop deleted ones, and publish the next index version "
+                                   "(reusing the trained quantizer unless drift says retrain). Exit 99 when "
+                                   "nothing changed.")
+    _refresh_args(p, backfill=False)
+
+
+def _add_backfill(sub) -> None:
+    p = sub.add_parser("backfill", help="encode and index a given set of products",
+                       description="Encode the catalog rows of the product ids in --ids and publish the next "
+                                   "index version with them (added, or replaced if already indexed).")
+    _refresh_args(p, backfill=True)
+
+
+def _run_refresh(args: argparse.Namespace) -> int:
+    from mimdex.pipelines.refresh.job import RefreshConfig, check, run
+    from mimdex.pipelines.report import write_report
+
+    cfg = RefreshConfig(catalog=args.catalog, model=args.model, embeddings=args.embeddings, index=args.index,
+                        ids_file=getattr(args, "ids", None), shards=args.shards, vector=args.vector,
+                        max_drift=args.max_drift, max_change=args.max_change,
+                        max_recall_drop=args.max_recall_drop, keep=args.keep,
+                        grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
+                        eval_queries=args.eval_queries, ray_address=args.ray_address, unit_rows=args.unit_rows,
+                        progress=not args.no_progress)
+    check(cfg)
+    report = run(cfg)
+    job = report["mode"]
+    c = report["diff"]
+    if report.get("nothing_to_do"):
+        print(f"{job}: no change ({c['unchanged']} products unchanged): nothing encoded, no new version")
+        print(write_report(args.index, job, report))
+        raise NothingToDo("nothing changed since the current version")
+    print(f"{job}: {c['new']} new, {c['changed']} changed, {c['deleted']} deleted, {c['unchanged']} unchanged; "
+          f"encoded {report['encode']['rows']} rows; {report['decision']}; "
+          f"published version {report['version']}")
+    print(write_report(args.index, job, report))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole job end to end on embedded defaults")
     p.add_argument("--workdir", default="demo-output", help="where the demo writes (default ./demo-output)")
@@ -352,15 +414,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-def _add_not_built(sub, name: str, summary: str) -> None:
-    p = sub.add_parser(name, help=f"{summary} [not built yet]", description=summary)
-    p.set_defaults(handler=lambda args, name=name: _not_built(name))
-
-
-def _not_built(name: str) -> int:
-    raise UsageError(f"`mimdex {name}` is part of the CLI contract but is not built yet")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimdex", description="Multimodal visual search over a product catalog: "
                      "train 3/4-tower towers, batch-encode on Ray, build sharded IVF-PQ indexes on Beam.")
@@ -372,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_index(sub)
     _add_search(sub)
     _add_eval(sub)
+    _add_refresh(sub)
+    _add_backfill(sub)
     _add_versions(sub)
     _add_rollback(sub)
-    for name, summary in NOT_BUILT.items():
-        _add_not_built(sub, name, summary)
     _add_demo(sub)
     return parser
 
@@ -384,12 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.extra = extra  # build-index hands unknown --flags to Beam as pipeline options
-    if extra and args.command not in NOT_BUILT and not getattr(args, "passes_through", False):
+    if extra and not getattr(args, "passes_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
+    except NothingToDo as exc:  # exit 99 is an outcome, not an error
+        print(f"mimdex {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MimdexError as exc:
         print(f"mimdex {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,9 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from mimdex.pipelines.cli import NOT_BUILT
 
 DESIGN_COMMANDS = ["synth-catalog", "train", "encode", "build-index", "search", "eval", "refresh",
                    "backfill", "versions", "rollback", "demo"]
@@ -25,14 +22,6 @@ def test_help_lists_every_design_subcommand():
     assert res.returncode == 0
     for name in DESIGN_COMMANDS:
         assert f"    {name}" in res.stdout, f"{name} missing from mimdex --help"
-
-
-@pytest.mark.parametrize("name", sorted(NOT_BUILT))
-def test_commands_not_built_yet_say_so_and_exit_2(name):
-    res = _mimdex(name, "--some-flag", "value")
-    assert res.returncode == 2
-    assert f"`mimdex {name}` is part of the CLI contract but is not built yet" in res.stderr
-    assert "Traceback" not in res.stderr
 
 
 def test_unknown_flag_and_missing_command_exit_2():

@@ -22,6 +22,7 @@ from mimdex.indexing.train import deserialize
 from mimdex.indexing.vectors import index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
+from mimdex.pipelines.encode.shards import live_rows
 
 _level = logging.root.manager.disable
 logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
@@ -53,7 +54,7 @@ def read_part(spec: BuildSpec, entry: dict) -> pa.Table:
     data = storage.read_bytes(uri)
     if hashlib.sha256(data).hexdigest() != entry["part"]["sha256"]:
         raise DataError(f"{uri}: sha256 does not match the embeddings manifest")
-    return pq.read_table(pa.BufferReader(data))
+    return live_rows(pq.read_table(pa.BufferReader(data)), entry)
 
 
 def catalog_metadata(entry: dict, product_ids: list[str]) -> pa.Table | None:
@@ -141,27 +142,49 @@ class AddPart(beam.DoFn):
                             "skipped_ids": [p for p, r in zip(pids, reasons) if r][:1000]})
 
 
-def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, codes: np.ndarray) -> tuple[bytes, int]:
-    """sa_encode output (list number + code per vector) -> faiss inverted lists, serialised.
+def split_codes(nlist: int, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss IVF sa_encode output -> (list numbers, PQ codes)."""
+    cb = coarse_bytes(nlist)
+    lists = np.zeros(len(codes), np.int64)
+    for b in range(cb):
+        lists |= codes[:, b].astype(np.int64) << (8 * b)
+    return lists, np.ascontiguousarray(codes[:, cb:])
+
+
+def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray) -> bytes:
+    """(id, list number, PQ code) rows -> faiss inverted lists, serialised.
 
     Stored flat (ArrayInvertedLists): the quantizer and codebooks are in trained.index,
     once, and fast-scan's 32-code blocks are rebuilt when a reader loads the shard.
     """
-    cb = coarse_bytes(nlist)
-    lists = np.zeros(len(ids), np.int64)
-    for b in range(cb):
-        lists |= codes[:, b].astype(np.int64) << (8 * b)
     order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
-    ids, lists, pq_codes = ids[order], lists[order], np.ascontiguousarray(codes[order, cb:])
+    ids, lists, codes = ids[order], lists[order], np.ascontiguousarray(codes[order])
     flat = faiss.ArrayInvertedLists(nlist, code_size)
     bounds = np.searchsorted(lists, np.arange(nlist + 1))
     for lst in np.flatnonzero(np.diff(bounds)).tolist():
         a, b = bounds[lst], bounds[lst + 1]
         flat.add_entries(lst, int(b - a), faiss.swig_ptr(np.ascontiguousarray(ids[a:b])),
-                         faiss.swig_ptr(np.ascontiguousarray(pq_codes[a:b])))
+                         faiss.swig_ptr(np.ascontiguousarray(codes[a:b])))
     writer = faiss.VectorIOWriter()
     faiss.write_InvertedLists(flat, writer)
-    return faiss.vector_to_array(writer.data).tobytes(), len(ids)
+    return faiss.vector_to_array(writer.data).tobytes()
+
+
+def decoded_lists(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of encoded_lists: (ids, list numbers, PQ codes) of a stored shard."""
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
+    flat = faiss.downcast_InvertedLists(faiss.read_InvertedLists(reader))
+    ids, lists, codes = [], [], []
+    for lst in range(flat.nlist):
+        n = flat.list_size(lst)
+        if n:
+            ids.append(faiss.rev_swig_ptr(flat.get_ids(lst), n).copy())
+            codes.append(faiss.rev_swig_ptr(flat.get_codes(lst), n * flat.code_size).copy().reshape(n, -1))
+            lists.append(np.full(n, lst, np.int64))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, flat.code_size), np.uint8)
+    return np.concatenate(ids), np.concatenate(lists), np.concatenate(codes)
 
 
 def write_shard(spec: BuildSpec, shard: int, lists: bytes, ntotal: int, idmap: pa.Table) -> dict:
@@ -189,9 +212,9 @@ class MergeShard(beam.DoFn):
         idmap = pa.concat_tables([_from_ipc(p["idmap"]) for p in partials], promote_options="permissive")
         ids = np.concatenate([p["ids"] for p in partials])
         check_unique(ids, idmap.column("product_id").to_pylist(), f"shard {shard_name(shard)}")
-        codes = np.concatenate([p["codes"] for p in partials])
-        lists, ntotal = encoded_lists(ivf.nlist, ivf.code_size, ids, codes)
-        record = write_shard(self.spec, shard, lists, ntotal, idmap.sort_by("id"))
+        lists, codes = split_codes(ivf.nlist, np.concatenate([p["codes"] for p in partials]))
+        blob = encoded_lists(ivf.nlist, ivf.code_size, ids, lists, codes)
+        record = write_shard(self.spec, shard, blob, len(ids), idmap.sort_by("id"))
         storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record['name']}.json"), record)
         yield record
 

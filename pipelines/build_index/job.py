@@ -46,6 +46,7 @@ class BuildConfig:
     train_size: int | None = None
     seed: int = 0
     metadata: bool = True
+    manifest_name: str = "manifest.json"  # refresh builds from a composite manifest beside it
 
 
 def _check(cfg: BuildConfig) -> None:
@@ -86,7 +87,7 @@ def _blocks(cfg: BuildConfig, manifest: dict, alpha: float):
     """(vectors, ids, product_ids) of every usable row, part by part."""
     for entry in manifest["parts"]:
         fs, path = storage.resolve(storage.join(cfg.embeddings, entry["part"]["file"]))
-        table = pq.read_table(path, filesystem=fs)
+        table = emb_shards.live_rows(pq.read_table(path, filesystem=fs), entry)
         v = index_vectors(table, cfg.vector, alpha)
         keep = invalid_reasons(v) == ""
         pids = [p for p, k in zip(table.column("product_id").to_pylist(), keep) if k]
@@ -180,7 +181,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
     _check(cfg)
     timer = StageTimer()
     with timer.stage("validate"):
-        manifest = emb_shards.read_manifest(cfg.embeddings)
+        manifest = emb_shards.read_manifest(cfg.embeddings, cfg.manifest_name)
         validate_parts(cfg.embeddings, manifest)
         parent, token = publish.read_latest(cfg.out)  # we publish only over what we started from
         alpha = _fuse_alpha(manifest) if cfg.vector == "fused" else 0.5
@@ -199,22 +200,50 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
         _run_beam(spec, manifest["parts"], beam_args or [])
     with timer.stage("collect"):
         shard_records, counts = _collect(spec, trained)
-    trained_rec = {"file": "trained.index", "sha256": hashlib.sha256(trained).hexdigest(), "bytes": len(trained)}
-    draft = {"version": version, "params": {**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
-             "shards": shard_records, "default_nprobe": 1, "trained": trained_rec}
+    draft = VersionDraft(cfg=cfg, embeddings=manifest, alpha=alpha, version=version, parent=parent, token=token,
+                         params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
+                         trained=trained, training=train_info, shards=shard_records, counts=counts)
+    return finish_version(draft, held, held_ids, timer)
+
+
+@dataclass
+class VersionDraft:
+    """An index version whose shards are written: what finish_version needs to evaluate,
+    gate and publish it (build-index and refresh both end here)."""
+
+    cfg: BuildConfig
+    embeddings: dict          # the embeddings manifest the version indexes
+    alpha: float
+    version: str
+    parent: str | None        # LATEST when the job started ...
+    token: str | None         # ... and its version token for the conditional replace
+    params: dict
+    trained: bytes
+    training: dict
+    shards: list[dict]
+    counts: dict
+
+
+def finish_version(draft: VersionDraft, held: np.ndarray, held_ids: np.ndarray, timer: StageTimer,
+                   extra: dict | None = None) -> dict:
+    cfg, version = draft.cfg, draft.version
+    vdir = publish.version_uri(cfg.out, version)
+    trained_rec = {"file": "trained.index", "sha256": hashlib.sha256(draft.trained).hexdigest(),
+                   "bytes": len(draft.trained)}
     with timer.stage("evaluate"):
-        reader = IndexReader(vdir, draft)
-        evaluation = _evaluate(cfg, manifest, alpha, reader, held, held_ids, params.nlist)
+        reader = IndexReader(vdir, {"version": version, "params": draft.params, "shards": draft.shards,
+                                    "default_nprobe": 1, "trained": trained_rec})
+        evaluation = _evaluate(cfg, draft.embeddings, draft.alpha, reader, held, held_ids, draft.params["nlist"])
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
     at_default = next((r for r in evaluation.get("held_out", {}).get("sweep", []) if r["nprobe"] == default_nprobe), {})
     report = {
-        "embeddings": cfg.embeddings, "index_root": cfg.out, "version": version, "parent": parent,
-        "vector": cfg.vector, "model": manifest["model"], "params": draft["params"], "training": train_info,
-        "counts": {**counts, "shards": {r["name"]: r["ntotal"] for r in shard_records}},
+        "embeddings": cfg.embeddings, "index_root": cfg.out, "version": version, "parent": draft.parent,
+        "vector": cfg.vector, "model": draft.embeddings["model"], "params": draft.params, "training": draft.training,
+        "counts": {**draft.counts, "shards": {r["name"]: r["ntotal"] for r in draft.shards}},
         "evaluation": evaluation, "default_nprobe": default_nprobe, "seconds": timer.seconds,
-        "index_bytes": sum(r["index"]["bytes"] for r in shard_records) + len(trained),
+        "index_bytes": sum(r["index"]["bytes"] for r in draft.shards) + len(draft.trained), **(extra or {}),
     }
-    report["bytes_per_vector"] = round(report["index_bytes"] / max(counts["indexed"], 1), 2)
+    report["bytes_per_vector"] = round(report["index_bytes"] / max(draft.counts["indexed"], 1), 2)
     gate = cfg.min_recall
     if gate is not None and at_default.get("recall@10", 0.0) < gate:
         report["published"] = False
@@ -225,22 +254,22 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
                                 "but not published")
     storage.write_json(storage.join(vdir, "report.json"), report)
     publish.write_manifest(cfg.out, version, {
-        "version": version, "created_at": report.get("created_at"), "model": manifest["model"],
-        "vector": cfg.vector, "fuse_alpha": alpha, "factory": params.factory, "params": draft["params"],
+        "version": version, "model": draft.embeddings["model"], "vector": cfg.vector, "fuse_alpha": draft.alpha,
+        "factory": draft.params["factory"], "params": draft.params, "training": draft.training,
         "default_nprobe": default_nprobe, "recall_target": cfg.recall_target,
-        "shards": shard_records, "trained": trained_rec,
-        "embeddings": {"uri": cfg.embeddings, "manifest_created_at": manifest.get("created_at"),
-                       "parts": len(manifest["parts"])},
-        "counts": report["counts"], "evaluation": evaluation, "parent": parent,
+        "shards": draft.shards, "trained": trained_rec,
+        "embeddings": {"uri": cfg.embeddings, "manifest_created_at": draft.embeddings.get("created_at"),
+                       "parts": len(draft.embeddings["parts"])},
+        "counts": report["counts"], "evaluation": evaluation, "parent": draft.parent,
     })
     with timer.stage("publish"):
         try:
-            publish.point_latest(cfg.out, version, token, parent)
+            publish.point_latest(cfg.out, version, draft.token, draft.parent)
         except storage.ConcurrentUpdate as exc:
             now, _ = publish.read_latest(cfg.out)
             raise storage.ConcurrentUpdate(
-                f"another publisher replaced {publish.latest_uri(cfg.out)} (it now names {now}) after this build "
-                f"started from {parent}; version {version} is complete but not published") from exc
+                f"another publisher replaced {publish.latest_uri(cfg.out)} (it now names {now}) after this job "
+                f"started from {draft.parent}; version {version} is complete but not published") from exc
     report["published"] = True
     report["seconds"] = timer.seconds
     return report

@@ -126,9 +126,9 @@ def build_manifest(records: list[dict], model: dict, dtype: str, catalog: str, u
     }
 
 
-def read_manifest(root: str) -> dict:
+def read_manifest(root: str, name: str = "manifest.json") -> dict:
     """The manifest of a complete embeddings root, or exit 65 saying why it is not one."""
-    return storage.read_manifest(manifest_uri(root), MANIFEST_FORMAT,
+    return storage.read_manifest(storage.join(root, name), MANIFEST_FORMAT,
                                  f"embeddings {root}: no manifest.json (the encode run has not completed)")
 
 
@@ -147,13 +147,25 @@ def remove_orphans(out: str, keep: set[str]) -> list[str]:
     return removed
 
 
+def live_rows(table: pa.Table, entry: dict) -> pa.Table:
+    """A part's rows minus the product_ids a refresh superseded or deleted (``exclude``):
+    a composite manifest reuses a part instead of rewriting it."""
+    excluded = entry.get("exclude")
+    if not excluded:
+        return table
+    import pyarrow.compute as pc
+
+    return table.filter(pc.invert(pc.is_in(table["product_id"], pa.array(excluded, pa.string()))))
+
+
 def read_files(root: str, manifest: dict, which: str = "part") -> pa.Table:
     """All part (or rejects) tables a manifest lists, concatenated in unit order."""
     tables = []
     for entry in manifest["parts"]:
         if entry[which]:
             fs, path = storage.resolve(storage.join(root, entry[which]["file"]))
-            tables.append(pq.read_table(path, filesystem=fs))
+            table = pq.read_table(path, filesystem=fs)
+            tables.append(live_rows(table, entry) if which == "part" else table)
     if not tables:
         return REJECT_SCHEMA.empty_table() if which == "rejects" else pa.table({"product_id": pa.array([], pa.string())})
     return pa.concat_tables(tables)

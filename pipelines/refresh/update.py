@@ -1,0 +1,115 @@
+"""The next index version from the previous one: its trained quantizer and codebooks are
+reused, ids of deleted and changed products removed, the new vectors added.
+
+Drift decides whether that is good enough: the mean coarse-quantisation error of the new
+vectors against the error the quantizer was trained to (and the share of the catalog
+that changed). Past either threshold the caller retrains with a full build.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mimdex.indexing.ids import check_unique, ids_for
+from mimdex.indexing.train import deserialize
+from mimdex.indexing.vectors import index_vectors, invalid_reasons
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+from mimdex.pipelines.build_index.graph import (BuildSpec, catalog_metadata, decoded_lists, encoded_lists, read_part,
+                                                 split_codes, write_shard)
+
+
+def _checked(uri: str, entry: dict) -> bytes:
+    import hashlib
+
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{uri}: sha256 does not match the index manifest")
+    return data
+
+
+def new_vectors(spec: BuildSpec, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, pa.Table, dict]:
+    """Vectors, ids and id-map rows (with catalog metadata) of the delta parts."""
+    vecs, idmaps, skipped = [], [], {}
+    for entry in entries:
+        table = read_part(spec, entry)
+        v = index_vectors(table, spec.vector, spec.fuse_alpha)
+        reasons = invalid_reasons(v)
+        for r in set(reasons.tolist()) - {""}:
+            skipped[r] = skipped.get(r, 0) + int((reasons == r).sum())
+        keep = reasons == ""
+        pids = [p for p, k in zip(table.column("product_id").to_pylist(), keep) if k]
+        idmap = pa.table({"id": pa.array(ids_for(pids), pa.int64()), "product_id": pa.array(pids, pa.string())})
+        meta = catalog_metadata(entry, pids) if spec.metadata else None
+        for name in (meta.column_names if meta is not None else []):
+            idmap = idmap.append_column(name, meta.column(name))
+        vecs.append(v[keep])
+        idmaps.append(idmap)
+    d = vecs[0].shape[1] if vecs else 0
+    v = np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32)
+    idmap = pa.concat_tables(idmaps, promote_options="permissive") if idmaps else None
+    ids = idmap.column("id").to_numpy() if idmap is not None else np.zeros(0, np.int64)
+    return v, ids, idmap, skipped
+
+
+def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:
+    """Coarse-quantisation MSE of the new vectors vs the training MSE."""
+    if not len(vectors):
+        return {"new_vectors": 0, "coarse_mse": None, "training_mse": (training or {}).get("coarse_mse"), "ratio": None}
+    index = deserialize(trained)  # keep the owner alive while its quantizer is used
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    dist, _ = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    mse = float(dist.mean())
+    base = (training or {}).get("coarse_mse")
+    return {"new_vectors": int(len(vectors)), "coarse_mse": round(mse, 6), "training_mse": base,
+            "ratio": round(mse / base, 4) if base else None}
+
+
+def update_shards(spec: BuildSpec, prev_dir: str, prev: dict, trained: bytes, remove: list[str],
+                  vectors: np.ndarray, ids: np.ndarray, idmap: pa.Table | None) -> list[dict]:
+    """Write the new version's shards: previous minus ``remove`` (product_ids) plus the new rows.
+
+    Works on the stored (flat) inverted lists: rows are filtered and the new vectors'
+    codes (faiss ``sa_encode`` with the reused trained index) appended, then written as
+    build-index writes them. (Removing from faiss's in-memory fast-scan blocks and adding
+    after it corrupted the re-added codes in faiss-cpu 1.15.1; see the README.)
+    """
+    index = deserialize(trained)
+    ivf = faiss.extract_index_ivf(index)
+    remove_ids = ids_for(remove)
+    new_lists, new_codes = (split_codes(ivf.nlist, index.sa_encode(np.ascontiguousarray(vectors)))
+                            if len(ids) else (np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8)))
+    shard_of = ids % spec.shards
+    records = []
+    for entry in prev["shards"]:
+        shard = entry["shard"]
+        old_ids, old_lists, old_codes = decoded_lists(
+            _checked(storage.join(prev_dir, entry["index"]["file"]), entry["index"]))
+        ids_table = pq.read_table(pa.BufferReader(_checked(storage.join(prev_dir, entry["ids"]["file"]), entry["ids"])))
+        keep = ~np.isin(old_ids, remove_ids)
+        ids_table = ids_table.filter(pc.invert(pc.is_in(ids_table["id"], pa.array(remove_ids, pa.int64()))))
+        sel = np.flatnonzero(shard_of == shard)
+        all_ids = np.concatenate([old_ids[keep], ids[sel]])
+        if len(sel):
+            ids_table = pa.concat_tables([ids_table, idmap.take(pa.array(sel))], promote_options="permissive")
+        check_unique(ids_table.column("id").to_numpy(), ids_table.column("product_id").to_pylist(),
+                     f"shard {entry['name']}")
+        if len(all_ids) != ids_table.num_rows:
+            raise DataError(f"shard {entry['name']}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
+                            "after the update (the previous version's id map and index disagree)")
+        blob = encoded_lists(ivf.nlist, ivf.code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
+                             np.concatenate([old_codes[keep], new_codes[sel]]))
+        records.append(write_shard(spec, shard, blob, len(all_ids), ids_table.sort_by("id")))
+    return records
+
+
+def self_recall(reader, vectors: np.ndarray, ids: np.ndarray, nprobe: int, k: int = 10) -> float | None:
+    """Share of vectors that find their own id in the top k: how well the reused
+    codebooks represent them."""
+    if not len(vectors):
+        return None
+    _, found = reader.search(vectors, k, nprobe)
+    return round(float((found == ids[:, None]).any(1).mean()), 4)

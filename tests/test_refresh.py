@@ -1,0 +1,218 @@
+"""refresh and backfill against the local S3 server, on a real local Ray and Beam's
+DirectRunner: the nightly job's contract (exact deltas, exit 99, locks, crash safety)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from conftest import random_bundle
+from mimdex.indexing import publish
+from mimdex.indexing.exact import exact_search
+from mimdex.indexing.ids import ids_for
+from mimdex.indexing.reader import IndexReader
+from mimdex.indexing.vectors import column_matrix
+from mimdex.infra import storage
+from mimdex.infra.lock import Lease, Locked
+from mimdex.pipelines import cli
+from mimdex.pipelines.build_index.job import BuildConfig
+from mimdex.pipelines.build_index.job import run as build
+from mimdex.pipelines.encode import shards
+from mimdex.pipelines.refresh.job import RefreshConfig, run
+from mimdex.pipelines.synth import job as synth_job
+from mimdex.pipelines.synth.plan import SynthConfig
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog_rows(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("synth"))
+    synth_job.run(SynthConfig(products=800, queries=10, seed=9), data, workers=2, progress=False)
+    return storage.parquet_dataset(data + "/catalog").to_table()
+
+
+def _write_catalog(uri: str, rows: list[dict], schema: pa.Schema) -> None:
+    with storage.open_write(uri) as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema), f, row_group_size=100)
+
+
+def _mutate(table: pa.Table, seed: int = 0):
+    """5% retitled, 2% deleted, 3% new: products re-listed under a new id and title with
+    another product's photo (so that an untrained test model embeds them in-distribution)."""
+    rows = table.to_pylist()
+    n = len(rows)
+    perm = np.random.default_rng(seed).permutation(n)
+    changed, deleted, sources = perm[: n * 5 // 100], perm[n * 5 // 100: n * 7 // 100], perm[n * 7 // 100: n * 10 // 100]
+    for i in changed:
+        rows[i] = {**rows[i], "title": rows[i]["title"] + " (2027 edition)"}
+    kept = [r for i, r in enumerate(rows) if i not in set(deleted.tolist())]
+    new = []
+    for k, i in enumerate(sources):
+        new.append({**rows[i], "product_id": f"NEW-{k:04d}", "title": f"relisted {rows[i]['title']}"})
+    ids = lambda idx: sorted(rows[i]["product_id"] for i in idx)  # noqa: E731
+    return kept + new, ids(changed), ids(deleted), sorted(r["product_id"] for r in new)
+
+
+@pytest.fixture
+def world(s3_bucket, catalog_rows, local_ray):
+    """A catalog on S3, a model, and a first refresh (a full encode + build)."""
+    random_bundle(s3_bucket + "/model", catalog_rows.column("title").to_pylist(), "3-tower")
+    _write_catalog(s3_bucket + "/cat/catalog.parquet", catalog_rows.to_pylist(), catalog_rows.schema)
+    cfg = RefreshConfig(catalog=s3_bucket + "/cat", model=s3_bucket + "/model", embeddings=s3_bucket + "/emb",
+                        index=s3_bucket + "/index", shards=3, unit_rows=100, eval_queries=200, progress=False)
+    first = run(cfg)
+    assert first["decision"].startswith("first run") and first["encode"]["rows"] == 800
+    return cfg, first
+
+
+def _index_ids(root: str) -> list[str]:
+    reader = IndexReader.open(root)
+    return sorted(reader.idmap.column("product_id").to_pylist())
+
+
+def _recall10(reader: IndexReader, x: np.ndarray, ids: np.ndarray, nprobe: int) -> float:
+    truth = exact_search(x, [(x, ids)], 1, exclude_ids=ids)[1][:, 0]
+    found = reader.search(x, 11, nprobe)[1]
+    found = np.array([[i for i in row if i != own][:10] for row, own in zip(found, ids)])
+    return float((found == truth[:, None]).any(1).mean())
+
+
+def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, catalog_rows, capsys):
+    cfg, first = world
+    rows, changed, deleted, new = _mutate(catalog_rows)
+    _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
+    report = run(cfg)
+    assert report["diff"] == {"new": len(new), "changed": len(changed), "deleted": len(deleted),
+                              "unchanged": 800 - len(changed) - len(deleted), "unindexable_rows": 0}
+    assert report["encode"]["rows"] == report["encode"]["encoded"] == len(new) + len(changed)
+    assert report["decision"].startswith("incremental") and report["drift"]["ratio"] is not None
+    assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
+
+    # search finds the new products and never returns deleted ones
+    current = shards.read_manifest(cfg.embeddings)
+    table = shards.read_files(cfg.embeddings, current)
+    pids = table.column("product_id").to_pylist()
+    x = column_matrix(table, "image_emb")
+    reader = IndexReader.open(cfg.index)
+    pos = [pids.index(p) for p in new]
+    _, found = reader.search(x[pos], 10, 32)
+    # (a new product shares its photo with an old one: the two tie for first place)
+    assert (found == ids_for(new)[:, None]).any(1).mean() >= 0.95
+    _, everything = reader.search(x, 10, 32)
+    assert not set(everything.ravel().tolist()) & set(ids_for(deleted).tolist())
+
+    # recall within 0.01 of a full rebuild of the same final catalog
+    rebuilt = build(BuildConfig(embeddings=cfg.embeddings, out=cfg.index + "-full", shards=3, eval_queries=200))
+    # (not worse by more than 0.01: the reused quantizer may also come out ahead)
+    sample = np.random.default_rng(3).choice(len(x), 600, replace=False)
+    ids = ids_for(pids)
+    full_reader = IndexReader.open(cfg.index + "-full")
+    nprobe = max(reader.default_nprobe, rebuilt["default_nprobe"])
+    refreshed = _recall10(reader, x[sample], ids[sample], nprobe)
+    assert refreshed >= _recall10(full_reader, x[sample], ids[sample], nprobe) - 0.01
+
+    # nothing changed since: exit 99 and no new version
+    versions_before = publish.list_versions(cfg.index)
+    code = cli.main(["refresh", "--catalog", cfg.catalog, "--model", cfg.model, "--embeddings", cfg.embeddings,
+                     "--index", cfg.index, "--no-progress"])
+    assert code == 99 and "nothing changed" in capsys.readouterr().err
+    assert publish.list_versions(cfg.index) == versions_before
+
+
+def test_a_model_change_means_full_reencode_and_retrain(world, catalog_rows):
+    cfg, first = world
+    random_bundle(cfg.model + "2", catalog_rows.column("title").to_pylist(), "3-tower", seed=7)
+    report = run(RefreshConfig(**{**cfg.__dict__, "model": cfg.model + "2"}))
+    assert report["decision"].startswith("model changed") and report["encode"]["rows"] == 800
+    reader = IndexReader.open(cfg.index)
+    assert reader.manifest["model"]["uri"] == cfg.model + "2" and reader.ntotal == 800
+    assert reader.manifest["training"]["sample"] > 0  # a newly trained quantizer
+
+
+def test_backfill_adds_the_given_products(world, catalog_rows):
+    cfg, _ = world
+    rows, _, _, new = _mutate(catalog_rows, seed=1)
+    extra = [r for r in rows if r["product_id"] in new[:5]]
+    _write_catalog(cfg.catalog + "/catalog.parquet", catalog_rows.to_pylist() + extra, catalog_rows.schema)
+    storage.write_bytes(cfg.index + "-ids.txt", ("\n".join(new[:5]) + "\nnot-in-catalog\n").encode())
+    report = run(RefreshConfig(**{**cfg.__dict__, "ids_file": cfg.index + "-ids.txt"}))
+    assert report["mode"] == "backfill" and report["encode"]["rows"] == 5
+    assert report["ids_not_in_catalog"] == ["not-in-catalog"]
+    assert set(new[:5]) <= set(_index_ids(cfg.index)) and IndexReader.open(cfg.index).ntotal == 805
+
+
+def test_a_stale_lock_is_broken_and_a_live_one_refused(s3_bucket):
+    uri = s3_bucket + "/_locks/refresh.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_json(uri, {"host": os.uname().nodename, "pid": int(dead.stdout), "token": "x",
+                             "acquired_at": "2026-11-21T00:00:00+00:00"})
+    with Lease(uri, ttl_hours=1e6) as lease:
+        assert lease.broken["pid"] == int(dead.stdout)
+        with pytest.raises(Locked, match="another job holds"):
+            Lease(uri).acquire()
+    assert not storage.exists(uri)
+
+
+def _refresh_cmd(cfg: RefreshConfig) -> list[str]:
+    return [sys.executable, "-m", "mimdex.pipelines.cli", "refresh", "--catalog", cfg.catalog, "--model", cfg.model,
+            "--embeddings", cfg.embeddings, "--index", cfg.index, "--unit-rows", "20", "--no-progress"]
+
+
+def test_concurrent_refreshes_one_runs_the_other_exits_75(world, catalog_rows, capsys):
+    cfg, _ = world
+    rows, *_ = _mutate(catalog_rows, seed=2)
+    _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
+    proc = subprocess.Popen(_refresh_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ})
+    lock = cfg.index + "/_locks/refresh.json"
+    deadline = time.time() + 120
+    while not storage.exists(lock) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    code = cli.main(["refresh", "--catalog", cfg.catalog, "--model", cfg.model, "--embeddings", cfg.embeddings,
+                     "--index", cfg.index, "--no-progress"])
+    assert code == 75 and "another refresh holds" in capsys.readouterr().err
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
+
+
+def test_a_sigkilled_refresh_leaves_latest_valid_and_the_next_run_finishes(world, catalog_rows):
+    cfg, first = world
+    rows, *_ = _mutate(catalog_rows, seed=3)
+    _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
+    fs, runs = storage.resolve(cfg.embeddings + "/runs")
+    before = set(fs.glob(runs + "/*/_commits/*.json"))  # the first refresh's
+    proc = subprocess.Popen(_refresh_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if set(fs.glob(runs + "/*/_commits/*.json")) - before:  # killed mid-encode
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert publish.read_latest(cfg.index)[0] == first["version"]
+    assert IndexReader.open(cfg.index).ntotal == 800  # still the previous, complete version
+    holder = storage.read_json(cfg.index + "/_locks/refresh.json")  # left behind by the killed job
+    assert holder["pid"] == proc.pid
+    done = subprocess.run(_refresh_cmd(cfg), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(storage.read_bytes(done.stdout.strip().splitlines()[-1]))
+    assert report["broken_stale_lock"] is not None and report["encode"]["units_resumed"] >= 1
+    assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)

@@ -1,0 +1,254 @@
+"""`mimdex` subcommands around the published index: build-index, search, eval, refresh,
+backfill, versions, rollback (cli.py holds the parser, the dataset/model/encode commands
+and the exit-code contract)."""
+from __future__ import annotations
+
+import argparse
+
+from mimdex.infra.errors import DataError, NothingToDo, UsageError
+
+
+def add_commands(sub) -> None:
+    for add in (_add_build_index, _add_search, _add_eval, _add_refresh, _add_backfill, _add_versions, _add_rollback):
+        add(sub)
+
+
+def _add_build_index(sub) -> None:
+    p = sub.add_parser("build-index", help="build and publish sharded IVF-PQ indexes with Beam",
+                       description="Train IVF-PQ once on a sample, add vectors per (input part, shard) on Apache "
+                                   "Beam, merge per shard, evaluate against exact search, publish a new version "
+                                   "and point LATEST at it. Unrecognised --flags are Beam pipeline options "
+                                   "(e.g. --runner=FlinkRunner); the default is the DirectRunner.")
+    p.add_argument("--embeddings", required=True, help="embeddings root (with manifest.json)")
+    p.add_argument("--out", required=True, help="index root URI")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--vector", choices=["image", "text", "fused"], default="image")
+    p.add_argument("--factory", help="explicit faiss factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--max-index-memory", help="memory budget for the whole index, e.g. 4G")
+    p.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 (vs exact) the default nprobe must reach")
+    p.add_argument("--min-recall", type=float, help="do not publish below this recall@10 at the default nprobe")
+    p.add_argument("--queries", help="street queries to evaluate with (encoded with the embeddings' model)")
+    p.add_argument("--eval-queries", type=int, default=1000, help="held-out catalog vectors to evaluate with")
+    p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
+    p.set_defaults(handler=_run_build_index, passes_through=True)
+
+
+def _run_build_index(args: argparse.Namespace) -> int:
+    from mimdex.indexing.params import parse_memory
+    from mimdex.pipelines.build_index.job import BuildConfig, QualityGateFailed, run
+    from mimdex.pipelines.report import write_report
+
+    cfg = BuildConfig(embeddings=args.embeddings, out=args.out, shards=args.shards, vector=args.vector,
+                      factory=args.factory,
+                      max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
+                      recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
+                      eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata)
+    try:
+        report = run(cfg, args.extra)
+    except QualityGateFailed as exc:
+        print(write_report(args.out, "build-index", {"published": False, "error": str(exc)}))
+        raise
+    held = report["evaluation"].get("held_out", {})
+    row = next((r for r in held.get("sweep", []) if r["nprobe"] == report["default_nprobe"]), {})
+    print(f"build-index: version {report['version']} published ({report['counts']['indexed']} vectors, "
+          f"{args.shards} shards, {report['params']['factory']}, nprobe {report['default_nprobe']}: "
+          + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith("recall")) + f") -> {args.out}")
+    print(write_report(args.out, "build-index", report))
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a published index with an image and optional text")
+    p.add_argument("--index", required=True, help="index root URI")
+    p.add_argument("--image", help="query image file (any fsspec URI)")
+    p.add_argument("--text", help="text query, or reformulation text fused with --image")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, help="default: the manifest's, chosen at build time")
+    p.add_argument("--version", help="search this version instead of LATEST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing.reader import IndexReader
+    from mimdex.infra import storage
+    from mimdex.pipelines.query import encoder_for, query_vectors
+
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    reader = IndexReader.open(args.index, args.version)
+    enc = encoder_for(reader)
+    image = storage.read_bytes(args.image) if args.image else None
+    try:
+        vector = query_vectors(enc, [image] if image else None, [args.text] if args.text else None)
+    except ValueError as exc:  # an undecodable query image
+        raise DataError(f"--image {args.image}: {exc}") from exc
+    results = reader.search_products(vector, args.k, args.nprobe)[0]
+    if args.json:
+        print(json.dumps({"version": reader.version, "results": results}, ensure_ascii=False, default=str))
+        return 0
+    print(f"index version {reader.version}, {reader.ntotal} products")
+    for rank, r in enumerate(results, 1):
+        print(f"{rank:>3}  {r['score']:.4f}  {r['product_id']}  {r.get('title') or ''}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="recall@k of a published index on street queries")
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True, help="Parquet with query_image, product_id [, query_text]")
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--version")
+    p.add_argument("--limit", type=int, help="evaluate the first N queries only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing.reader import IndexReader
+    from mimdex.pipelines.query import evaluate_queries
+    from mimdex.pipelines.report import write_report
+
+    reader = IndexReader.open(args.index, args.version)
+    result = evaluate_queries(reader, args.queries, args.nprobe, args.limit)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"eval: version {result['version']}, {result['queries']} queries, nprobe {result['nprobe']}: "
+              + ", ".join(f"{k} {v}" for k, v in result.items() if k.startswith("recall")))
+    print(write_report(args.index, "eval", {"queries_uri": args.queries, **result}))
+    return 0
+
+
+def _add_versions(sub) -> None:
+    p = sub.add_parser("versions", help="list index versions; --prune applies retention",
+                       description="List the versions under an index root (time, vectors, model, recall, which "
+                                   "one LATEST names). With --prune, delete versions beyond the newest --keep, "
+                                   "never LATEST, the version it replaced, or anything younger than --grace-hours.")
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--prune", action="store_true", help="apply retention")
+    p.add_argument("--keep", type=int, default=5, help="complete versions to keep (with --prune)")
+    p.add_argument("--grace-hours", type=float, default=24.0,
+                   help="never delete versions younger than this (readers and unpublished builds)")
+    p.set_defaults(handler=_run_versions)
+
+
+def _run_versions(args: argparse.Namespace) -> int:
+    import json
+
+    from mimdex.indexing import versions
+    from mimdex.pipelines.report import write_report
+
+    if args.prune:
+        result = versions.prune(args.index, args.keep, args.grace_hours)
+        print(f"versions: deleted {len(result['deleted'])} ({', '.join(result['deleted']) or 'none'}), "
+              f"kept {len(result['kept'])}")
+        print(write_report(args.index, "prune", result))
+        return 0
+    rows = versions.describe(args.index)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no versions under {args.index}")
+    for r in rows:
+        if not r["complete"]:
+            print(f"   {r['version']}  incomplete (no manifest)")
+            continue
+        print(f"{'*' if r['latest'] else ' '}  {r['version']}  {r['vectors']:>10} vectors  {r['shards']} shards  "
+              f"{r['factory']}  nprobe {r['nprobe']}  recall@10 {r['recall_at_10']}  model {r['model']} "
+              f"({r['variant']}, {r['vector']})")
+    return 0
+
+
+def _add_rollback(sub) -> None:
+    p = sub.add_parser("rollback", help="point LATEST back at an older complete version")
+    p.add_argument("--index", required=True)
+    p.add_argument("--to", required=True, help="the version to serve (see `mimdex versions`)")
+    p.set_defaults(handler=_run_rollback)
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    from mimdex.indexing import versions
+    from mimdex.pipelines.report import write_report
+
+    result = versions.rollback(args.index, args.to)
+    print(f"rollback: LATEST now names {result['to']} (was {result['from']})")
+    print(write_report(args.index, "rollback", result))
+    return 0
+
+
+def _refresh_args(p, backfill: bool) -> None:
+    p.add_argument("--catalog", required=True)
+    if backfill:
+        p.add_argument("--ids", required=True, help="file with one product_id per line")
+    p.add_argument("--model", required=True, help="model bundle URI")
+    p.add_argument("--embeddings", required=True, help="embeddings root (runs/, manifests/, manifest.json)")
+    p.add_argument("--index", required=True, help="index root")
+    p.add_argument("--shards", type=int, default=4, help="shards of a first build (later versions keep theirs)")
+    p.add_argument("--vector", choices=["image", "text", "fused"], default="image", help="for a first build")
+    p.add_argument("--max-drift", type=float, default=1.25,
+                   help="retrain when the new vectors' coarse MSE exceeds this multiple of the training MSE")
+    p.add_argument("--max-change", type=float, default=0.25,
+                   help="retrain when more than this share of the catalog was added, changed or deleted")
+    p.add_argument("--max-recall-drop", type=float, default=0.05,
+                   help="retrain when new vectors find themselves (top 10) this much less often than old ones")
+    p.add_argument("--keep", type=int, default=5, help="index versions retention keeps")
+    p.add_argument("--grace-hours", type=float, default=24.0, help="retention never deletes younger versions")
+    p.add_argument("--lock-ttl-hours", type=float, default=6.0, help="break a lock older than this")
+    p.add_argument("--min-recall", type=float)
+    p.add_argument("--eval-queries", type=int, default=1000)
+    p.add_argument("--ray-address")
+    p.add_argument("--unit-rows", type=int, default=2048)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_run_refresh)
+
+
+def _add_refresh(sub) -> None:
+    p = sub.add_parser("refresh", help="nightly refresh: re-encode changed products, publish a new version",
+                       description="Diff the catalog against the current embeddings by content_hash, encode only "
+                                   "new and changed products, drop deleted ones, and publish the next index version "
+                                   "(reusing the trained quantizer unless drift says retrain). Exit 99 when "
+                                   "nothing changed.")
+    _refresh_args(p, backfill=False)
+
+
+def _add_backfill(sub) -> None:
+    p = sub.add_parser("backfill", help="encode and index a given set of products",
+                       description="Encode the catalog rows of the product ids in --ids and publish the next "
+                                   "index version with them (added, or replaced if already indexed).")
+    _refresh_args(p, backfill=True)
+
+
+def _run_refresh(args: argparse.Namespace) -> int:
+    from mimdex.pipelines.refresh.job import RefreshConfig, check, run
+    from mimdex.pipelines.report import write_report
+
+    cfg = RefreshConfig(catalog=args.catalog, model=args.model, embeddings=args.embeddings, index=args.index,
+                        ids_file=getattr(args, "ids", None), shards=args.shards, vector=args.vector,
+                        max_drift=args.max_drift, max_change=args.max_change,
+                        max_recall_drop=args.max_recall_drop, keep=args.keep,
+                        grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
+                        eval_queries=args.eval_queries, ray_address=args.ray_address, unit_rows=args.unit_rows,
+                        progress=not args.no_progress)
+    check(cfg)
+    report = run(cfg)
+    job = report["mode"]
+    c = report["diff"]
+    if report.get("nothing_to_do"):
+        print(f"{job}: no change ({c['unchanged']} products unchanged): nothing encoded, no new version")
+        print(write_report(args.index, job, report))
+        raise NothingToDo("nothing changed since the current version")
+    print(f"{job}: {c['new']} new, {c['changed']} changed, {c['deleted']} deleted, {c['unchanged']} unchanged; "
+          f"encoded {report['encode']['rows']} rows; {report['decision']}; "
+          f"published version {report['version']}")
+    print(write_report(args.index, job, report))
+    return 0

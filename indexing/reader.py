@@ -8,7 +8,6 @@ Every shard and id map is checked against the manifest's sha256 when loaded.
 """
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -55,11 +54,7 @@ class IndexReader:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
     def _read_checked(self, entry: dict) -> bytes:
-        uri = storage.join(self.uri, entry["file"])
-        data = storage.read_bytes(uri)
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise DataError(f"{uri}: sha256 does not match the index manifest; refusing a corrupt shard")
-        return data
+        return publish.read_checked(storage.join(self.uri, entry["file"]), entry)
 
     def _load_shard(self, entry: dict) -> tuple[faiss.Index, pa.Table]:
         index = shard_index(self._trained, self._read_checked(entry["index"]))

@@ -94,7 +94,7 @@ def _blocks(cfg: BuildConfig, manifest: dict, alpha: float):
         yield v[keep], ids_for(pids), pids
 
 
-def _sample(cfg: BuildConfig, manifest: dict, alpha: float, n: int, train_size: int):
+def sample_vectors(cfg: BuildConfig, manifest: dict, alpha: float, n: int, train_size: int):
     """Training sample and held-out evaluation vectors (disjoint), in one pass."""
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
@@ -190,7 +190,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
     version = publish.new_version()
     vdir = publish.version_uri(cfg.out, version)
     with timer.stage("sample"):
-        train, held, held_ids = _sample(cfg, manifest, alpha, n, params.train_size)
+        train, held, held_ids = sample_vectors(cfg, manifest, alpha, n, params.train_size)
     with timer.stage("train"):
         index, train_info = train_index(train, params, cfg.seed)
         trained = serialize(index)

@@ -43,7 +43,7 @@ def _tokenizer(tokenizer_json: str, context_length: int) -> Tokenizer:
     return configure(Tokenizer.from_str(tokenizer_json), context_length)
 
 
-def _resolve_uri(root: str, uri: str) -> str:
+def resolve_uri(root: str, uri: str) -> str:
     return uri if "://" in uri or uri.startswith("/") else storage.join(root, uri)
 
 
@@ -106,7 +106,7 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[dict, dict]:
                 reject(i, "title_not_utf8", f"title bytes are not UTF-8: {exc}")
 
     if spec.image_column == "image_uri":
-        uris = [_resolve_uri(spec.catalog_root, images[i]) for i, _ in keep]
+        uris = [resolve_uri(spec.catalog_root, images[i]) for i, _ in keep]
         with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(uris)))) as pool:
             fetched = list(pool.map(_fetch, uris))
         good = []

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from mimdex.infra import storage
 from mimdex.pipelines.encode import shards
-from mimdex.pipelines.encode.decode import _resolve_uri, content_hash
+from mimdex.pipelines.encode.decode import content_hash, resolve_uri
 from mimdex.pipelines.encode.plan import catalog_files, check_schema
 
 
@@ -45,7 +45,7 @@ def _file_hashes(uri: str, root: str, model_sha: str) -> tuple[dict[str, str], i
     if image_col == "image_uri":
         def fetch(u):
             try:
-                return storage.read_bytes(_resolve_uri(root, u)) if u else None
+                return storage.read_bytes(resolve_uri(root, u)) if u else None
             except (storage.ObjectNotFound, ValueError):
                 return None
         with ThreadPoolExecutor(16) as pool:

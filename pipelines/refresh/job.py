@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from mimdex.encoders.bundle import load_bundle
 from mimdex.indexing import publish, versions
+from mimdex.indexing.publish import read_checked
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError, TransientError, UsageError
@@ -31,7 +32,7 @@ from mimdex.pipelines.build_index.graph import BuildSpec
 from mimdex.pipelines.encode import job as encode_job
 from mimdex.pipelines.encode import shards
 from mimdex.pipelines.encode.config import EncodeConfig
-from mimdex.pipelines.encode.decode import _resolve_uri
+from mimdex.pipelines.encode.decode import resolve_uri
 from mimdex.pipelines.encode.plan import catalog_files
 from mimdex.pipelines.refresh import diff as diffs
 from mimdex.pipelines.refresh import update
@@ -88,7 +89,7 @@ def _subset_catalog(cfg: RefreshConfig, wanted: set[str], out: str) -> None:
         seen |= set(first)
         if "image_uri" in t.column_names:
             t = t.set_column(t.schema.get_field_index("image_uri"), "image_uri",
-                             pa.array([_resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]))
+                             pa.array([resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]))
         tables.append(t)
     with storage.open_write(out) as f:
         pq.write_table(pa.concat_tables(tables, promote_options="permissive"), f, compression="zstd",
@@ -211,7 +212,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
         with timer.stage("drift"):
             vectors, ids, idmap, skipped = update.new_vectors(spec, delta_entries)
             prev_dir = publish.version_uri(cfg.index, prev_index["version"])
-            trained = update._checked(storage.join(prev_dir, "trained.index"), prev_index["trained"])
+            trained = read_checked(storage.join(prev_dir, "trained.index"), prev_index["trained"])
             drift = update.drift(trained, vectors, prev_index.get("training"))
             change = (len(d.new) + len(d.changed) + len(d.deleted)) / max(previous_count, 1)
             drift["changed_fraction"] = round(change, 4)
@@ -242,7 +243,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
         pick = rng.permutation(len(ids))[:2000]
         new_recall = update.self_recall(draft_reader, vectors[pick], ids[pick], nprobe)
         n = composite["counts"]["encoded"]
-        _, old_v, old_ids = build_job._sample(bcfg, {**composite, "parts": [
+        _, old_v, old_ids = build_job.sample_vectors(bcfg, {**composite, "parts": [
             e for e in composite["parts"] if not e["name"].startswith(run_id + "-")]}, alpha,
             n - len(ids), 0)
         old_recall = update.self_recall(draft_reader, old_v, old_ids, nprobe)
@@ -258,7 +259,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
     report["decision"] = "incremental: previous quantizer reused, changed/deleted ids removed, new vectors added"
     with timer.stage("sample"):
         n = composite["counts"]["encoded"]
-        _, held, held_ids = build_job._sample(bcfg, composite, alpha, n, 0)
+        _, held, held_ids = build_job.sample_vectors(bcfg, composite, alpha, n, 0)
     counts = {"rows": n, "indexed": sum(r["ntotal"] for r in records), "skipped": skipped}
     draft = build_job.VersionDraft(cfg=bcfg, embeddings=composite, alpha=alpha, version=version, parent=latest,
                                    token=token, params=prev_index["params"], trained=trained,

@@ -14,21 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.indexing.ids import check_unique, ids_for
+from mimdex.indexing.publish import read_checked
 from mimdex.indexing.train import deserialize
 from mimdex.indexing.vectors import index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
 from mimdex.pipelines.build_index.graph import (BuildSpec, catalog_metadata, decoded_lists, encoded_lists, read_part,
                                                  split_codes, write_shard)
-
-
-def _checked(uri: str, entry: dict) -> bytes:
-    import hashlib
-
-    data = storage.read_bytes(uri)
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DataError(f"{uri}: sha256 does not match the index manifest")
-    return data
 
 
 def new_vectors(spec: BuildSpec, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, pa.Table, dict]:
@@ -87,8 +79,8 @@ def update_shards(spec: BuildSpec, prev_dir: str, prev: dict, trained: bytes, re
     for entry in prev["shards"]:
         shard = entry["shard"]
         old_ids, old_lists, old_codes = decoded_lists(
-            _checked(storage.join(prev_dir, entry["index"]["file"]), entry["index"]))
-        ids_table = pq.read_table(pa.BufferReader(_checked(storage.join(prev_dir, entry["ids"]["file"]), entry["ids"])))
+            read_checked(storage.join(prev_dir, entry["index"]["file"]), entry["index"]))
+        ids_table = pq.read_table(pa.BufferReader(read_checked(storage.join(prev_dir, entry["ids"]["file"]), entry["ids"])))
         keep = ~np.isin(old_ids, remove_ids)
         ids_table = ids_table.filter(pc.invert(pc.is_in(ids_table["id"], pa.array(remove_ids, pa.int64()))))
         sel = np.flatnonzero(shard_of == shard)

@@ -30,7 +30,7 @@ from mimdex.indexing.ids import ids_for
 from mimdex.indexing.params import choose
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
-from mimdex.pipelines.build_index.job import BuildConfig, _sample, run
+from mimdex.pipelines.build_index.job import BuildConfig, run, sample_vectors
 from mimdex.pipelines.encode import shards
 
 
@@ -94,7 +94,7 @@ def bench(name: str, xb: np.ndarray, xq: np.ndarray, xt_raw: np.ndarray, work: s
     # since faiss's own recall moves by about 0.015 between 199k-of-200k training subsets
     cfg = BuildConfig(embeddings=root, out=out, shards=shards_n, factory=factory, eval_queries=1000,
                       train_size=train_size)
-    sample = _sample(cfg, shards.read_manifest(root), 0.5, len(xb), choose(len(xb), d, None, factory,
+    sample = sample_vectors(cfg, shards.read_manifest(root), 0.5, len(xb), choose(len(xb), d, None, factory,
                                                                           train_size).train_size)[0]
     same = faiss.index_factory(d, factory)
     same.train(sample)

@@ -24,6 +24,21 @@ def s3_bucket(s3_server):
     return create_bucket(s3_server, f"mimdex-test-{uuid.uuid4().hex[:12]}")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small real Ray for a test module; the jobs under test join it. The reaper stops
+    its processes should pytest itself be killed (a CI timeout), as the CLI's does."""
+    import ray
+
+    from mimdex.infra.reaper import Reaper
+
+    reaper = Reaper()
+    ray.init(num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", logging_level="ERROR")
+    yield
+    ray.shutdown()
+    reaper.done()
+
+
 @pytest.fixture(params=["local", "s3"])
 def store_root(request, tmp_path):
     """The same test against a local directory and against the S3 server."""

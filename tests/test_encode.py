@@ -35,14 +35,6 @@ from mimdex.pipelines.synth import job as synth_job
 from mimdex.pipelines.synth.plan import SynthConfig
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}",
-             logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _png(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from conftest import random_bundle
 from mimdex.indexing import publish
@@ -31,13 +29,6 @@ from mimdex.pipelines.encode import shards
 from mimdex.pipelines.refresh.job import RefreshConfig, run
 from mimdex.pipelines.synth import job as synth_job
 from mimdex.pipelines.synth.plan import SynthConfig
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from mimdex.infra.errors import UsageError
+from mimdex.infra.errors import DataError, UsageError
 
 MIN_POINTS_PER_CENTROID = 39   # below this faiss warns that k-means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # faiss's own training cap
@@ -86,6 +86,10 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
                                f"--max-index-memory ({per_vector:.1f} bytes per vector for code + id)")
             m = fits[0]
         factory = f"IVF{nlist},PQ{m}x4fs"
+    needed = max(nlist, 2 ** bits)
+    if n < needed:
+        raise DataError(f"{n} vectors are too few to train {factory}: it needs at least {needed} "
+                        f"({nlist} IVF lists, {2 ** bits} PQ centroids per sub-quantizer)")
     code_bytes = math.ceil(m * bits / 8)
     if train_size:
         train_size = min(n, train_size)

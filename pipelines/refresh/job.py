@@ -163,7 +163,7 @@ def run(cfg: RefreshConfig) -> dict:
         run_id = _run_id(model_sha, d, current, bool(full_reason))
         run_dir = storage.join(cfg.embeddings, "runs", run_id)
         with timer.stage("encode"):
-            if full_reason:
+            if full_reason and not cfg.ids_file:
                 source = cfg.catalog
             else:
                 source = storage.join(run_dir, "input", "catalog.parquet")

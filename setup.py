@@ -29,8 +29,10 @@ INSTALL_REQUIRES = [
     "pyarrow>=14",
     "apache-beam>=2.60",
     "ray>=2.40",
-    # s3fs[boto3] lets aiobotocore pick the boto3 matching its botocore pin; listing
-    # boto3 separately sends pip backtracking through dozens of aiobotocore releases.
+    # A modern s3fs (a plain resolve picked 0.4.2 here). Its `boto3` extra is gone in
+    # 2026.9 (pip warns and ignores it); boto3 itself comes with moto[server] (dev), which
+    # is what uses it (the local S3 server of tests and the demo). Listing boto3 here sent
+    # pip backtracking through dozens of aiobotocore releases.
     "s3fs[boto3]>=2025.9.0",
     "fsspec>=2025.9.0",
     "tokenizers>=0.19",

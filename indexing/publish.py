@@ -11,7 +11,6 @@ gets exit 75 and its complete, unpublished version stays for inspection.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import uuid
 
@@ -47,10 +46,7 @@ def read_latest(root: str) -> tuple[str | None, str | None]:
 
 def read_checked(uri: str, entry: dict) -> bytes:
     """A version's file, verified against the sha256 its manifest records."""
-    data = storage.read_bytes(uri)
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DataError(f"{uri}: sha256 does not match the index manifest; refusing a corrupt file")
-    return data
+    return storage.read_verified(uri, entry["sha256"], "the index manifest")
 
 
 def read_manifest(root: str, version: str) -> dict:

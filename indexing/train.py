@@ -40,40 +40,6 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def lists_bytes(index: faiss.Index) -> bytes:
-    """A shard on storage: only the inverted lists (ids + codes) of an index, compact.
-
-    The quantizer and PQ codebooks live once, in trained.index. Fast-scan indexes keep
-    codes in blocks of 32 in memory; stored as they are, every list of every shard would
-    carry a part-empty block (a third more bytes per vector at 4 shards), so codes are
-    unpacked into a flat ArrayInvertedLists here and re-packed by shard_index().
-    """
-    ivf = faiss.extract_index_ivf(index)
-    src = faiss.downcast_InvertedLists(ivf.invlists)
-    flat = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    blocked = isinstance(src, faiss.BlockInvertedLists)
-    packer = ivf.get_CodePacker() if blocked else None
-    for lst in range(ivf.nlist):
-        n = src.list_size(lst)
-        if not n:
-            continue
-        ids = faiss.rev_swig_ptr(src.get_ids(lst), n).copy()
-        if not blocked:
-            codes = faiss.rev_swig_ptr(src.get_codes(lst), n * ivf.code_size).copy()
-        else:
-            per, nblocks = packer.nvec, (n + packer.nvec - 1) // packer.nvec
-            blocks = faiss.rev_swig_ptr(src.get_codes(lst), nblocks * packer.block_size).copy()
-            codes = np.empty(nblocks * per * ivf.code_size, np.uint8)
-            for b in range(nblocks):
-                packer.unpack_all(faiss.swig_ptr(blocks[b * packer.block_size:]),
-                                  faiss.swig_ptr(codes[b * per * ivf.code_size:]))
-            codes = codes[: n * ivf.code_size]
-        flat.add_entries(lst, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-    writer = faiss.VectorIOWriter()
-    faiss.write_InvertedLists(flat, writer)
-    return faiss.vector_to_array(writer.data).tobytes()
-
-
 def shard_index(trained: bytes, lists: bytes) -> faiss.Index:
     """trained.index + a shard's inverted lists -> a complete, searchable faiss index."""
     index = deserialize(trained)

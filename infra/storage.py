@@ -196,6 +196,14 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
 
 
+def read_verified(uri: str, sha256: str, recorded_in: str) -> bytes:
+    """The object's bytes, refused (exit 65) unless they hash to what a manifest recorded."""
+    data = read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{uri}: sha256 does not match {recorded_in}; refusing a corrupt or replaced file")
+    return data
+
+
 @contextlib.contextmanager
 def open_read(uri: str) -> Iterator[IO[bytes]]:
     fs, path = resolve(uri)

@@ -48,12 +48,8 @@ def shard_name(shard: int) -> str:
 
 def read_part(spec: BuildSpec, entry: dict) -> pa.Table:
     """A part file, checked against the embeddings manifest's sha256."""
-    import hashlib
-
-    uri = storage.join(spec.embeddings, entry["part"]["file"])
-    data = storage.read_bytes(uri)
-    if hashlib.sha256(data).hexdigest() != entry["part"]["sha256"]:
-        raise DataError(f"{uri}: sha256 does not match the embeddings manifest")
+    data = storage.read_verified(storage.join(spec.embeddings, entry["part"]["file"]), entry["part"]["sha256"],
+                                 "the embeddings manifest")
     return live_rows(pq.read_table(pa.BufferReader(data)), entry)
 
 
@@ -100,6 +96,36 @@ def coarse_bytes(nlist: int) -> int:
     return nbytes
 
 
+@dataclass
+class PartRows:
+    """A part's usable vectors, their int64 ids and id-map rows, and what was skipped."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    idmap: pa.Table
+    rows: int
+    skipped: dict[str, int]
+    skipped_ids: list[str]
+
+
+def index_rows(spec: BuildSpec, entry: dict) -> PartRows:
+    """One embeddings part -> what goes into the index (NaN/inf/zero vectors skipped)."""
+    table = read_part(spec, entry)
+    vectors = index_vectors(table, spec.vector, spec.fuse_alpha)
+    reasons = invalid_reasons(vectors)
+    keep = reasons == ""
+    pids = table.column("product_id").to_pylist()
+    kept = [p for p, k in zip(pids, keep) if k]
+    ids = ids_for(kept)
+    idmap = pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept, pa.string())})
+    meta = catalog_metadata(entry, kept) if spec.metadata else None
+    for name in (meta.column_names if meta is not None else []):
+        idmap = idmap.append_column(name, meta.column(name))
+    return PartRows(np.ascontiguousarray(vectors[keep]), ids, idmap, len(pids),
+                    {r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}},
+                    [p for p, r in zip(pids, reasons) if r])
+
+
 class AddPart(beam.DoFn):
     """One embeddings part -> one partial index per shard its products fall in.
 
@@ -117,29 +143,16 @@ class AddPart(beam.DoFn):
 
     def process(self, entry: dict):
         spec = self.spec
-        table = read_part(spec, entry)
-        vectors = index_vectors(table, spec.vector, spec.fuse_alpha)
-        reasons = invalid_reasons(vectors)
-        keep = reasons == ""
-        pids = table.column("product_id").to_pylist()
-        kept_pids = [p for p, k in zip(pids, keep) if k]
-        ids = ids_for(kept_pids)
-        meta = catalog_metadata(entry, kept_pids) if spec.metadata else None
-        idmap = pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept_pids, pa.string())})
-        if meta is not None:
-            for name in meta.column_names:
-                idmap = idmap.append_column(name, meta.column(name))
-        codes = self._trained.sa_encode(np.ascontiguousarray(vectors[keep])) if len(ids) else None
-        shard_of = ids % spec.shards
+        part = index_rows(spec, entry)
+        codes = self._trained.sa_encode(part.vectors) if len(part.ids) else None
+        shard_of = part.ids % spec.shards
         for shard in np.unique(shard_of).tolist():
             sel = np.flatnonzero(shard_of == shard)
-            yield int(shard), {"part": entry["name"], "ids": ids[sel], "codes": codes[sel],
-                               "idmap": _ipc(idmap.take(pa.array(sel)))}
-        skipped = {r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}}
+            yield int(shard), {"part": entry["name"], "ids": part.ids[sel], "codes": codes[sel],
+                               "idmap": _ipc(part.idmap.take(pa.array(sel)))}
         storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry['name']}.json"),
-                           {"part": entry["name"], "rows": len(pids), "indexed": int(keep.sum()),
-                            "skipped": skipped,
-                            "skipped_ids": [p for p, r in zip(pids, reasons) if r][:1000]})
+                           {"part": entry["name"], "rows": part.rows, "indexed": len(part.ids),
+                            "skipped": part.skipped, "skipped_ids": part.skipped_ids[:1000]})
 
 
 def split_codes(nlist: int, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

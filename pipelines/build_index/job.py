@@ -7,7 +7,9 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.indexing import publish
@@ -16,11 +18,11 @@ from mimdex.indexing.exact import ExactTopK
 from mimdex.indexing.ids import ids_for
 from mimdex.indexing.params import choose
 from mimdex.indexing.reader import IndexReader
-from mimdex.indexing.train import deserialize, lists_bytes, serialize, train_index
+from mimdex.indexing.train import deserialize, serialize, train_index
 from mimdex.indexing.vectors import KINDS, index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageError
-from mimdex.pipelines.build_index.graph import BUILD_DIR, BuildSpec, build_pipeline, write_shard
+from mimdex.pipelines.build_index.graph import BUILD_DIR, BuildSpec, build_pipeline, encoded_lists, write_shard
 from mimdex.pipelines.encode import shards as emb_shards
 from mimdex.pipelines.report import StageTimer
 
@@ -142,11 +144,14 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[list[dict], dict]:
     records = {r["shard"]: r for r in (storage.read_json(u) for u in storage.list_files(build, ".json"))
                if "shard" in r}
     stats = [storage.read_json(u) for u in storage.list_files(build, ".json") if u.rsplit("/", 1)[-1].startswith("stats-")]
-    import pyarrow as pa
+    index = deserialize(trained)
     for shard in range(spec.shards):  # a shard no product hashed to is still a valid, empty index
         if shard not in records:
             empty = pa.table({"id": pa.array([], pa.int64()), "product_id": pa.array([], pa.string())})
-            records[shard] = write_shard(spec, shard, lists_bytes(deserialize(trained)), 0, empty)
+            ivf = faiss.extract_index_ivf(index)
+            blob = encoded_lists(ivf.nlist, ivf.code_size, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                 np.zeros((0, ivf.code_size), np.uint8))
+            records[shard] = write_shard(spec, shard, blob, 0, empty)
     skipped: dict[str, int] = {}
     for s in stats:
         for reason, count in s["skipped"].items():
@@ -292,8 +297,7 @@ def _evaluate(cfg, manifest, alpha, reader: IndexReader, held, held_ids, nlist) 
         rows, chosen = sweep(lambda x, k, p: reader.search(x, k, p), q, truth, nlist, cfg.recall_target, ex)
         out[name] = {"queries": len(q), "sweep": rows, "default_nprobe": chosen}
     if street_pids is not None and "street" in exact:
-        from mimdex.indexing.ids import ids_for as _ids
-        want = _ids(street_pids)
+        want = ids_for(street_pids)
         nprobe = out.get("held_out", out["street"])["default_nprobe"]
         _, found = reader.search(queries["street"][0], 100, nprobe)
         out["street"]["product_recall"] = {f"recall@{k}": round(float((found[:, :k] == want[:, None]).any(1).mean()), 4)

@@ -242,11 +242,12 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
         rng = np.random.default_rng(0)
         pick = rng.permutation(len(ids))[:2000]
         new_recall = update.self_recall(draft_reader, vectors[pick], ids[pick], nprobe)
+        # one pass over the embeddings draws the held-out vectors: the old ones among them
+        # measure the old side here, and all of them evaluate the version below
         n = composite["counts"]["encoded"]
-        _, old_v, old_ids = build_job.sample_vectors(bcfg, {**composite, "parts": [
-            e for e in composite["parts"] if not e["name"].startswith(run_id + "-")]}, alpha,
-            n - len(ids), 0)
-        old_recall = update.self_recall(draft_reader, old_v, old_ids, nprobe)
+        _, held, held_ids = build_job.sample_vectors(bcfg, composite, alpha, n, 0)
+        old = ~np.isin(held_ids, ids)
+        old_recall = update.self_recall(draft_reader, held[old], held_ids[old], nprobe)
         report["drift"].update(self_recall_at_10_new=new_recall, self_recall_at_10_old=old_recall,
                                max_recall_drop=cfg.max_recall_drop)
     if new_recall is not None and old_recall is not None and old_recall - new_recall > cfg.max_recall_drop:
@@ -257,9 +258,6 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
         with timer.stage("build"):
             return build_job.run(bcfg)
     report["decision"] = "incremental: previous quantizer reused, changed/deleted ids removed, new vectors added"
-    with timer.stage("sample"):
-        n = composite["counts"]["encoded"]
-        _, held, held_ids = build_job.sample_vectors(bcfg, composite, alpha, n, 0)
     counts = {"rows": n, "indexed": sum(r["ntotal"] for r in records), "skipped": skipped}
     draft = build_job.VersionDraft(cfg=bcfg, embeddings=composite, alpha=alpha, version=version, parent=latest,
                                    token=token, params=prev_index["params"], trained=trained,

@@ -16,35 +16,23 @@ import pyarrow.parquet as pq
 from mimdex.indexing.ids import check_unique, ids_for
 from mimdex.indexing.publish import read_checked
 from mimdex.indexing.train import deserialize
-from mimdex.indexing.vectors import index_vectors, invalid_reasons
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
-from mimdex.pipelines.build_index.graph import (BuildSpec, catalog_metadata, decoded_lists, encoded_lists, read_part,
-                                                 split_codes, write_shard)
+from mimdex.pipelines.build_index.graph import (BuildSpec, decoded_lists, encoded_lists, index_rows, split_codes,
+                                                 write_shard)
 
 
-def new_vectors(spec: BuildSpec, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, pa.Table, dict]:
+def new_vectors(spec: BuildSpec, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, pa.Table | None, dict]:
     """Vectors, ids and id-map rows (with catalog metadata) of the delta parts."""
-    vecs, idmaps, skipped = [], [], {}
-    for entry in entries:
-        table = read_part(spec, entry)
-        v = index_vectors(table, spec.vector, spec.fuse_alpha)
-        reasons = invalid_reasons(v)
-        for r in set(reasons.tolist()) - {""}:
-            skipped[r] = skipped.get(r, 0) + int((reasons == r).sum())
-        keep = reasons == ""
-        pids = [p for p, k in zip(table.column("product_id").to_pylist(), keep) if k]
-        idmap = pa.table({"id": pa.array(ids_for(pids), pa.int64()), "product_id": pa.array(pids, pa.string())})
-        meta = catalog_metadata(entry, pids) if spec.metadata else None
-        for name in (meta.column_names if meta is not None else []):
-            idmap = idmap.append_column(name, meta.column(name))
-        vecs.append(v[keep])
-        idmaps.append(idmap)
-    d = vecs[0].shape[1] if vecs else 0
-    v = np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32)
-    idmap = pa.concat_tables(idmaps, promote_options="permissive") if idmaps else None
-    ids = idmap.column("id").to_numpy() if idmap is not None else np.zeros(0, np.int64)
-    return v, ids, idmap, skipped
+    parts = [index_rows(spec, entry) for entry in entries]
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), None, skipped
+    idmap = pa.concat_tables([p.idmap for p in parts], promote_options="permissive")
+    return np.concatenate([p.vectors for p in parts]), idmap.column("id").to_numpy(), idmap, skipped
 
 
 def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:

@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mimdex-installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install bench system-deps clean
 
 install: $(STAMP)
 
@@ -26,9 +26,28 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mimdex demo
 
+# System programs two tests use, from Debian's registry (needs root; CI runs it first):
+# headless Chromium + ChromeDriver for the demo report's browser test, and a real
+# Prometheus Pushgateway for the metrics test. The gateway is only unpacked into
+# .tools/ (no service is installed or started). Without them those tests are skipped,
+# unless MIMDEX_REQUIRE_SYSTEM_DEPS=1 (as .ci/run sets) makes that a failure.
+PUSHGATEWAY := .tools/usr/bin/prometheus-pushgateway
+
+system-deps: $(PUSHGATEWAY)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	chromium --version 2>/dev/null | head -1
+
+$(PUSHGATEWAY):
+	mkdir -p .tools/deb
+	cd .tools/deb && { apt-get download prometheus-pushgateway 2>/dev/null || \
+	  { apt-get update -qq && apt-get download prometheus-pushgateway; }; }
+	dpkg -x .tools/deb/prometheus-pushgateway_*.deb .tools
+	$(PUSHGATEWAY) --version 2>&1 | head -1
+
 # Slow checks and benchmarks that CI does not run.
 bench: $(STAMP)
 	$(PY) -m pytest tests -m "slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output .pytest_cache .tools

@@ -40,17 +40,21 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "tqdm>=4.66",
     "psutil>=5.9",
+    "prometheus-client>=0.20",  # --pushgateway-url
 ]
 
 EXTRAS = {
     # faiss-cpu and faiss-gpu both provide the `faiss` module: install exactly one.
     "cpu": ["faiss-cpu>=1.8"],
-    "gpu": ["faiss-gpu>=1.8"],
+    "gpu": ["faiss-gpu-cu12>=1.8"],  # CUDA 12 wheels; the old faiss-gpu name stops at 1.7.2
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
         "moto[server]>=5.0",
         "pytest-benchmark>=4",
+        # drives Debian's chromium + chromedriver (`make browser`) for the report test;
+        # given the driver's path, it never downloads one
+        "selenium>=4.20",
     ],
 }
 

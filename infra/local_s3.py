@@ -36,6 +36,7 @@ def local_s3_server() -> Iterator[str]:
         os.environ.pop(k, None)
     os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    _forget_s3_clients()
     try:
         yield endpoint
     finally:
@@ -45,6 +46,16 @@ def local_s3_server() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _forget_s3_clients()
+
+
+def _forget_s3_clients() -> None:
+    """fsspec caches S3 filesystems by their arguments, and an instance keeps the endpoint
+    it first connected to: without this, a server started while another was in use (a
+    demo run inside a test session) would be shadowed by the old one's cached client."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def create_bucket(endpoint: str, name: str) -> str:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Callable
 
 from mimdex.infra.errors import MimdexError, NothingToDo, UsageError
 from mimdex.pipelines import cli_index
+from mimdex.pipelines.cli_index import add_job_flags
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -77,6 +79,7 @@ def _add_train(sub) -> None:
                    help="similar: batches of products with similar colour statistics (hard negatives)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    add_job_flags(p)
     p.set_defaults(handler=_run_train)
 
 
@@ -101,7 +104,7 @@ def _run_train(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, checkpoint_every=args.checkpoint_every, weights=weights,
                        batching=args.batching)
-    report = train_job.run(job, tcfg, progress=not args.no_progress)
+    report = args.job_report = train_job.run(job, tcfg, progress=not args.no_progress)
     last = report["history"][-1] if report["history"] else {}
     print(f"model bundle written: {args.out} (variant {args.variant}, {report['train']['steps']} steps, "
           + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("recall", "wrong"))) + ")")
@@ -119,6 +122,7 @@ def _add_encode(sub) -> None:
     p.add_argument("--out", required=True, help="embeddings root URI")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
                    "default: start an embedded local Ray sized to this machine")
+    p.add_argument("--runtime-env", help="Ray runtime env file for the job (e.g. infra/ray/runtime_env.yaml)")
     p.add_argument("--unit-rows", type=int, default=2048, help="target rows per work unit (whole row groups)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=256, help="encoder forward batch (1024+ on a GPU)")
@@ -128,6 +132,7 @@ def _add_encode(sub) -> None:
     p.add_argument("--max-in-flight", type=int, help="units decoding or encoding at once "
                    "(default: decode slots + 2 per actor)")
     p.add_argument("--no-progress", action="store_true")
+    add_job_flags(p)
     p.set_defaults(handler=_run_encode)
 
 
@@ -138,10 +143,11 @@ def _run_encode(args: argparse.Namespace) -> int:
     from mimdex.pipelines.report import write_report
 
     cfg = EncodeConfig(model=args.model, catalog=args.catalog, out=args.out, ray_address=args.ray_address,
+                       runtime_env=args.runtime_env,
                        unit_rows=args.unit_rows, dtype=args.dtype, batch_size=args.batch_size,
                        encoders=args.encoders, encoder_cpus=args.encoder_cpus, decode_cpus=args.decode_cpus,
                        max_in_flight=args.max_in_flight, progress=not args.no_progress)
-    report = run(cfg)
+    report = args.job_report = run(cfg)
     c = report["counts"]
     print(f"encode: {c['units_encoded']} units encoded, {c['units_skipped']} already committed; "
           f"{c['read']} rows read, {c['encoded']} encoded, {c['rejected']} rejected"
@@ -162,7 +168,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--products", type=int, default=3000)
     p.add_argument("--queries", type=int, default=600)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of each demo model (equal budgets)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs of each demo model (equal budgets)")
+    p.add_argument("--variants", default="image-only,3-tower,4-tower",
+                   help="comma-separated models to train, encode and index (default: all three)")
+    p.add_argument("--shards", type=int, default=4, help="index shards per model")
     p.add_argument("--no-s3", action="store_true",
                    help="write to --workdir instead of a local S3 server the demo starts on 127.0.0.1")
     p.set_defaults(handler=_run_demo)
@@ -187,14 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    args.extra = extra  # build-index hands unknown --flags to Beam as pipeline options
-    if extra and not getattr(args, "passes_through", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args) or 0)
     except NothingToDo as exc:  # exit 99 is an outcome, not an error
@@ -206,6 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mimdex {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _push_metrics(args: argparse.Namespace, code: int, seconds: float) -> None:
+    """A metrics push that fails is a warning: it must not turn a good run into a failed one."""
+    from mimdex.infra import metrics
+
+    target = getattr(args, "index", None) or getattr(args, "out", None) or ""
+    try:
+        metrics.push(args.pushgateway_url, args.command, target, code, seconds, getattr(args, "job_report", None))
+    except OSError as exc:
+        print(f"mimdex {args.command}: warning: metrics push to {args.pushgateway_url} failed: {exc}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.extra = extra  # build-index / refresh hand unknown --flags to Beam as pipeline options
+    if extra and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start, code = time.monotonic(), 1
+    try:
+        code = _dispatch(args)
+        return code
+    finally:  # a crash (a bug) is pushed as exit 1 before its traceback
+        if getattr(args, "pushgateway_url", None):
+            _push_metrics(args, code, time.monotonic() - start)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,30 @@ import argparse
 from mimdex.infra.errors import DataError, NothingToDo, UsageError
 
 
+def add_job_flags(p) -> None:
+    """Flags every long-running job shares."""
+    p.add_argument("--pushgateway-url", help="push job metrics (duration, counts, exit code, last success) to "
+                                             "this Prometheus Pushgateway at the end, e.g. http://pushgateway:9091")
+
+
+def add_beam_flags(p) -> None:
+    """Beam pipeline options: unrecognised --flags, and/or a file of them (one per line)."""
+    p.add_argument("--beam-options-file", help="file (any URI) of Beam pipeline options, one per line, '#' "
+                                               "comments; e.g. infra/beam/flink.options. Options given on the "
+                                               "command line come after, so they win")
+    p.set_defaults(passes_through=True)
+
+
+def beam_args(args: argparse.Namespace) -> list[str]:
+    from mimdex.infra import storage
+
+    lines = []
+    if getattr(args, "beam_options_file", None):
+        text = storage.read_bytes(args.beam_options_file).decode("utf-8")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return lines + list(args.extra)
+
+
 def add_commands(sub) -> None:
     for add in (_add_build_index, _add_search, _add_eval, _add_refresh, _add_backfill, _add_versions, _add_rollback):
         add(sub)
@@ -33,7 +57,9 @@ def _add_build_index(sub) -> None:
     p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
-    p.set_defaults(handler=_run_build_index, passes_through=True)
+    add_beam_flags(p)
+    add_job_flags(p)
+    p.set_defaults(handler=_run_build_index)
 
 
 def _run_build_index(args: argparse.Namespace) -> int:
@@ -47,7 +73,7 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
                       eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata)
     try:
-        report = run(cfg, args.extra)
+        report = args.job_report = run(cfg, beam_args(args))
     except QualityGateFailed as exc:
         print(write_report(args.out, "build-index", {"published": False, "error": str(exc)}))
         raise
@@ -207,8 +233,11 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--min-recall", type=float)
     p.add_argument("--eval-queries", type=int, default=1000)
     p.add_argument("--ray-address")
+    p.add_argument("--runtime-env", help="Ray runtime env file (e.g. infra/ray/runtime_env.yaml)")
     p.add_argument("--unit-rows", type=int, default=2048)
     p.add_argument("--no-progress", action="store_true")
+    add_beam_flags(p)
+    add_job_flags(p)
     p.set_defaults(handler=_run_refresh)
 
 
@@ -237,10 +266,11 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         max_drift=args.max_drift, max_change=args.max_change,
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
-                        eval_queries=args.eval_queries, ray_address=args.ray_address, unit_rows=args.unit_rows,
-                        progress=not args.no_progress)
+                        eval_queries=args.eval_queries, ray_address=args.ray_address, runtime_env=args.runtime_env,
+                        unit_rows=args.unit_rows,
+                        progress=not args.no_progress, beam_args=tuple(beam_args(args)))
     check(cfg)
-    report = run(cfg)
+    report = args.job_report = run(cfg)
     job = report["mode"]
     c = report["diff"]
     if report.get("nothing_to_do"):

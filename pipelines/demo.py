@@ -1,56 +1,199 @@
-"""`mimdex demo`: the whole job on embedded defaults.
+"""`mimdex demo`: the whole job on embedded defaults, ending in an HTML report.
 
-Today it generates the synthetic street-to-shop dataset (into a local S3 server it
-starts on 127.0.0.1, or a local directory with --no-s3), measures the naive histogram
-baseline, trains the tiny image-only and 3-tower models with equal budgets and
-evaluates them on the held-out street queries. Later stages (encode, build-index,
-the HTML report) join it as they are built.
+Stages: synthetic dataset -> naive histogram baseline -> tiny image-only / 3-tower /
+4-tower models (equal budgets) -> encode each with the local Ray pipeline -> build and
+publish a sharded index per model with the Beam DirectRunner -> evaluate through the
+published indexes -> report.
+
+The dataset and the model bundles live in --workdir and are reused when complete (they
+are the slow part). Catalog copy, embeddings and indexes go to a local S3 server the demo
+starts on 127.0.0.1 and stops at the end, or, with --no-s3, to --workdir as well, where
+a re-run also reuses committed encode units and indexes already published from the
+same embeddings.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import platform
+import sys
+import time
+import traceback
 
 from mimdex.infra import storage
-from mimdex.infra.errors import MimdexError
+from mimdex.infra.errors import MimdexError, UsageError
 from mimdex.pipelines.report import StageTimer, write_report
 
 BUCKET = "mimdex-demo"
+VARIANTS = ("image-only", "3-tower", "4-tower")
+STREET_LANES = ("image-only", "3-tower")  # the paper's comparison
+STREET_EXAMPLES, MULTIMODAL_EXAMPLES = 8, 6
 
 
 class StageFailed(MimdexError):
     """Wraps a failure with the demo stage it happened in (keeps the exit code)."""
 
-    def __init__(self, stage: str, cause: MimdexError):
-        super().__init__(f"demo stage '{stage}' failed: {cause} (partial output kept for inspection)")
-        self.exit_code = cause.exit_code
+    def __init__(self, stage: str, cause: BaseException, workdir: str):
+        super().__init__(f"demo stage '{stage}' failed: {cause} (partial output kept in {workdir}; "
+                         "a re-run reuses what is complete)")
+        self.exit_code = getattr(cause, "exit_code", 1)
 
 
-def _train_and_eval(root: str, dataset: str, variant: str, args: argparse.Namespace) -> dict:
-    """Train a tiny model (reused if its bundle is already complete) and evaluate it."""
-    from mimdex.encoders.bundle import load_bundle
+def _train(workdir: str, dataset: str, variant: str, args: argparse.Namespace) -> str:
+    """Train a tiny model, or reuse its bundle if already complete."""
     from mimdex.encoders.training import TrainConfig
     from mimdex.pipelines import train_job
-    from mimdex.pipelines.model_eval import evaluate_bundle
 
-    out = train_job.train_unless_complete(
+    return train_job.train_unless_complete(
         train_job.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
-                           out=storage.join(root, "models", variant), variant=variant),
+                           out=storage.join(workdir, "models", variant), variant=variant),
         TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed))
-    return {"bundle": out, **evaluate_bundle(load_bundle(out), dataset)}
+
+
+def _copy_catalog(dataset: str, root: str) -> str:
+    """The catalog as the pipeline would find it in production: in the object store."""
+    src, dst = storage.join(dataset, "catalog"), storage.join(root, "catalog")
+    for uri in storage.list_files(src, ".parquet"):
+        storage.write_bytes(storage.join(dst, uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
+    return dst
+
+
+def _published_from(index_root: str, emb_root: str) -> str | None:
+    """The LATEST version if it indexes exactly the current embeddings manifest."""
+    from mimdex.indexing import publish
+    from mimdex.pipelines.encode import shards
+
+    version, _ = publish.read_latest(index_root)
+    if version is None:
+        return None
+    manifest = storage.read_json(storage.join(publish.version_uri(index_root, version), "manifest.json"))
+    current = shards.read_manifest(emb_root)
+    same = (manifest["embeddings"]["uri"] == emb_root
+            and manifest["embeddings"]["manifest_created_at"] == current.get("created_at")
+            and manifest["model"]["sha256"] == current["model"]["sha256"])
+    return version if same else None
+
+
+def _build(emb_root: str, index_root: str, shards: int, seed: int) -> str:
+    from mimdex.pipelines.build_index.job import BuildConfig, run
+
+    reused = _published_from(index_root, emb_root)
+    if reused:
+        print(f"[demo]   index {index_root} already has version {reused} from these embeddings: reused")
+        return reused
+    return run(BuildConfig(embeddings=emb_root, out=index_root, shards=shards, seed=seed))["version"]
+
+
+def _index_facts(reader) -> dict:
+    m = reader.manifest
+    held = m["evaluation"].get("held_out", {})
+    at = next((r for r in held.get("sweep", []) if r["nprobe"] == m["default_nprobe"]), {})
+    total = sum(s["index"]["bytes"] for s in m["shards"]) + m["trained"]["bytes"]
+    return {"version": m["version"], "factory": m["factory"], "nlist": m["params"]["nlist"],
+            "shards": len(m["shards"]), "vectors": m["counts"]["indexed"], "default_nprobe": m["default_nprobe"],
+            "bytes_per_vector": round(total / max(m["counts"]["indexed"], 1), 1),
+            "heldout_recall@10": at.get("recall@10")}
+
+
+def _evaluate(index_roots: dict[str, str], dataset: str, seed: int) -> dict:
+    """Search every published index with the held-out queries; metrics + report examples."""
+    from mimdex.indexing.reader import IndexReader
+    from mimdex.pipelines import demo_eval
+    from mimdex.pipelines.query import encoder_for
+
+    q = demo_eval.load_queries(dataset)
+    out: dict = {"metrics": {}, "indexes": {}, "street": {}, "reform_image": {}, "reform_text": {}}
+    for variant, root in index_roots.items():
+        reader = IndexReader.open(root)
+        enc = encoder_for(reader)  # the model the manifest names, checksum checked
+        street = demo_eval.search(reader, enc, q.street, with_text=False)
+        r_img = demo_eval.search(reader, enc, q.reform, with_text=False)
+        r_txt = demo_eval.search(reader, enc, q.reform, with_text=True) if enc.model.has_text else None
+        out["metrics"][variant] = demo_eval.metrics(q, street, r_img, r_txt)
+        out["indexes"][variant] = {**_index_facts(reader), "uri": root}
+        out["street"][variant], out["reform_image"][variant], out["reform_text"][variant] = street, r_img, r_txt
+    out["queries"] = q
+    return out
+
+
+def _examples(ev: dict, seed: int) -> tuple[list[dict], list[dict], str | None]:
+    from mimdex.pipelines import demo_eval
+    from mimdex.pipelines.html_report import thumbnail
+
+    q = ev["queries"]
+    lanes = [v for v in STREET_LANES if v in ev["street"]]
+    street = [{"query_thumb": thumbnail(q.street[i]["query_image"], 128), "target_title": q.title[q.street[i]["product_id"]],
+               "results": {v: demo_eval.marked(ev["street"][v][i], q.street[i]["product_id"], q) for v in lanes}}
+              for i in demo_eval.sample(len(q.street), STREET_EXAMPLES, seed)]
+    mm_model = next((v for v in ("4-tower", "3-tower") if ev["reform_text"].get(v) is not None), None)
+    multimodal = []
+    if mm_model:
+        for i in demo_eval.sample(len(q.reform), MULTIMODAL_EXAMPLES, seed):
+            t = q.reform[i]
+            multimodal.append({
+                "query_thumb": thumbnail(t["query_image"], 128), "text": t["query_text"],
+                "target_title": q.title[t["product_id"]],
+                "results": {"image only": demo_eval.marked(ev["reform_image"][mm_model][i], t["product_id"], q),
+                            "image + text": demo_eval.marked(ev["reform_text"][mm_model][i], t["product_id"], q)}})
+    return street, multimodal, mm_model
+
+
+def _thumbnails(dataset: str, examples: list[dict]) -> dict[str, bytes]:
+    import pyarrow.dataset as pads
+
+    from mimdex.pipelines.html_report import thumbnail
+
+    wanted = sorted({r["product_id"] for ex in examples for res in ex["results"].values() for r in res})
+    table = storage.parquet_dataset(storage.join(dataset, "catalog")).to_table(
+        columns=["product_id", "image"], filter=pads.field("product_id").isin(wanted))
+    return {p: thumbnail(img) for p, img in zip(table.column("product_id").to_pylist(),
+                                                 table.column("image").to_pylist())}
+
+
+def _write_html(workdir: str, summary: dict, ev: dict, seed: int) -> str:
+    from mimdex.pipelines.html_report import render
+
+    street, multimodal, mm_model = _examples(ev, seed)
+    page = render({**summary, "street_models": [v for v in STREET_LANES if v in ev["street"]],
+                   "multimodal_model": mm_model}, street, multimodal,
+                  _thumbnails(summary["dataset_uri"], street + multimodal))
+    path = os.path.join(workdir, "report.html")
+    storage.write_bytes(path, page.encode())
+    return path
 
 
 def main(args: argparse.Namespace) -> int:
     from mimdex.infra.local_s3 import create_bucket, local_s3_server
     from mimdex.pipelines.baseline import evaluate_histogram_nn
+    from mimdex.pipelines.encode.config import EncodeConfig
+    from mimdex.pipelines.encode.job import ray_session, run as encode
     from mimdex.pipelines.synth import job as synth
     from mimdex.pipelines.synth.plan import SynthConfig
 
+    asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(asked) - set(VARIANTS))
+    if unknown or not asked:
+        raise UsageError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in asked]
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     timer = StageTimer()
+
+    def stage(name, fn):
+        print(f"[demo] stage {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            with timer.stage(name):
+                result = fn()
+        except MimdexError as exc:
+            raise StageFailed(name, exc, workdir) from exc
+        except Exception as exc:  # a bug: keep the trace, still name the stage
+            traceback.print_exc()
+            raise StageFailed(name, exc, workdir) from exc
+        print(f"[demo] stage {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        return result
+
     with contextlib.ExitStack() as stack:
         if args.no_s3:
             root = workdir
@@ -58,34 +201,41 @@ def main(args: argparse.Namespace) -> int:
             endpoint = stack.enter_context(local_s3_server())
             root = create_bucket(endpoint, BUCKET)
             print(f"[demo] local S3 server on {endpoint} (stops when the demo ends)")
-        dataset = storage.join(root, "dataset")
-
-        def stage(name, fn):
-            print(f"[demo] stage {name} ...", flush=True)
-            try:
-                with timer.stage(name):
-                    return fn()
-            except MimdexError as exc:
-                raise StageFailed(name, exc) from exc
-
+        dataset = storage.join(workdir, "dataset")
         cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed)
         synth_report = stage("synth-catalog", lambda: synth.run(cfg, dataset))
         baseline = stage("baseline-histogram-nn", lambda: evaluate_histogram_nn(dataset))
-        models = {}
-        for variant in ("image-only", "3-tower"):
-            models[variant] = stage(f"train-{variant}", lambda v=variant: _train_and_eval(root, dataset, v, args))
-
-    summary = {"dataset": synth_report["counts"], "baseline_histogram_nn": baseline, "models": models,
-               "storage": "local directory" if args.no_s3 else "local S3 server (ephemeral)",
-               "timings_s": timer.seconds}
-    print(json.dumps(summary, indent=2))
-    print(f"[demo] naive histogram NN: top-1 is a wrong-category product "
-          f"{baseline['wrong_category@1']:.0%} of the time; its top-1 shares the background "
-          f"distractor's look {baseline['top1_has_distractor_look']:.0%} vs the query product's own "
-          f"{baseline['top1_has_own_look']:.0%}")
-    print(f"[demo] {'model':<16} recall@1  recall@10  wrong-category@1")
-    rows = [("histogram NN", baseline)] + list(models.items())
-    for name, m in rows:
-        print(f"[demo] {name:<16} {m['recall@1']:>8.3f}  {m['recall@10']:>9.3f}  {m['wrong_category@1']:>16.3f}")
-    print(write_report(workdir, "demo", summary))
+        bundles = {v: stage(f"train-{v}", lambda v=v: _train(workdir, dataset, v, args)) for v in variants}
+        catalog = (storage.join(dataset, "catalog") if args.no_s3
+                   else stage("upload-catalog", lambda: _copy_catalog(dataset, root)))
+        emb = {v: storage.join(root, "embeddings", v) for v in variants}
+        index = {v: storage.join(root, "index", v) for v in variants}
+        with ray_session():  # one local Ray for the three encodes
+            for v in variants:
+                stage(f"encode-{v}", lambda v=v: encode(EncodeConfig(model=bundles[v], catalog=catalog, out=emb[v])))
+        versions = {v: stage(f"build-index-{v}", lambda v=v: _build(emb[v], index[v], args.shards, args.seed))
+                    for v in variants}
+        ev = stage("evaluate", lambda: _evaluate(index, dataset, args.seed))
+        storage_desc = ("a local directory" if args.no_s3 else f"{root} on a local S3 server")
+        results = [{"model": "histogram NN (exact)", **baseline}] + [{"model": v, **ev["metrics"][v]} for v in variants]
+        summary = {"dataset": synth_report["counts"], "dataset_uri": dataset, "storage": storage_desc,
+                   "models": {v: {"bundle": bundles[v], "index": index[v], "version": versions[v]} for v in variants},
+                   "results": results, "indexes": ev["indexes"],
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"}
+        with timer.stage("report"):
+            summary["timings_s"] = timer.seconds
+            summary["json_report"] = write_report(workdir, "demo", {**summary, "baseline_histogram_nn": baseline})
+            html = _write_html(workdir, summary, ev, args.seed)
+    _print_summary(results)
+    print(summary["json_report"])
+    print(html)
     return 0
+
+
+def _print_summary(results: list[dict]) -> None:
+    print(f"[demo] {'model':<22} recall@1  recall@10  top-1 wrong category  reform r@1 image / +text")
+    for r in results:
+        reform = (f"{r['reform_recall@1_image']:.3f} / " + (f"{r['reform_recall@1_image_text']:.3f}"
+                  if "reform_recall@1_image_text" in r else "—")) if "reform_recall@1_image" in r else ""
+        print(f"[demo] {r['model']:<22} {r['recall@1']:>8.3f}  {r['recall@10']:>9.3f}  "
+              f"{r['wrong_category@1']:>20.3f}  {reform}")

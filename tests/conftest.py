@@ -5,6 +5,9 @@ s3fs exactly as it would reach AWS, configured only by the standard AWS environm
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -53,3 +56,78 @@ def random_bundle(uri: str, titles: list[str], variant: str = "3-tower", seed: i
     from mimdex.encoders.bundle import save_untrained_bundle
 
     return save_untrained_bundle(uri, titles, variant, "tiny", seed)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
+    Skipped where it is not installed (`make system-deps` installs it), unless
+    MIMDEX_REQUIRE_SYSTEM_DEPS=1, as CI sets, makes its absence a failure."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if not (binary and driver and webdriver):
+        _require_or_skip("no headless Chromium here (`make system-deps` installs Debian's chromium and "
+                         "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    # No network but loopback here: background services would only fail and retry.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--window-size=1300,1000"):
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory() as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        browser = webdriver.Chrome(options=options, service=Service(driver))
+        try:
+            yield browser
+        finally:
+            browser.quit()
+
+
+def _require_or_skip(why: str) -> None:
+    if os.environ.get("MIMDEX_REQUIRE_SYSTEM_DEPS") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def pushgateway():
+    """A real Prometheus Pushgateway (Debian's build, unpacked by `make system-deps`) on
+    127.0.0.1, in-memory, stopped at the end (and by the reaper should pytest be killed)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from mimdex.infra.reaper import Reaper
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    binary = os.path.join(here, ".tools", "usr", "bin", "prometheus-pushgateway")
+    binary = binary if os.path.exists(binary) else shutil.which("prometheus-pushgateway")
+    if not binary:
+        _require_or_skip("no prometheus-pushgateway here (`make system-deps` unpacks Debian's)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reaper = Reaper()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(url + "/-/ready", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"pushgateway did not start on {url}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    reaper.done()

@@ -116,14 +116,25 @@ def sample_vectors(cfg: BuildConfig, manifest: dict, alpha: float, n: int, train
     return np.concatenate(train), np.concatenate(held), np.concatenate(held_ids)
 
 
-def _run_beam(spec: BuildSpec, parts: list[dict], beam_args: list[str]) -> None:
+def beam_pipeline(beam_args: list[str]):
+    """A Beam pipeline for these options (DirectRunner when none). Runners that check
+    their options when the pipeline is made (Dataflow: project, gs:// temp/staging)
+    fail here, before any work, as a usage error."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
     try:
-        with beam.Pipeline(options=options) as p:
+        return beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"]))
+    except (ValueError, SystemExit) as exc:  # argparse inside Beam exits on a bad value
+        why = "rejected by Beam's option parser (its message is above)" if isinstance(exc, SystemExit) else exc
+        raise UsageError(f"Beam pipeline options {' '.join(beam_args)}: {why}") from exc
+
+
+def _run_beam(spec: BuildSpec, parts: list[dict], beam_args: list[str]) -> None:
+    pipeline = beam_pipeline(beam_args)
+    try:
+        with pipeline as p:
             build_pipeline(p, spec, parts)
     except MimdexError:
         raise

@@ -12,6 +12,7 @@ class EncodeConfig:
     catalog: str                    # catalog Parquet file or directory URI
     out: str                        # embeddings root URI
     ray_address: str | None = None  # join this cluster; None starts an embedded local Ray
+    runtime_env: str | None = None  # Ray runtime env file (YAML/JSON) for the job's tasks and actors
     unit_rows: int = 2048           # target rows per work unit (whole row groups)
     dtype: str = "float16"
     batch_size: int = 256           # encoder forward batch (use 1024+ on a GPU)

@@ -10,11 +10,13 @@ catalog. manifest.json is written last, only when every unit of the plan is comm
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
 from collections import Counter, deque
+from typing import Iterator
 
 import ray
 from tqdm import tqdm
@@ -46,16 +48,35 @@ def _check(cfg: EncodeConfig) -> None:
         raise UsageError("--decode-cpus must be positive")
 
 
-def _start_ray(cfg: EncodeConfig) -> Reaper | bool:
-    """Join --ray-address, or start an embedded local Ray sized to this machine.
+def load_runtime_env(uri: str | None) -> dict | None:
+    """A Ray runtime env from a YAML/JSON file (infra/ray/runtime_env.yaml), checked by Ray."""
+    if not uri:
+        return None
+    import yaml
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        env = yaml.safe_load(storage.read_bytes(uri))
+        if not isinstance(env, dict):
+            raise ValueError("expected a mapping of runtime env fields")
+        RuntimeEnv(**env)  # Ray's own validation of the fields
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise UsageError(f"--runtime-env {uri}: {exc}") from exc
+    return env
+
+
+def _start_ray(address: str | None, runtime_env: dict | None = None) -> Reaper | bool:
+    """Join ``address``, or start an embedded local Ray sized to this machine.
     Returns whether we connected (and so must shut down): for an embedded Ray, the
     reaper that stops its processes should this driver be killed."""
-    if ray.is_initialized():  # a caller (a test, a notebook) already set Ray up
+    if ray.is_initialized():  # a caller (a test, the demo, a notebook) already set Ray up
         return False
     common = {"namespace": RAY_NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
+    if runtime_env:
+        common["runtime_env"] = runtime_env
     try:
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, **common)
+        if address:
+            ray.init(address=address, **common)
         else:
             # Ray 2.60's gcs_server and raylet listen on all interfaces and have no
             # loopback-only option; its token authentication (on by default) is what
@@ -65,8 +86,26 @@ def _start_ray(cfg: EncodeConfig) -> Reaper | bool:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **common)
             return reaper
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TransientError(f"cannot start or join Ray (--ray-address {cfg.ray_address or 'embedded'}): {exc}") from exc
+        raise TransientError(f"cannot start or join Ray (--ray-address {address or 'embedded'}): {exc}") from exc
     return True
+
+
+def _stop_ray(started: Reaper | bool) -> None:
+    if started:
+        ray.shutdown()
+        if isinstance(started, Reaper):
+            started.done()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Ray for several encode runs in one process (the demo): every ``run`` inside
+    joins this session instead of starting and stopping its own."""
+    started = _start_ray(address)
+    try:
+        yield
+    finally:
+        _stop_ray(started)
 
 
 def _sizing(cfg: EncodeConfig) -> dict:
@@ -138,7 +177,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> dict:
     try:
         if todo:
             with timer.stage("ray_start"):
-                started = _start_ray(cfg)
+                started = _start_ray(cfg.ray_address, load_runtime_env(cfg.runtime_env))
                 sizing = _sizing(cfg)
                 actors = _actors(cfg, sizing, model["sha256"])
                 device = ray.get(actors[0].device_name.remote())
@@ -147,10 +186,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> dict:
     finally:
         for actor in actors:  # named actors outlive the driver's handles otherwise
             ray.kill(actor)
-        if started:
-            ray.shutdown()
-            if isinstance(started, Reaper):
-                started.done()
+        _stop_ray(started)
     report = {
         "catalog": cfg.catalog, "output": cfg.out, "model": model, "dtype": cfg.dtype,
         "plan": {**facts, "units": len(units), "unit_rows": cfg.unit_rows},

@@ -58,8 +58,10 @@ class RefreshConfig:
     recall_target: float = 0.95
     min_recall: float | None = None
     ray_address: str | None = None
+    runtime_env: str | None = None
     unit_rows: int = 2048
     progress: bool = True
+    beam_args: tuple[str, ...] = ()  # pipeline options for a full rebuild (--runner=FlinkRunner ...)
 
 
 def _read_ids(uri: str) -> list[str]:
@@ -170,8 +172,8 @@ def run(cfg: RefreshConfig) -> dict:
                 if not storage.exists(source):  # a resumed run keeps its input (and its fingerprints)
                     _subset_catalog(cfg, set(d.new) | set(d.changed), source)
             enc = encode_job.run(EncodeConfig(model=cfg.model, catalog=source, out=run_dir,
-                                              ray_address=cfg.ray_address, unit_rows=cfg.unit_rows,
-                                              progress=cfg.progress))
+                                              ray_address=cfg.ray_address, runtime_env=cfg.runtime_env,
+                                              unit_rows=cfg.unit_rows, progress=cfg.progress))
             if not enc["complete"]:
                 raise TransientError(f"delta encode into {run_dir} left {len(enc['failed_units'])} units failed; "
                                      "re-run the refresh to finish")
@@ -225,7 +227,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
     if decision:
         report["decision"] = decision
         with timer.stage("build"):
-            return build_job.run(bcfg)
+            return build_job.run(bcfg, list(cfg.beam_args))
     with timer.stage("update"):
         version = publish.new_version()
         vdir = publish.version_uri(cfg.index, version)
@@ -256,7 +258,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, latest, token,
         report["discarded_incremental_version"] = version
         storage.delete(vdir, recursive=True)
         with timer.stage("build"):
-            return build_job.run(bcfg)
+            return build_job.run(bcfg, list(cfg.beam_args))
     report["decision"] = "incremental: previous quantizer reused, changed/deleted ids removed, new vectors added"
     counts = {"rows": n, "indexed": sum(r["ntotal"] for r in records), "skipped": skipped}
     draft = build_job.VersionDraft(cfg=bcfg, embeddings=composite, alpha=alpha, version=version, parent=latest,

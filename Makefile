@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mimdex-installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo install bench system-deps clean
+.PHONY: test demo install bench system-deps wheel images clean
 
 install: $(STAMP)
 
@@ -44,6 +44,20 @@ $(PUSHGATEWAY):
 	  { apt-get update -qq && apt-get download prometheus-pushgateway; }; }
 	dpkg -x .tools/deb/prometheus-pushgateway_*.deb .tools
 	$(PUSHGATEWAY) --version 2>&1 | head -1
+
+# The wheel infra/ray/runtime_env.yaml installs on Ray workers, and the container images
+# (need a Docker engine; tags as infra/ray, infra/beam and infra/k8s reference them).
+VERSION := $(shell sed -n 's/.*version="\([^"]*\)".*/\1/p' setup.py)
+IMAGE   ?= ghcr.io/mimdex/mimdex
+
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --quiet -w dist .
+	ls dist/mimdex-$(VERSION)-py3-none-any.whl
+
+images:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE):$(VERSION)-cuda .
+	docker build -f infra/docker/Dockerfile.cpu -t $(IMAGE):$(VERSION)-cpu .
+	docker build -f infra/docker/Dockerfile.cpu --target beam-sdk -t $(IMAGE):$(VERSION)-beam-sdk .
 
 # Slow checks and benchmarks that CI does not run.
 bench: $(STAMP)

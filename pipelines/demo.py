@@ -96,7 +96,7 @@ def _index_facts(reader) -> dict:
             "heldout_recall@10": at.get("recall@10")}
 
 
-def _evaluate(index_roots: dict[str, str], dataset: str, seed: int) -> dict:
+def _evaluate(index_roots: dict[str, str], dataset: str) -> dict:
     """Search every published index with the held-out queries; metrics + report examples."""
     from mimdex.indexing.reader import IndexReader
     from mimdex.pipelines import demo_eval
@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
                 stage(f"encode-{v}", lambda v=v: encode(EncodeConfig(model=bundles[v], catalog=catalog, out=emb[v])))
         versions = {v: stage(f"build-index-{v}", lambda v=v: _build(emb[v], index[v], args.shards, args.seed))
                     for v in variants}
-        ev = stage("evaluate", lambda: _evaluate(index, dataset, args.seed))
+        ev = stage("evaluate", lambda: _evaluate(index, dataset))
         storage_desc = ("a local directory" if args.no_s3 else f"{root} on a local S3 server")
         results = [{"model": "histogram NN (exact)", **baseline}] + [{"model": v, **ev["metrics"][v]} for v in variants]
         summary = {"dataset": synth_report["counts"], "dataset_uri": dataset, "storage": storage_desc,

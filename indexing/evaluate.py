@@ -43,3 +43,8 @@ def sweep(search, queries: np.ndarray, truth_nn: np.ndarray, nlist: int, target:
     if chosen is None:
         chosen = max(rows, key=lambda r: (r["recall@10"], -r["nprobe"]))["nprobe"]
     return rows, chosen
+
+
+def held_out_at(evaluation: dict, nprobe: int | None) -> dict:
+    """The held-out sweep row (recall@k, qps) at ``nprobe``; {} when there is none."""
+    return next((r for r in evaluation.get("held_out", {}).get("sweep", []) if r["nprobe"] == nprobe), {})

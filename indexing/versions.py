@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from mimdex.indexing.evaluate import held_out_at
 from mimdex.indexing import publish
 from mimdex.infra import storage
 from mimdex.infra.errors import UsageError
@@ -43,8 +44,7 @@ def describe(root: str) -> list[dict]:
         except storage.ObjectNotFound:
             rows.append(row)
             continue
-        held = m.get("evaluation", {}).get("held_out", {})
-        at = next((r for r in held.get("sweep", []) if r["nprobe"] == m.get("default_nprobe")), {})
+        at = held_out_at(m.get("evaluation", {}), m.get("default_nprobe"))
         row.update(complete=True, vectors=sum(s["ntotal"] for s in m["shards"]), shards=len(m["shards"]),
                    model=m["model"]["sha256"][:12], variant=m["model"].get("variant"), vector=m.get("vector"),
                    factory=m.get("factory"), nprobe=m.get("default_nprobe"), recall_at_10=at.get("recall@10"),

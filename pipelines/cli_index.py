@@ -77,8 +77,9 @@ def _run_build_index(args: argparse.Namespace) -> int:
     except QualityGateFailed as exc:
         print(write_report(args.out, "build-index", {"published": False, "error": str(exc)}))
         raise
-    held = report["evaluation"].get("held_out", {})
-    row = next((r for r in held.get("sweep", []) if r["nprobe"] == report["default_nprobe"]), {})
+    from mimdex.indexing.evaluate import held_out_at
+
+    row = held_out_at(report["evaluation"], report["default_nprobe"])
     print(f"build-index: version {report['version']} published ({report['counts']['indexed']} vectors, "
           f"{args.shards} shards, {report['params']['factory']}, nprobe {report['default_nprobe']}: "
           + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith("recall")) + f") -> {args.out}")

@@ -18,7 +18,6 @@ import contextlib
 import os
 import platform
 import sys
-import time
 import traceback
 
 from mimdex.infra import storage
@@ -67,7 +66,7 @@ def _published_from(index_root: str, emb_root: str) -> str | None:
     version, _ = publish.read_latest(index_root)
     if version is None:
         return None
-    manifest = storage.read_json(storage.join(publish.version_uri(index_root, version), "manifest.json"))
+    manifest = publish.read_manifest(index_root, version)
     current = shards.read_manifest(emb_root)
     same = (manifest["embeddings"]["uri"] == emb_root
             and manifest["embeddings"]["manifest_created_at"] == current.get("created_at")
@@ -86,9 +85,10 @@ def _build(emb_root: str, index_root: str, shards: int, seed: int) -> str:
 
 
 def _index_facts(reader) -> dict:
+    from mimdex.indexing.evaluate import held_out_at
+
     m = reader.manifest
-    held = m["evaluation"].get("held_out", {})
-    at = next((r for r in held.get("sweep", []) if r["nprobe"] == m["default_nprobe"]), {})
+    at = held_out_at(m["evaluation"], m["default_nprobe"])
     total = sum(s["index"]["bytes"] for s in m["shards"]) + m["trained"]["bytes"]
     return {"version": m["version"], "factory": m["factory"], "nlist": m["params"]["nlist"],
             "shards": len(m["shards"]), "vectors": m["counts"]["indexed"], "default_nprobe": m["default_nprobe"],
@@ -182,7 +182,6 @@ def main(args: argparse.Namespace) -> int:
 
     def stage(name, fn):
         print(f"[demo] stage {name} ...", flush=True)
-        start = time.perf_counter()
         try:
             with timer.stage(name):
                 result = fn()
@@ -191,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         except Exception as exc:  # a bug: keep the trace, still name the stage
             traceback.print_exc()
             raise StageFailed(name, exc, workdir) from exc
-        print(f"[demo] stage {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"[demo] stage {name} done in {timer.seconds[name]:.1f} s", flush=True)
         return result
 
     with contextlib.ExitStack() as stack:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.indexing import publish
-from mimdex.indexing.evaluate import sweep
+from mimdex.indexing.evaluate import held_out_at, sweep
 from mimdex.indexing.exact import ExactTopK
 from mimdex.indexing.ids import ids_for
 from mimdex.indexing.params import choose
@@ -251,7 +251,7 @@ def finish_version(draft: VersionDraft, held: np.ndarray, held_ids: np.ndarray, 
                                     "default_nprobe": 1, "trained": trained_rec})
         evaluation = _evaluate(cfg, draft.embeddings, draft.alpha, reader, held, held_ids, draft.params["nlist"])
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
-    at_default = next((r for r in evaluation.get("held_out", {}).get("sweep", []) if r["nprobe"] == default_nprobe), {})
+    at_default = held_out_at(evaluation, default_nprobe)
     report = {
         "embeddings": cfg.embeddings, "index_root": cfg.out, "version": version, "parent": draft.parent,
         "vector": cfg.vector, "model": draft.embeddings["model"], "params": draft.params, "training": draft.training,

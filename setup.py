@@ -2,7 +2,7 @@
 
 The import namespace is ``mimdex``; its subpackages live in the repository's
 top-level folders and are mapped in with ``package_dir`` so the repo keeps the
-layout of DESIGN.md and no generic top-level names (``pipelines``...) are claimed.
+layout of docs/architecture.md and no generic top-level names (``pipelines``...) are claimed.
 """
 from pathlib import Path
 
@@ -52,6 +52,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "moto[server]>=5.0",
         "pytest-benchmark>=4",
+        "hypothesis>=6.100",  # property tests of the data contracts
         # drives Debian's chromium + chromedriver (`make browser`) for the report test;
         # given the driver's path, it never downloads one
         "selenium>=4.20",
@@ -65,6 +66,7 @@ setup(
     "sharded IVF-PQ FAISS indexes built with Apache Beam",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=list(_packages()),
     package_dir=_packages(),

@@ -1,4 +1,4 @@
-"""Model bundles: a directory at any fsspec URI (DESIGN.md, "Model bundle").
+"""Model bundles: a directory at any fsspec URI (docs/contracts.md, "Model bundle").
 
     config.json        architecture, variant, d, preprocessing, tokenizer settings and the
                        sha256 of model.safetensors and tokenizer.json (written last)

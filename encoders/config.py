@@ -40,7 +40,7 @@ class TextTowerConfig:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the symmetric InfoNCE terms (DESIGN.md, "The model")."""
+    """Weights of the symmetric InfoNCE terms (docs/architecture.md, "The model")."""
 
     image_image: float = 1.0       # query image <-> product image (metric learning)
     query_title: float = 0.5       # query image <-> product title

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from mimdex.encoders.images import ImageDecodeError
 from mimdex.encoders.preprocess import load_pixels
 from mimdex.infra import storage
+from mimdex.infra.contracts.files import read_dataset
 from mimdex.infra.errors import DataError
 
 
@@ -31,12 +32,6 @@ class TrainData:
     reform_text: list[str]
     val_product: np.ndarray           # held-out street queries: target gallery index
     val_pixels: np.ndarray
-
-
-def _require(table, columns: list[str], uri: str) -> None:
-    for c in columns:
-        if c not in table.column_names:
-            raise DataError(f"{uri}: required column {c!r} is missing (has {table.column_names})")
 
 
 def _decode_all(images: list[bytes], size: int, uri: str, ids: list[str], desc: str,
@@ -60,8 +55,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
         if storage.exists(storage.join(data_uri, "queries")):
             queries_uri = storage.join(data_uri, "queries")
 
-    catalog = storage.parquet_dataset(catalog_uri).to_table()
-    _require(catalog, ["product_id", "title", "image"], catalog_uri)
+    catalog = read_dataset(catalog_uri, "catalog", required=("product_id", "title", "image"))
     ids = catalog.column("product_id").to_pylist()
     index = {pid: i for i, pid in enumerate(ids)}
     if len(index) != len(ids):
@@ -71,8 +65,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
     product_pixels = _decode_all(catalog.column("image").to_pylist(), image_size, catalog_uri, ids,
                                  "decode catalog", progress)
 
-    pairs = storage.parquet_dataset(pairs_uri).to_table()
-    _require(pairs, ["query_image", "product_id"], pairs_uri)
+    pairs = read_dataset(pairs_uri, "training pairs", required=("query_image", "product_id"))
     kinds = pairs.column("kind").to_pylist() if "kind" in pairs.column_names else ["street"] * pairs.num_rows
     texts = pairs.column("query_text").to_pylist() if "query_text" in pairs.column_names else [None] * pairs.num_rows
     targets = pairs.column("product_id").to_pylist()
@@ -87,7 +80,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
 
     val_product, val_pixels = np.zeros(0, np.int64), np.zeros((0, image_size, image_size, 3), np.uint8)
     if queries_uri:
-        q = storage.parquet_dataset(queries_uri).to_table()
+        q = read_dataset(queries_uri, "queries", required=("query_image", "product_id", "kind"))
         rows = [i for i, k in enumerate(q.column("kind").to_pylist()) if k == "street"][:max_val]
         q = q.take(rows)
         qt = q.column("product_id").to_pylist()

@@ -1,8 +1,8 @@
 """Recall of an ANN index against exact search, and the nprobe sweep.
 
-recall@k is faiss's "1-recall@k": the share of queries whose exact nearest neighbour is
-among the first k results (for held-out catalog vectors the vector itself is excluded
-from both lists).
+recall@k (contracts.recall) here is faiss's "1-recall@k": the share of queries whose
+exact nearest neighbour is among the first k results (for held-out catalog vectors the
+vector itself is excluded from both lists).
 """
 from __future__ import annotations
 
@@ -10,15 +10,7 @@ import time
 
 import numpy as np
 
-KS = (1, 10, 100)
-
-
-def recall_at(found: np.ndarray, truth_nn: np.ndarray, ks=KS) -> dict[str, float]:
-    out = {}
-    for k in ks:
-        hit = (found[:, :k] == truth_nn[:, None]).any(1)
-        out[f"recall@{k}"] = round(float(hit.mean()), 4)
-    return out
+from mimdex.infra.contracts.recall import KS, recall_at
 
 
 def sweep(search, queries: np.ndarray, truth_nn: np.ndarray, nlist: int, target: float,

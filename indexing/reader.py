@@ -13,22 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from mimdex.indexing import publish
-from mimdex.indexing.train import shard_index
-from mimdex.infra import storage
+from mimdex.infra.contracts import index_version as iv
+from mimdex.infra.contracts.files import FileRef
+from mimdex.infra.contracts.index_codec import shard_index
 from mimdex.infra.errors import DataError
 
 
 class IndexReader:
-    def __init__(self, uri: str, manifest: dict, consolidate: bool = True):
-        self.uri, self.manifest = uri, manifest
-        self.params = manifest["params"]
-        self.default_nprobe = int(manifest.get("default_nprobe") or 1)
-        self._trained = self._read_checked(manifest["trained"])
+    def __init__(self, uri: str, params: dict, shards: tuple[iv.ShardEntry, ...], trained: FileRef,
+                 default_nprobe: int = 1, manifest: iv.IndexManifest | None = None, consolidate: bool = True):
+        self.uri, self.manifest, self.params = uri, manifest, params
+        self.default_nprobe = int(default_nprobe or 1)
+        self._trained = iv.read_trained(uri, trained)
         with ThreadPoolExecutor(4) as pool:
-            loaded = list(pool.map(self._load_shard, manifest["shards"]))
+            loaded = list(pool.map(self._load_shard, shards))
         self.shards = [index for index, _ in loaded]
         self.idmap = pa.concat_tables([t for _, t in loaded], promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
@@ -44,23 +43,24 @@ class IndexReader:
     @classmethod
     def open(cls, root: str, version: str | None = None, consolidate: bool = True) -> "IndexReader":
         if version is None:
-            version, _ = publish.read_latest(root)
+            version = iv.latest_version(root)
             if version is None:
                 raise DataError(f"index {root}: no LATEST (nothing has been published here)")
-        return cls(publish.version_uri(root, version), publish.read_manifest(root, version), consolidate)
+        m = iv.read_manifest(root, version)
+        return cls(iv.version_uri(root, version), m.params, m.shards, m.trained, m.default_nprobe, m, consolidate)
 
     @property
     def version(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
-    def _read_checked(self, entry: dict) -> bytes:
-        return publish.read_checked(storage.join(self.uri, entry["file"]), entry)
-
-    def _load_shard(self, entry: dict) -> tuple[faiss.Index, pa.Table]:
-        index = shard_index(self._trained, self._read_checked(entry["index"]))
-        ids = pq.read_table(pa.BufferReader(self._read_checked(entry["ids"])))
+    def _load_shard(self, entry: iv.ShardEntry) -> tuple[faiss.Index, pa.Table]:
+        lists, ids = iv.read_shard(self.uri, entry)
+        try:
+            index = shard_index(self._trained, lists)
+        except ValueError as exc:
+            raise DataError(f"{self.uri}/{entry.index.file}: {exc}") from exc
         if index.ntotal != ids.num_rows:
-            raise DataError(f"{self.uri}: {entry['index']['file']} holds {index.ntotal} vectors but its id map "
+            raise DataError(f"{self.uri}: {entry.index.file} holds {index.ntotal} vectors but its id map "
                             f"{ids.num_rows}")
         return index, ids
 
@@ -94,7 +94,7 @@ class IndexReader:
         pos = np.searchsorted(self._ids, ids)
         pos = np.clip(pos, 0, max(len(self._ids) - 1, 0))
         found = (len(self._ids) > 0) & (self._ids[pos] == ids)
-        table = self.idmap.take(pa.array(pos[found]))
+        table = self.idmap.take(pa.array(pos[found], pa.int64()))
         it = iter(table.to_pylist())
         return [next(it) if f else None for f in found]
 

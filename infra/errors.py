@@ -1,4 +1,4 @@
-"""Errors that map onto the CLI's exit codes (DESIGN.md, "CLI").
+"""Errors that map onto the CLI's exit codes (docs/cli.md, "Exit codes").
 
 Every failure a user can act on is one of these; the CLI turns them into a one-line
 message and the matching exit code instead of a traceback.

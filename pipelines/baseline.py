@@ -11,14 +11,15 @@ import numpy as np
 from mimdex.encoders.histogram import histogram_features
 from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.infra import storage
+from mimdex.infra.contracts.files import read_dataset
 
 
 def evaluate_histogram_nn(dataset_uri: str, k: int = 10) -> dict:
     """Top-1 / top-k behaviour of histogram NN on the dataset's street queries."""
-    catalog = storage.parquet_dataset(storage.join(dataset_uri, "catalog")).to_table(
-        columns=["product_id", "image", "category", "colour", "pattern"]).to_pylist()
-    queries = storage.parquet_dataset(storage.join(dataset_uri, "queries")).to_table(
-        filter=None, columns=["query_image", "product_id", "kind", "distractor_product_id"]).to_pylist()
+    catalog = read_dataset(storage.join(dataset_uri, "catalog"), "catalog",
+                           columns=["product_id", "image", "category", "colour", "pattern"]).to_pylist()
+    queries = read_dataset(storage.join(dataset_uri, "queries"), "queries",
+                           columns=["query_image", "product_id", "kind", "distractor_product_id"]).to_pylist()
     queries = [q for q in queries if q["kind"] == "street"]
     cat_feats = histogram_features([r["image"] for r in catalog])
     query_feats = histogram_features([q["query_image"] for q in queries], ignore_white=False)

@@ -1,4 +1,4 @@
-"""The `mimdex` command line (DESIGN.md, "CLI").
+"""The `mimdex` command line (docs/cli.md).
 
 Exit codes: 0 done, 2 usage or config error, 65 bad input data, 75 transient failure
 (safe to retry), 99 nothing to do. Every job ends by writing a JSON report next to its
@@ -39,8 +39,8 @@ def _add_synth(sub) -> None:
 
 def _run_synth(args: argparse.Namespace) -> int:
     from mimdex.pipelines.report import write_report
-    from mimdex.pipelines.synth import job
-    from mimdex.pipelines.synth.plan import SynthConfig
+    from mimdex.pipelines import synth as job
+    from mimdex.pipelines.synth import SynthConfig
 
     cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed,
                       heldout_frac=args.heldout_frac, pairs_per_product=args.pairs_per_product,
@@ -138,8 +138,7 @@ def _add_encode(sub) -> None:
 
 def _run_encode(args: argparse.Namespace) -> int:
     from mimdex.infra.errors import DataError, TransientError
-    from mimdex.pipelines.encode.config import EncodeConfig
-    from mimdex.pipelines.encode.job import run
+    from mimdex.pipelines.encode import EncodeConfig, run
     from mimdex.pipelines.report import write_report
 
     cfg = EncodeConfig(model=args.model, catalog=args.catalog, out=args.out, ray_address=args.ray_address,
@@ -147,15 +146,16 @@ def _run_encode(args: argparse.Namespace) -> int:
                        unit_rows=args.unit_rows, dtype=args.dtype, batch_size=args.batch_size,
                        encoders=args.encoders, encoder_cpus=args.encoder_cpus, decode_cpus=args.decode_cpus,
                        max_in_flight=args.max_in_flight, progress=not args.no_progress)
-    report = args.job_report = run(cfg)
+    result = run(cfg)
+    report = args.job_report = result.report
     c = report["counts"]
     print(f"encode: {c['units_encoded']} units encoded, {c['units_skipped']} already committed; "
           f"{c['read']} rows read, {c['encoded']} encoded, {c['rejected']} rejected"
           + (f" ({report['products_per_s']} products/s)" if report["products_per_s"] else "") + f" -> {args.out}")
     report_uri = write_report(args.out, "encode", report)
     print(report_uri)
-    if not report["complete"]:
-        fails = report["failed_units"]
+    if not result.complete:
+        fails = result.failed_units
         cls = DataError if all(f["exit_code"] == DataError.exit_code for f in fails) else TransientError
         raise cls(f"{len(fails)} of {c['units']} units failed (first: {fails[0]['error']}); committed units "
                   f"are kept and a re-run encodes only the rest; report: {report_uri}")
@@ -183,11 +183,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviations: ``--shard 2`` must not silently mean ``--shards 2`` (and a new
+    flag must not change what an old abbreviation meant)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimdex", description="Multimodal visual search over a product catalog: "
-                     "train 3/4-tower towers, batch-encode on Ray, build sharded IVF-PQ indexes on Beam.")
+    parser = Parser(prog="mimdex", description="Multimodal visual search over a product catalog: "
+                    "train 3/4-tower towers, batch-encode on Ray, build sharded IVF-PQ indexes on Beam.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     _add_synth(sub)
     _add_train(sub)
     _add_encode(sub)
@@ -225,9 +234,11 @@ def _push_metrics(args: argparse.Namespace, code: int, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    args.extra = extra  # build-index / refresh hand unknown --flags to Beam as pipeline options
+    # build-index / refresh / backfill hand flags mimdex does not know to Beam, but only
+    # those Beam's own option registry knows: a misspelt flag is exit 2, not dropped
     if extra and not getattr(args, "passes_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = cli_index.check_beam_flags(parser, args.command, extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start, code = time.monotonic(), 1

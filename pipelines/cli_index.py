@@ -22,13 +22,44 @@ def add_beam_flags(p) -> None:
     p.set_defaults(passes_through=True)
 
 
+def unknown_beam_flags(flags: list[str]) -> list[str]:
+    """The flags that no Beam pipeline option accepts, parsed as Beam parses its options
+    (every registered PipelineOptions class, no abbreviations)."""
+    if not flags:
+        return []
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options builds its parser
+    _, unknown = parser.parse_known_args(flags)
+    return unknown
+
+
+def check_beam_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> list[str]:
+    """Flags mimdex did not take: Beam options (given anywhere, or after ``--``), or exit 2."""
+    flags = [a for a in extra if a != "--"]
+    unknown = unknown_beam_flags(flags)
+    if unknown:
+        parser.error(f"{command}: unrecognized arguments: {' '.join(unknown)} (neither a mimdex flag nor a Beam "
+                     f"pipeline option; see `mimdex {command} --help`)")
+    return flags
+
+
 def beam_args(args: argparse.Namespace) -> list[str]:
     from mimdex.infra import storage
 
     lines = []
     if getattr(args, "beam_options_file", None):
-        text = storage.read_bytes(args.beam_options_file).decode("utf-8")
+        uri = args.beam_options_file
+        try:
+            text = storage.read_bytes(uri).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--beam-options-file {uri}: not UTF-8 text: {exc}") from exc
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        unknown = unknown_beam_flags(lines)
+        if unknown:
+            raise UsageError(f"--beam-options-file {uri}: not Beam pipeline options: {' '.join(unknown)}")
     return lines + list(args.extra)
 
 
@@ -64,7 +95,8 @@ def _add_build_index(sub) -> None:
 
 def _run_build_index(args: argparse.Namespace) -> int:
     from mimdex.indexing.params import parse_memory
-    from mimdex.pipelines.build_index.job import BuildConfig, QualityGateFailed, run
+    from mimdex.indexing.release import QualityGateFailed
+    from mimdex.pipelines.build_index import BuildConfig, run
     from mimdex.pipelines.report import write_report
 
     cfg = BuildConfig(embeddings=args.embeddings, out=args.out, shards=args.shards, vector=args.vector,
@@ -73,15 +105,16 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
                       eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata)
     try:
-        report = args.job_report = run(cfg, beam_args(args))
+        result = run(cfg, beam_args(args))
     except QualityGateFailed as exc:
         print(write_report(args.out, "build-index", {"published": False, "error": str(exc)}))
         raise
     from mimdex.indexing.evaluate import held_out_at
 
-    row = held_out_at(report["evaluation"], report["default_nprobe"])
-    print(f"build-index: version {report['version']} published ({report['counts']['indexed']} vectors, "
-          f"{args.shards} shards, {report['params']['factory']}, nprobe {report['default_nprobe']}: "
+    report = args.job_report = result.report
+    row = held_out_at(result.evaluation, result.default_nprobe)
+    print(f"build-index: version {result.version} published ({result.counts['indexed']} vectors, "
+          f"{args.shards} shards, {report['params']['factory']}, nprobe {result.default_nprobe}: "
           + ", ".join(f"{k} {v}" for k, v in row.items() if k.startswith("recall")) + f") -> {args.out}")
     print(write_report(args.out, "build-index", report))
     return 0
@@ -259,7 +292,7 @@ def _add_backfill(sub) -> None:
 
 
 def _run_refresh(args: argparse.Namespace) -> int:
-    from mimdex.pipelines.refresh.job import RefreshConfig, check, run
+    from mimdex.pipelines.refresh import RefreshConfig, check, run
     from mimdex.pipelines.report import write_report
 
     cfg = RefreshConfig(catalog=args.catalog, model=args.model, embeddings=args.embeddings, index=args.index,
@@ -275,10 +308,12 @@ def _run_refresh(args: argparse.Namespace) -> int:
     job = report["mode"]
     c = report["diff"]
     if report.get("nothing_to_do"):
-        print(f"{job}: no change ({c['unchanged']} products unchanged): nothing encoded, no new version")
+        print(f"{job}: no change ({c['unchanged']} products unchanged, {c['still_rejected']} still rejected): "
+              "nothing encoded, no new version")
         print(write_report(args.index, job, report))
         raise NothingToDo("nothing changed since the current version")
-    print(f"{job}: {c['new']} new, {c['changed']} changed, {c['deleted']} deleted, {c['unchanged']} unchanged; "
+    print(f"{job}: {c['new']} new, {c['changed']} changed, {c['rejudged']} re-judged, {c['deleted']} deleted, "
+          f"{c['unchanged']} unchanged; "
           f"encoded {report['encode']['rows']} rows; {report['decision']}; "
           f"published version {report['version']}")
     print(write_report(args.index, job, report))

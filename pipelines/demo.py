@@ -60,39 +60,39 @@ def _copy_catalog(dataset: str, root: str) -> str:
 
 def _published_from(index_root: str, emb_root: str) -> str | None:
     """The LATEST version if it indexes exactly the current embeddings manifest."""
-    from mimdex.indexing import publish
-    from mimdex.pipelines.encode import shards
+    from mimdex.infra.contracts import embeddings as emb
+    from mimdex.infra.contracts import index_version as iv
 
-    version, _ = publish.read_latest(index_root)
+    version = iv.latest_version(index_root)
     if version is None:
         return None
-    manifest = publish.read_manifest(index_root, version)
-    current = shards.read_manifest(emb_root)
-    same = (manifest["embeddings"]["uri"] == emb_root
-            and manifest["embeddings"]["manifest_created_at"] == current.get("created_at")
-            and manifest["model"]["sha256"] == current["model"]["sha256"])
+    manifest = iv.read_manifest(index_root, version)
+    current = emb.read_manifest(emb_root)
+    same = (manifest.embeddings.get("uri") == emb_root
+            and manifest.embeddings.get("manifest_created_at") == current.created_at
+            and manifest.model.sha256 == current.model.sha256)
     return version if same else None
 
 
 def _build(emb_root: str, index_root: str, shards: int, seed: int) -> str:
-    from mimdex.pipelines.build_index.job import BuildConfig, run
+    from mimdex.pipelines.build_index import BuildConfig, run
 
     reused = _published_from(index_root, emb_root)
     if reused:
         print(f"[demo]   index {index_root} already has version {reused} from these embeddings: reused")
         return reused
-    return run(BuildConfig(embeddings=emb_root, out=index_root, shards=shards, seed=seed))["version"]
+    return run(BuildConfig(embeddings=emb_root, out=index_root, shards=shards, seed=seed)).version
 
 
 def _index_facts(reader) -> dict:
     from mimdex.indexing.evaluate import held_out_at
 
     m = reader.manifest
-    at = held_out_at(m["evaluation"], m["default_nprobe"])
-    total = sum(s["index"]["bytes"] for s in m["shards"]) + m["trained"]["bytes"]
-    return {"version": m["version"], "factory": m["factory"], "nlist": m["params"]["nlist"],
-            "shards": len(m["shards"]), "vectors": m["counts"]["indexed"], "default_nprobe": m["default_nprobe"],
-            "bytes_per_vector": round(total / max(m["counts"]["indexed"], 1), 1),
+    at = held_out_at(m.evaluation, m.default_nprobe)
+    total = sum(s.index.bytes for s in m.shards) + m.trained.bytes
+    return {"version": m.version, "factory": m.factory, "nlist": m.params["nlist"],
+            "shards": len(m.shards), "vectors": m.counts["indexed"], "default_nprobe": m.default_nprobe,
+            "bytes_per_vector": round(total / max(m.counts["indexed"], 1), 1),
             "heldout_recall@10": at.get("recall@10")}
 
 
@@ -166,10 +166,10 @@ def _write_html(workdir: str, summary: dict, ev: dict, seed: int) -> str:
 def main(args: argparse.Namespace) -> int:
     from mimdex.infra.local_s3 import create_bucket, local_s3_server
     from mimdex.pipelines.baseline import evaluate_histogram_nn
-    from mimdex.pipelines.encode.config import EncodeConfig
-    from mimdex.pipelines.encode.job import ray_session, run as encode
-    from mimdex.pipelines.synth import job as synth
-    from mimdex.pipelines.synth.plan import SynthConfig
+    from mimdex.pipelines import synth
+    from mimdex.pipelines.encode import EncodeConfig, ray_session
+    from mimdex.pipelines.encode import run as encode
+    from mimdex.pipelines.synth import SynthConfig
 
     asked = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(asked) - set(VARIANTS))

@@ -15,6 +15,8 @@ import numpy as np
 from mimdex.encoders.bundle import Encoder
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
+from mimdex.infra.contracts.files import read_dataset
+from mimdex.infra.contracts.recall import recall_at
 
 K = 10
 
@@ -28,11 +30,10 @@ class Queries:
 
 
 def load_queries(dataset: str) -> Queries:
-    catalog = storage.parquet_dataset(storage.join(dataset, "catalog")).to_table(
-        columns=["product_id", "title", "category"])
-    rows = storage.parquet_dataset(storage.join(dataset, "queries")).to_table(
-        columns=["query_image", "product_id", "query_text", "kind", "source_product_id",
-                 "distractor_product_id"]).to_pylist()
+    catalog = read_dataset(storage.join(dataset, "catalog"), "catalog", columns=["product_id", "title", "category"])
+    rows = read_dataset(storage.join(dataset, "queries"), "queries",
+                        columns=["query_image", "product_id", "query_text", "kind", "source_product_id",
+                                 "distractor_product_id"]).to_pylist()
     pids = catalog.column("product_id").to_pylist()
     return Queries(street=[q for q in rows if q["kind"] == "street"],
                    reform=[q for q in rows if q["kind"] == "reformulation"],
@@ -50,26 +51,22 @@ def search(reader: IndexReader, enc: Encoder, queries: list[dict], with_text: bo
     return reader.search_products(vectors, K)
 
 
-def _rank(results: list[dict], product_id: str) -> int | None:
-    return next((i for i, r in enumerate(results) if r["product_id"] == product_id), None)
+def _recall(results: list[list[dict]], queries: list[dict], ks) -> dict:
+    found = np.array([[r["product_id"] for r in res] + [None] * (K - len(res)) for res in results], dtype=object)
+    target = np.array([t["product_id"] for t in queries], dtype=object)
+    return recall_at(found.reshape(len(results), K), target, ks, digits=None)
 
 
 def metrics(q: Queries, street: list[list[dict]], reform_image: list[list[dict]],
             reform_text: list[list[dict]] | None) -> dict:
-    ranks = [_rank(res, s["product_id"]) for res, s in zip(street, q.street)]
     wrong = [bool(res) and res[0]["category"] != q.category[s["product_id"]] for res, s in zip(street, q.street)]
-    n = max(len(q.street), 1)
-    out = {"street_queries": len(q.street),
-           "recall@1": sum(r == 0 for r in ranks) / n,
-           f"recall@{K}": sum(r is not None for r in ranks) / n,
-           "wrong_category@1": sum(wrong) / n}
+    out = {"street_queries": len(q.street), **_recall(street, q.street, (1, K)),
+           "wrong_category@1": sum(wrong) / max(len(q.street), 1)}
     if q.reform:
-        m = len(q.reform)
-        out["reformulation_queries"] = m
-        out["reform_recall@1_image"] = sum(_rank(res, t["product_id"]) == 0 for res, t in zip(reform_image, q.reform)) / m
+        out["reformulation_queries"] = len(q.reform)
+        out["reform_recall@1_image"] = _recall(reform_image, q.reform, (1,))["recall@1"]
         if reform_text is not None:
-            out["reform_recall@1_image_text"] = sum(
-                _rank(res, t["product_id"]) == 0 for res, t in zip(reform_text, q.reform)) / m
+            out["reform_recall@1_image_text"] = _recall(reform_text, q.reform, (1,))["recall@1"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

@@ -12,13 +12,14 @@ import numpy as np
 from mimdex.encoders.bundle import Encoder
 from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.infra import storage
+from mimdex.infra.contracts.files import read_dataset
 
 
 def evaluate_bundle(enc: Encoder, dataset_uri: str, k: int = 10) -> dict:
-    catalog = storage.parquet_dataset(storage.join(dataset_uri, "catalog")).to_table(
-        columns=["product_id", "image", "category"]).to_pylist()
-    queries = storage.parquet_dataset(storage.join(dataset_uri, "queries")).to_table(
-        columns=["query_image", "product_id", "query_text", "kind"]).to_pylist()
+    catalog = read_dataset(storage.join(dataset_uri, "catalog"), "catalog",
+                           columns=["product_id", "image", "category"]).to_pylist()
+    queries = read_dataset(storage.join(dataset_uri, "queries"), "queries",
+                           columns=["query_image", "product_id", "query_text", "kind"]).to_pylist()
     index = {r["product_id"]: i for i, r in enumerate(catalog)}
     cats = np.array([r["category"] for r in catalog])
     gallery = enc.encode_images([r["image"] for r in catalog])

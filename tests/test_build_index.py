@@ -13,15 +13,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_bundle
-from mimdex.indexing import publish
-from mimdex.indexing.ids import ids_for
+from mimdex.infra.contracts import index_version as publish
+from mimdex.infra.contracts.vectors import ids_for
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
 from mimdex.pipelines import cli
-from mimdex.pipelines.build_index.job import BuildConfig, run
-from mimdex.pipelines.encode import shards
+from mimdex.pipelines.build_index import BuildConfig
+from mimdex.pipelines.build_index import run as _run
+from mimdex.infra.contracts import embeddings as shards
+from mimdex.infra.contracts.model import ModelRef
 
 D = 64
+
+
+def run(*args) -> dict:
+    return _run(*args).report
 
 
 def clustered(n: int, seed: int = 0, clusters: int = 40) -> np.ndarray:
@@ -35,7 +41,7 @@ def write_embeddings(root: str, vectors: np.ndarray, pids: list[str], model_uri:
                      parts: int = 5, override: dict | None = None) -> None:
     """An embeddings root in the encode contract, without running encode; ``override``
     rewrites one part with other schema metadata (a part from another model...)."""
-    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": D, "has_text": True}
+    model = ModelRef(model_uri, sha, "3-tower", D, True)
     shards.write_vectors(root, vectors, pids, model, "float16", parts)
     for i, meta in (override or {}).items():
         uri = storage.join(root, f"part-{i:05d}.parquet")
@@ -67,13 +73,13 @@ def test_build_on_s3_every_id_in_one_shard_and_self_search_first(emb_root):
     out = bucket + "/index"
     report = run(BuildConfig(embeddings=emb, out=out, shards=4, eval_queries=300))
     assert report["published"] and report["counts"]["skipped"] == {"nan_or_inf": 2, "zero": 1}
-    version, _ = publish.read_latest(out)
+    version = publish.latest_version(out)
     assert version == report["version"]
     manifest = publish.read_manifest(out, version)
-    assert len(manifest["shards"]) == 4 and manifest["params"]["factory"] == report["params"]["factory"]
+    assert len(manifest.shards) == 4 and manifest.params["factory"] == report["params"]["factory"]
     seen: list[str] = []
-    for entry in manifest["shards"]:
-        fs, path = storage.resolve(storage.join(publish.version_uri(out, version), entry["ids"]["file"]))
+    for entry in manifest.shards:
+        fs, path = storage.resolve(storage.join(publish.version_uri(out, version), entry.ids.file))
         seen += pq.read_table(path, filesystem=fs).column("product_id").to_pylist()
     good = [p for i, p in enumerate(pids) if i not in (10, 11, 12)]
     assert sorted(seen) == good  # exactly once each, bad vectors nowhere
@@ -90,7 +96,7 @@ def test_build_on_s3_every_id_in_one_shard_and_self_search_first(emb_root):
     split_scores, split_ids = IndexReader.open(out, consolidate=False).search(x[sample], 5)
     assert np.array_equal(split_scores, scores) and (split_ids == ids).mean() >= 0.98
     held = report["evaluation"]["held_out"]
-    assert held["default_nprobe"] == manifest["default_nprobe"]
+    assert held["default_nprobe"] == manifest.default_nprobe
     # the default nprobe is the smallest reaching the 0.95 target, else the best one tried
     at = {r["nprobe"]: r["recall@10"] for r in held["sweep"]}
     reached = [p for p, r in at.items() if r >= 0.95]
@@ -122,7 +128,7 @@ def test_min_recall_gate_keeps_a_weak_index_unpublished(emb_root, capsys):
 
 _KILL_BEFORE_POINTER = """
 import os, signal, sys
-from mimdex.indexing import publish
+from mimdex.infra.contracts import index_version as publish
 publish.point_latest = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 from mimdex.pipelines import cli
 sys.exit(cli.main(sys.argv[1:]))
@@ -136,7 +142,7 @@ def test_a_build_killed_before_the_pointer_leaves_the_previous_version_served(em
     proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_POINTER, "build-index", "--embeddings", emb,
                            "--out", out, "--shards", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    assert publish.read_latest(out)[0] == first["version"]
+    assert publish.latest_version(out) == first["version"]
     assert len(publish.list_versions(out)) == 2  # the killed build's version is there, unpublished
     reader = IndexReader.open(out)
     assert reader.version == first["version"] and reader.search(x[100:101], 1)[1].shape == (1, 1)
@@ -158,7 +164,7 @@ def test_a_second_publisher_racing_on_the_same_root_gets_a_clear_75(emb_root, mo
     code = cli.main(["build-index", "--embeddings", emb, "--out", out, "--shards", "2"])
     err = capsys.readouterr().err
     assert code == 75 and "another publisher replaced" in err and "complete but not published" in err
-    winner = publish.read_latest(out)[0]
+    winner = publish.latest_version(out)
     assert winner in publish.list_versions(out) and len(publish.list_versions(out)) == 2
 
 
@@ -183,8 +189,8 @@ def test_concurrent_pointer_replacements_have_exactly_one_winner(emb_root):
 
 
 def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
-    from mimdex.pipelines.synth import job as synth_job
-    from mimdex.pipelines.synth.plan import SynthConfig
+    from mimdex.pipelines import synth as synth_job
+    from mimdex.pipelines.synth import SynthConfig
 
     data = str(tmp_path / "data")
     synth_job.run(SynthConfig(products=300, queries=40, seed=5), data, workers=2, progress=False)

@@ -28,11 +28,11 @@ from mimdex.encoders.bundle import load_bundle
 from mimdex.infra import storage
 from mimdex.infra.local_s3 import create_bucket
 from mimdex.pipelines import cli
-from mimdex.pipelines.encode import shards
+from mimdex.infra.contracts import embeddings as emb
 from mimdex.pipelines.encode.config import EncodeConfig
-from mimdex.pipelines.encode.job import run
-from mimdex.pipelines.synth import job as synth_job
-from mimdex.pipelines.synth.plan import SynthConfig
+from mimdex.pipelines.encode import run as _run
+from mimdex.pipelines import synth as synth_job
+from mimdex.pipelines.synth import SynthConfig
 
 
 def _png(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
@@ -44,11 +44,11 @@ def _png(seed: int, size: int = 48, mode: str = "RGB") -> bytes:
 
 
 def _read_parts(root: str) -> pa.Table:
-    return shards.read_files(root, shards.read_manifest(root), "part")
+    return emb.read_all(root, emb.read_manifest(root), "part")
 
 
 def _read_rejects(root: str) -> pa.Table:
-    return shards.read_files(root, shards.read_manifest(root), "rejects")
+    return emb.read_all(root, emb.read_manifest(root), "rejects")
 
 
 def _vectors(column: pa.ChunkedArray) -> np.ndarray:
@@ -57,6 +57,10 @@ def _vectors(column: pa.ChunkedArray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- 2,000 products via S3
+
+def run(*args, **kwargs) -> dict:
+    return _run(*args, **kwargs).report
+
 
 @pytest.fixture(scope="module")
 def s3_catalog(s3_server, tmp_path_factory):

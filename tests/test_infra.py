@@ -16,8 +16,12 @@ from packaging.requirements import Requirement
 from mimdex.infra import errors
 from mimdex.infra.errors import UsageError
 from mimdex.pipelines import cli, cli_index
-from mimdex.pipelines.build_index.graph import BuildSpec, build_pipeline
+from mimdex.infra.contracts.embeddings import PartEntry
+from mimdex.infra.contracts.files import FileRef
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.pipelines.build_index.graph import build_pipeline
 from mimdex.pipelines.build_index.job import beam_pipeline
+from mimdex.pipelines.build_index.spec import BuildSpec
 from mimdex.pipelines.encode.job import load_runtime_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,8 +106,10 @@ def test_build_index_graph_builds_with_each_runners_options(runner, expect, tmp_
     options = cli_index.beam_args(args)
     assert options[-1] == "--job_name=mimdex-test"  # the command line comes last, so it wins
     pipeline = beam_pipeline(options)
-    spec = BuildSpec(args.embeddings, "s3://mimdex-index/3-tower/versions/v", 32, "image", 0.5, True)
-    build_pipeline(pipeline, spec, [{"name": f"part-{i:05d}"} for i in range(3)])
+    model = ModelRef("s3://mimdex-models/3-tower", "0" * 64, "3-tower", 256, True)
+    spec = BuildSpec(args.embeddings, "s3://mimdex-index/3-tower/versions/v", 32, "image", 0.5, model, "float16")
+    parts = [PartEntry(f"part-{i:05d}", FileRef(f"part-{i:05d}.parquet", "0" * 64, 1)) for i in range(3)]
+    build_pipeline(pipeline, spec, parts)
     graph = pipeline.to_runner_api()  # the graph a runner would be sent; nothing runs
     names = {t.unique_name for t in graph.components.transforms.values()}
     assert {"Parts", "AddPerShard", "GroupByShard", "MergeShard"} <= names

@@ -15,20 +15,24 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_bundle
-from mimdex.indexing import publish
+from mimdex.infra.contracts import index_version as publish
 from mimdex.indexing.exact import exact_search
-from mimdex.indexing.ids import ids_for
+from mimdex.infra.contracts.vectors import ids_for
 from mimdex.indexing.reader import IndexReader
-from mimdex.indexing.vectors import column_matrix
+from mimdex.infra.contracts.vectors import column_matrix
 from mimdex.infra import storage
 from mimdex.infra.lock import Lease, Locked
 from mimdex.pipelines import cli
-from mimdex.pipelines.build_index.job import BuildConfig
-from mimdex.pipelines.build_index.job import run as build
-from mimdex.pipelines.encode import shards
-from mimdex.pipelines.refresh.job import RefreshConfig, run
-from mimdex.pipelines.synth import job as synth_job
-from mimdex.pipelines.synth.plan import SynthConfig
+from mimdex.pipelines.build_index import BuildConfig
+from mimdex.pipelines.build_index import run as _build
+from mimdex.infra.contracts import embeddings as shards
+from mimdex.pipelines.refresh import RefreshConfig, run
+from mimdex.pipelines import synth as synth_job
+from mimdex.pipelines.synth import SynthConfig
+
+
+def build(*args) -> dict:
+    return _build(*args).report
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +94,15 @@ def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, cat
     _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
     report = run(cfg)
     assert report["diff"] == {"new": len(new), "changed": len(changed), "deleted": len(deleted),
-                              "unchanged": 800 - len(changed) - len(deleted), "unindexable_rows": 0}
+                              "unchanged": 800 - len(changed) - len(deleted), "rejudged": 0,
+                              "forgotten_rejects": 0, "still_rejected": 0, "row_only_rejects": 0}
     assert report["encode"]["rows"] == report["encode"]["encoded"] == len(new) + len(changed)
     assert report["decision"].startswith("incremental") and report["drift"]["ratio"] is not None
     assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
 
     # search finds the new products and never returns deleted ones
     current = shards.read_manifest(cfg.embeddings)
-    table = shards.read_files(cfg.embeddings, current)
+    table = shards.read_all(cfg.embeddings, current)
     pids = table.column("product_id").to_pylist()
     x = column_matrix(table, "image_emb")
     reader = IndexReader.open(cfg.index)
@@ -132,8 +137,8 @@ def test_a_model_change_means_full_reencode_and_retrain(world, catalog_rows):
     report = run(RefreshConfig(**{**cfg.__dict__, "model": cfg.model + "2"}))
     assert report["decision"].startswith("model changed") and report["encode"]["rows"] == 800
     reader = IndexReader.open(cfg.index)
-    assert reader.manifest["model"]["uri"] == cfg.model + "2" and reader.ntotal == 800
-    assert reader.manifest["training"]["sample"] > 0  # a newly trained quantizer
+    assert reader.manifest.model.uri == cfg.model + "2" and reader.ntotal == 800
+    assert reader.manifest.training["sample"] > 0  # a newly trained quantizer
 
 
 def test_backfill_adds_the_given_products(world, catalog_rows):
@@ -198,7 +203,7 @@ def test_a_sigkilled_refresh_leaves_latest_valid_and_the_next_run_finishes(world
     assert proc.poll() is None, proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    assert publish.read_latest(cfg.index)[0] == first["version"]
+    assert publish.latest_version(cfg.index) == first["version"]
     assert IndexReader.open(cfg.index).ntotal == 800  # still the previous, complete version
     holder = storage.read_json(cfg.index + "/_locks/refresh.json")  # left behind by the killed job
     assert holder["pid"] == proc.pid

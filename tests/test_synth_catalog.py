@@ -156,7 +156,7 @@ def test_the_confounder_is_real(s3_dataset):
 def test_streams_in_row_groups_and_files(tmp_path):
     out = str(tmp_path / "small")
     from mimdex.pipelines.synth import job
-    from mimdex.pipelines.synth.plan import SynthConfig
+    from mimdex.pipelines.synth import SynthConfig
 
     cfg = SynthConfig(products=230, queries=10, seed=3, rows_per_file=100, row_group_rows=25)
     job.run(cfg, out, workers=1, progress=False)
@@ -184,7 +184,7 @@ def test_different_seed_differs_and_other_settings_refuse_an_existing_dataset(tm
 
 def test_a_run_without_manifest_is_cleared_before_rewriting(tmp_path):
     from mimdex.pipelines.synth import job
-    from mimdex.pipelines.synth.plan import SynthConfig
+    from mimdex.pipelines.synth import SynthConfig
 
     out = str(tmp_path / "ds")
     stale = storage.join(out, "catalog", "part-00007.parquet")

@@ -12,7 +12,7 @@ from mimdex.encoders.training import TrainConfig
 from mimdex.infra import storage
 from mimdex.pipelines import cli, train_job
 from mimdex.pipelines.synth import job as synth
-from mimdex.pipelines.synth.plan import SynthConfig
+from mimdex.pipelines.synth import SynthConfig
 
 FAST = ["--batch-size", "16", "--no-progress", "--threads", "2"]
 

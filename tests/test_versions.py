@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 
 from conftest import random_bundle
-from mimdex.indexing import publish, versions
+from mimdex.indexing import versions
+from mimdex.infra.contracts import index_version as publish
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
 from mimdex.pipelines import cli
-from mimdex.pipelines.build_index.job import BuildConfig, run
-from mimdex.pipelines.encode import shards
+from mimdex.pipelines.build_index import BuildConfig
+from mimdex.pipelines.build_index import run as _run
+from mimdex.infra.contracts import embeddings as shards
+from mimdex.infra.contracts.model import ModelRef
+
+
+def run(*args) -> dict:
+    return _run(*args).report
 
 
 @pytest.fixture
@@ -21,7 +28,7 @@ def three_versions(store_root):
     rng = np.random.default_rng(0)
     model_uri = store_root + "/model"
     sha = random_bundle(model_uri, ["t"], "3-tower")
-    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": 32, "has_text": True}
+    model = ModelRef(model_uri, sha, "3-tower", 32, True)
     out, built = store_root + "/index", []
     for i in range(3):  # each version indexes a different catalog size
         x = rng.standard_normal((400 + 100 * i, 32)).astype(np.float32)
@@ -48,8 +55,8 @@ def test_rollback_makes_the_reader_serve_the_older_version(three_versions, capsy
     out, built = three_versions
     assert cli.main(["rollback", "--index", out, "--to", built[0]]) == 0
     assert IndexReader.open(out).version == built[0] and IndexReader.open(out).ntotal == 400
-    pointer, _ = versions.latest_pointer(out)
-    assert pointer["previous"] == built[2]
+    pointer, _ = publish.read_latest(out)
+    assert pointer.previous == built[2]
     assert cli.main(["rollback", "--index", out, "--to", "nope"]) == 2
     assert "no such version" in capsys.readouterr().err
     assert IndexReader.open(out).version == built[0]

@@ -1,6 +1,11 @@
-"""`mimdex encode`: catalog -> embedding shards on Ray (DESIGN.md, "Pipelines -> encode").
+"""`mimdex encode`: catalog -> embedding shards on Ray.
 
 plan.py (units, fingerprints, duplicates) -> decode.py (CPU tasks: bytes -> pixels,
-tokens, rejects) -> actors.py (encoder actors: pixels/tokens -> vectors) -> shards.py
-(part/reject files, commit markers, manifest) -> job.py (the Ray driver loop, report).
+tokens, rejects) -> actors.py (encoder actors: pixels/tokens -> vectors) -> commits.py
+(part/reject files, commit markers) -> job.py (the Ray driver loop, manifest, report).
+Other jobs use only what this package exports.
 """
+from mimdex.pipelines.encode.config import EncodeConfig
+from mimdex.pipelines.encode.job import EncodeResult, ray_session, run
+
+__all__ = ["EncodeConfig", "EncodeResult", "ray_session", "run"]

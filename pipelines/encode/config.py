@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float16", "float32")
+from mimdex.infra.contracts.catalog import Problem
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,22 @@ class DecodeSpec:
     catalog_root: str
     image_column: str               # "image" (bytes) or "image_uri"
     fetch_threads: int = 16
+
+
+@dataclass(frozen=True)
+class RejectRow:
+    product_id: str | None
+    problem: Problem
+    row: int                        # row in the catalog file
+    state: str                      # the row state the refresh diff compares (catalog.content_hash or rejected_state)
+
+
+@dataclass(frozen=True)
+class DecodedUnit:
+    """What a decode task hands the writer (its pixels and token ids travel apart, as
+    tensors the encoder actor reads without copying)."""
+
+    product_ids: tuple[str, ...]
+    content_hashes: tuple[str, ...]
+    rejects: tuple[RejectRow, ...]
+    seconds: dict

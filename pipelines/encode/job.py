@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import ray
@@ -23,11 +24,13 @@ from tqdm import tqdm
 
 from mimdex.encoders.bundle import load_bundle
 from mimdex.infra import storage
+from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import MimdexError, TransientError, UsageError
 from mimdex.infra.reaper import Reaper
-from mimdex.pipelines.encode import shards
+from mimdex.pipelines.encode import commits
 from mimdex.pipelines.encode.actors import EncoderActor
-from mimdex.pipelines.encode.config import DTYPES, DecodeSpec, EncodeConfig, Unit
+from mimdex.pipelines.encode.config import DecodeSpec, EncodeConfig, Unit
 from mimdex.pipelines.encode.decode import decode_unit
 from mimdex.pipelines.encode.plan import plan_units
 from mimdex.pipelines.report import StageTimer
@@ -38,9 +41,25 @@ ACTOR_NAME = "mimdex-encoder-{run}-{i}"  # unique per run: names of killed actor
 RAY_NAMESPACE = "mimdex"
 
 
+@dataclass(frozen=True)
+class EncodeResult:
+    """What an encode run did, for its callers (the CLI, refresh, the demo); ``report``
+    is the whole JSON report."""
+
+    complete: bool
+    rows: int                   # catalog rows in the plan
+    units: int
+    units_skipped: int          # already committed by an earlier run
+    rows_read: int              # rows this run decoded
+    encoded: int                # products in the embeddings root (every unit)
+    rejected: int
+    failed_units: tuple[dict, ...]
+    report: dict
+
+
 def _check(cfg: EncodeConfig) -> None:
-    if cfg.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if cfg.dtype not in emb.DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(emb.DTYPES)}, not {cfg.dtype!r}")
     for flag in ("unit_rows", "batch_size", "max_attempts", "fetch_threads"):
         if getattr(cfg, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -148,26 +167,26 @@ def _failure(unit: Unit, exc: BaseException) -> dict:
     return {"unit": unit.name, "exit_code": err.exit_code, "error": str(err)}
 
 
-def run(cfg: EncodeConfig, on_commit=None) -> dict:
+def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     """Encode the catalog into ``cfg.out``; returns the report. ``on_commit(record)`` is
     called in the driver after each unit's marker is written (progress hooks, tests)."""
     _check(cfg)
     timer = StageTimer()
     with timer.stage("plan"):
         encoder = load_bundle(cfg.model)  # verifies the checksum once, before any work
-        model = {"uri": cfg.model, "sha256": encoder.sha256, "variant": encoder.cfg.variant,
-                 "d": encoder.cfg.embed_dim, "has_text": encoder.model.has_text}
+        model = ModelRef(uri=cfg.model, sha256=encoder.sha256, variant=encoder.cfg.variant,
+                         d=encoder.cfg.embed_dim, has_text=encoder.model.has_text)
         units, facts = plan_units(cfg.catalog, cfg.unit_rows)
-        markers = shards.committed(cfg.out)
+        markers = commits.committed(cfg.out)
         done = {u.name: markers[u.name] for u in units
-                if shards.still_valid(cfg.out, markers.get(u.name), u, model["sha256"], cfg.dtype)}
+                if commits.still_valid(cfg.out, markers.get(u.name), u, model.sha256, cfg.dtype)}
         todo = [u for u in units if u.name not in done]
-    manifest_uri = shards.manifest_uri(cfg.out)
+    manifest_uri = emb.manifest_uri(cfg.out)
     if todo and storage.exists(manifest_uri):
         storage.delete(manifest_uri)  # the root is about to change: not complete until the end
     spec = DecodeSpec(image_size=encoder.cfg.image.image_size, has_text=encoder.model.has_text,
                       tokenizer_json=encoder.tokenizer.to_str(), context_length=encoder.cfg.text.context_length,
-                      model_sha256=model["sha256"], catalog_root=facts["root"],
+                      model_sha256=model.sha256, catalog_root=facts["root"],
                       image_column=facts["image_column"],
                       fetch_threads=cfg.fetch_threads)
     del encoder
@@ -179,7 +198,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> dict:
             with timer.stage("ray_start"):
                 started = _start_ray(cfg.ray_address, load_runtime_env(cfg.runtime_env))
                 sizing = _sizing(cfg)
-                actors = _actors(cfg, sizing, model["sha256"])
+                actors = _actors(cfg, sizing, model.sha256)
                 device = ray.get(actors[0].device_name.remote())
             with timer.stage("encode"):
                 _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, on_commit)
@@ -188,34 +207,36 @@ def run(cfg: EncodeConfig, on_commit=None) -> dict:
             ray.kill(actor)
         _stop_ray(started)
     report = {
-        "catalog": cfg.catalog, "output": cfg.out, "model": model, "dtype": cfg.dtype,
+        "catalog": cfg.catalog, "output": cfg.out, "model": model.to_json(), "dtype": cfg.dtype,
         "plan": {**facts, "units": len(units), "unit_rows": cfg.unit_rows},
         "sizing": sizing, "device": device,
         "counts": _counts(units, todo, records, failures),
-        "recomputed_units": sorted(r["name"] for r in records.values() if r["name"] not in done),
+        "recomputed_units": sorted(name for name in records if name not in done),
         "failed_units": failures,
         "seconds": timer.seconds, "task_seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     encoded_now = report["counts"]["encoded"]
     report["products_per_s"] = round(encoded_now / timer.seconds["encode"], 1) if todo and encoded_now else None
+    counts = report["counts"]
     if failures:
         report["complete"] = False
-        return report
+        return EncodeResult(False, facts["rows"], len(units), counts["units_skipped"], counts["read"], 0, 0,
+                            tuple(failures), report)
     if todo or not storage.exists(manifest_uri):
         with timer.stage("manifest"):
-            report["removed_orphans"] = shards.remove_orphans(cfg.out, {u.name for u in units})
-            manifest = shards.build_manifest([records[u.name] for u in units], model, cfg.dtype,
-                                             cfg.catalog, cfg.unit_rows)
-            storage.write_json(manifest_uri, manifest)
+            report["removed_orphans"] = commits.remove_orphans(cfg.out, {u.name for u in units})
+            emb.write_manifest(cfg.out, emb.build_manifest([records[u.name].entry for u in units], model,
+                                                           cfg.dtype, cfg.catalog, cfg.unit_rows))
     report["complete"] = True
     report["manifest"] = manifest_uri
-    report["totals"] = shards.read_manifest(cfg.out)["counts"]
-    return report
+    totals = report["totals"] = emb.read_manifest(cfg.out).counts
+    return EncodeResult(True, facts["rows"], len(units), counts["units_skipped"], counts["read"],
+                        totals["encoded"], totals["rejected"], (), report)
 
 
 def _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, on_commit) -> None:
     decode = ray.remote(num_returns=2, num_cpus=cfg.decode_cpus)(decode_unit)
-    write = ray.remote(num_cpus=0)(shards.write_unit)
+    write = ray.remote(num_cpus=0)(commits.write_unit)
     queue: deque[Unit] = deque(todo)
     decoding: dict = {}   # meta ref -> (unit, tensors ref)
     writing: dict = {}    # write ref -> (unit, actor index)
@@ -251,10 +272,10 @@ def _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, 
                 failures.append(_failure(unit, exc))
                 bar.update(1)
                 continue
-            shards.commit(cfg.out, record)
+            commits.commit(cfg.out, record)
             records[unit.name] = record
-            seconds.update(record["seconds"])
-            products += record["part"]["rows"]
+            seconds.update(record.seconds)
+            products += record.entry.part.rows
             bar.update(1)
             bar.set_postfix(products_s=f"{products / (time.perf_counter() - t0):.0f}", refresh=False)
             if on_commit:
@@ -264,13 +285,13 @@ def _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, 
 
 
 def _counts(units, todo, records, failures) -> dict:
-    ran = [records[u.name] for u in todo if u.name in records]
+    ran = [records[u.name].entry for u in todo if u.name in records]
     skipped = [u for u in units if u not in todo]
     return {
         "units": len(units), "units_skipped": len(skipped), "units_encoded": len(ran), "units_failed": len(failures),
-        "read": sum(r["input_rows"] for r in ran),
-        "encoded": sum(r["part"]["rows"] for r in ran),
-        "rejected": sum((r["rejects"] or {}).get("rows", 0) for r in ran),
+        "read": sum(e.input_rows for e in ran),
+        "encoded": sum(e.part.rows for e in ran),
+        "rejected": sum(e.rejects.rows if e.rejects else 0 for e in ran),
         "skipped": sum(u.rows for u in skipped),
-        "rejects_by_reason": dict(sum((Counter((r["rejects"] or {}).get("reasons", {})) for r in ran), Counter())),
+        "rejects_by_reason": dict(sum((Counter(e.reject_reasons) for e in ran), Counter())),
     }

@@ -1,109 +1,108 @@
-"""What changed between the catalog and the embeddings, by content_hash.
+"""What changed between the catalog and the current embeddings.
 
-content_hash covers the image bytes, the title and the model sha256 (decode.py), so a
-new image, a retitled product or a new model all show up as "changed".
+Each product (the first catalog row of a product_id) has a state: the content hash of
+its image bytes, title and model when encode could try it, or ``reject:<reason>`` when
+the row itself breaks a rule (contracts.catalog judges both, as encode does). The
+embeddings remember the state of every product they encoded and of every product encode
+rejected, so an unchanged bad row stays rejected instead of counting as new each night.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from mimdex.infra import storage
-from mimdex.pipelines.encode import shards
-from mimdex.pipelines.encode.decode import content_hash, resolve_uri
-from mimdex.pipelines.encode.plan import catalog_files, check_schema
+from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts.embeddings import PreviousState
 
 
-@dataclass
+@dataclass(frozen=True)
+class CatalogState:
+    states: dict[str, str]     # product_id -> state, first occurrence in catalog order
+    row_only_rejects: int      # rows with no product_id, and repeats of one
+
+
+@dataclass(frozen=True)
 class Diff:
-    new: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
+    new: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()       # indexed before, row changed: re-encode (or reject) it
+    rejudged: tuple[str, ...] = ()      # rejected before, row changed: try it again
+    deleted: tuple[str, ...] = ()       # indexed before, gone from the catalog
+    forgotten: tuple[str, ...] = ()     # rejected before, gone from the catalog
     unchanged: int = 0
-    unindexable: int = 0  # rows encode would reject (empty id/title, no image): never indexed
+    still_rejected: int = 0
+    row_only_rejects: int = 0
 
     @property
     def empty(self) -> bool:
-        return not (self.new or self.changed or self.deleted)
+        return not (self.new or self.changed or self.rejudged or self.deleted or self.forgotten)
+
+    @property
+    def to_encode(self) -> set[str]:
+        return set(self.new) | set(self.changed) | set(self.rejudged)
+
+    @property
+    def superseded(self) -> set[str]:
+        """product_ids whose earlier part or reject row no longer stands."""
+        return set(self.changed) | set(self.rejudged) | set(self.deleted) | set(self.forgotten)
+
+    @property
+    def removed_from_index(self) -> set[str]:
+        return set(self.changed) | set(self.deleted)
 
     def counts(self) -> dict:
-        return {"new": len(self.new), "changed": len(self.changed), "deleted": len(self.deleted),
-                "unchanged": self.unchanged, "unindexable_rows": self.unindexable}
+        return {"new": len(self.new), "changed": len(self.changed), "rejudged": len(self.rejudged),
+                "deleted": len(self.deleted), "forgotten_rejects": len(self.forgotten),
+                "unchanged": self.unchanged, "still_rejected": self.still_rejected,
+                "row_only_rejects": self.row_only_rejects}
 
 
-def _file_hashes(uri: str, root: str, model_sha: str) -> tuple[dict[str, str], int]:
-    with storage.open_read(uri) as f:
-        pf = pq.ParquetFile(f)
-        image_col, _ = check_schema(uri, pf.schema_arrow)
-        table = pf.read(columns=["product_id", "title", image_col])
-    ids = table.column("product_id").to_pylist()
-    titles = table.column("title").cast(pa.large_binary()).to_pylist()
-    images = table.column(image_col).to_pylist()
-    if image_col == "image_uri":
-        def fetch(u):
-            try:
-                return storage.read_bytes(resolve_uri(root, u)) if u else None
-            except (storage.ObjectNotFound, ValueError):
-                return None
-        with ThreadPoolExecutor(16) as pool:
-            images = list(pool.map(fetch, images))
-    out, bad = {}, 0
-    for pid, title, image in zip(ids, titles, images):
-        try:
-            text = title.decode("utf-8") if title else ""
-        except UnicodeDecodeError:
-            text = ""
-        if not pid or not text.strip() or not image or pid in out:
-            bad += 1
-            continue
-        out[pid] = content_hash(image, text, model_sha)
-    return out, bad
+def _state(pid: str, title: bytes | None, image, image_column: str, root: str, model_sha: str) -> str:
+    problem = catalog.row_problem(pid, title, image)
+    if problem:
+        return catalog.rejected_state(problem.reason)
+    if image_column == "image_uri":
+        image = catalog.fetch_image(catalog.resolve_uri(root, image))
+        if isinstance(image, catalog.Problem):
+            return catalog.rejected_state(image.reason)
+    return catalog.content_hash(image, title.decode("utf-8"), model_sha)
 
 
-def catalog_hashes(catalog: str, model_sha: str) -> tuple[dict[str, str], int]:
-    """product_id -> content_hash of every indexable catalog row (first occurrence wins)."""
-    files, root = catalog_files(catalog)
-    merged: dict[str, str] = {}
-    bad = 0
-    for uri in files:
-        hashes, b = _file_hashes(uri, root, model_sha)
-        bad += b
-        for pid, h in hashes.items():
-            if pid in merged:
-                bad += 1
-            else:
-                merged[pid] = h
-    return merged, bad
+def catalog_state(catalog_uri: str, model_sha: str, threads: int = 16) -> CatalogState:
+    """The state of every product in the catalog (image_uris are fetched to hash them)."""
+    files, root = catalog.catalog_files(catalog_uri)
+    tables = [catalog.read_columns(uri) for uri in files]
+    dups = catalog.duplicate_rows(files, [t.column("product_id").combine_chunks() for t, _ in tables])
+    states: dict[str, str] = {}
+    row_only = len(dups)
+    with ThreadPoolExecutor(threads) as pool:
+        for fi, (table, cols) in enumerate(tables):
+            ids = table.column("product_id").to_pylist()
+            titles = catalog.titles_as_bytes(table)
+            images = table.column(cols.image).to_pylist()
+            rows = [i for i, pid in enumerate(ids) if pid and (fi, i) not in dups]
+            row_only += sum(1 for pid in ids if not pid)
+            got = pool.map(lambda i: _state(ids[i], titles[i], images[i], cols.image, root, model_sha), rows)
+            states.update((ids[i], s) for i, s in zip(rows, got))
+    return CatalogState(states, row_only)
 
 
-def embedding_hashes(root: str, manifest: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """product_id -> content_hash of every live row of an embeddings manifest, and
-    product_id -> the name of the part that holds it."""
-    hashes: dict[str, str] = {}
-    where: dict[str, str] = {}
-    for entry in manifest["parts"]:
-        fs, path = storage.resolve(storage.join(root, entry["part"]["file"]))
-        table = shards.live_rows(pq.read_table(path, filesystem=fs, columns=["product_id", "content_hash"]), entry)
-        pids = table.column("product_id").to_pylist()
-        hashes.update(zip(pids, table.column("content_hash").to_pylist()))
-        where.update((p, entry["name"]) for p in pids)
-    return hashes, where
-
-
-def diff(current: dict[str, str], previous: dict[str, str], unindexable: int = 0) -> Diff:
-    d = Diff(unindexable=unindexable)
-    for pid, h in current.items():
-        old = previous.get(pid)
+def diff(current: CatalogState, previous: PreviousState) -> Diff:
+    new, changed, rejudged = [], [], []
+    unchanged = still_rejected = 0
+    for pid, state in current.states.items():
+        old = previous.state.get(pid)
         if old is None:
-            d.new.append(pid)
-        elif old != h:
-            d.changed.append(pid)
+            new.append(pid)
+        elif old == state:
+            if pid in previous.encoded:
+                unchanged += 1
+            else:
+                still_rejected += 1
+        elif pid in previous.encoded:
+            changed.append(pid)
         else:
-            d.unchanged += 1
-    d.deleted = sorted(set(previous) - set(current))
-    d.new.sort()
-    d.changed.sort()
-    return d
+            rejudged.append(pid)
+    gone = set(previous.state) - set(current.states)
+    return Diff(new=tuple(sorted(new)), changed=tuple(sorted(changed)), rejudged=tuple(sorted(rejudged)),
+                deleted=tuple(sorted(gone & previous.encoded)), forgotten=tuple(sorted(gone - previous.encoded)),
+                unchanged=unchanged, still_rejected=still_rejected, row_only_rejects=current.row_only_rejects)

@@ -1,89 +1,91 @@
 """The next index version from the previous one: its trained quantizer and codebooks are
-reused, ids of deleted and changed products removed, the new vectors added.
+reused, ids of changed and deleted products removed, the new vectors added.
 
 Drift decides whether that is good enough: the mean coarse-quantisation error of the new
 vectors against the error the quantizer was trained to (and the share of the catalog
-that changed). Past either threshold the caller retrains with a full build.
+that changed). Past either threshold the caller retrains with a full build. No Beam here:
+the update works on the stored inverted lists directly.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from mimdex.indexing.ids import check_unique, ids_for
-from mimdex.indexing.publish import read_checked
-from mimdex.indexing.train import deserialize
-from mimdex.infra import storage
+from mimdex.infra.contracts import index_codec as codec
+from mimdex.infra.contracts import index_version as iv
+from mimdex.infra.contracts.embeddings import EmbeddingsManifest, PartEntry
+from mimdex.infra.contracts.recall import hits
+from mimdex.infra.contracts.vectors import check_unique, ids_for, merge_skipped, usable_rows
 from mimdex.infra.errors import DataError
-from mimdex.pipelines.build_index.graph import (BuildSpec, decoded_lists, encoded_lists, index_rows, split_codes,
-                                                 write_shard)
 
 
-def new_vectors(spec: BuildSpec, entries: list[dict]) -> tuple[np.ndarray, np.ndarray, pa.Table | None, dict]:
+@dataclass(frozen=True)
+class Delta:
+    vectors: np.ndarray
+    ids: np.ndarray
+    idmap: pa.Table | None
+    skipped: dict
+
+
+def new_vectors(root: str, manifest: EmbeddingsManifest, entries: list[PartEntry], kind: str, alpha: float) -> Delta:
     """Vectors, ids and id-map rows (with catalog metadata) of the delta parts."""
-    parts = [index_rows(spec, entry) for entry in entries]
-    skipped: dict[str, int] = {}
-    for part in parts:
-        for reason, count in part.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
+    parts = [usable_rows(root, e, manifest.model, manifest.dtype, kind, alpha, metadata=True) for e in entries]
+    skipped = merge_skipped(p.skipped for p in parts)
     if not parts:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), None, skipped
+        return Delta(np.zeros((0, manifest.model.d), np.float32), np.zeros(0, np.int64), None, skipped)
     idmap = pa.concat_tables([p.idmap for p in parts], promote_options="permissive")
-    return np.concatenate([p.vectors for p in parts]), idmap.column("id").to_numpy(), idmap, skipped
+    return Delta(np.concatenate([p.vectors for p in parts]), idmap.column("id").to_numpy(), idmap, skipped)
 
 
 def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:
     """Coarse-quantisation MSE of the new vectors vs the training MSE."""
-    if not len(vectors):
-        return {"new_vectors": 0, "coarse_mse": None, "training_mse": (training or {}).get("coarse_mse"), "ratio": None}
-    index = deserialize(trained)  # keep the owner alive while its quantizer is used
-    quantizer = faiss.extract_index_ivf(index).quantizer
-    dist, _ = quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    mse = float(dist.mean())
     base = (training or {}).get("coarse_mse")
+    if not len(vectors):
+        return {"new_vectors": 0, "coarse_mse": None, "training_mse": base, "ratio": None}
+    index = codec.deserialize(trained)  # keep the owner alive while its quantizer is used
+    dist, _ = faiss.extract_index_ivf(index).quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    mse = float(dist.mean())
     return {"new_vectors": int(len(vectors)), "coarse_mse": round(mse, 6), "training_mse": base,
             "ratio": round(mse / base, 4) if base else None}
 
 
-def update_shards(spec: BuildSpec, prev_dir: str, prev: dict, trained: bytes, remove: list[str],
-                  vectors: np.ndarray, ids: np.ndarray, idmap: pa.Table | None) -> list[dict]:
-    """Write the new version's shards: previous minus ``remove`` (product_ids) plus the new rows.
+def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, trained: bytes, remove: set[str],
+                  delta: Delta) -> tuple[iv.ShardEntry, ...]:
+    """Write the new version's shards: previous minus ``remove`` (product_ids) plus the delta.
 
     Works on the stored (flat) inverted lists: rows are filtered and the new vectors'
-    codes (faiss ``sa_encode`` with the reused trained index) appended, then written as
-    build-index writes them. (Removing from faiss's in-memory fast-scan blocks and adding
-    after it corrupted the re-added codes in faiss-cpu 1.15.1; see the README.)
+    codes (faiss ``sa_encode`` with the reused trained index) appended. (Removing from
+    faiss's in-memory fast-scan blocks and adding after it corrupted the re-added codes
+    in faiss-cpu 1.15.1; see docs/operations.md.)
     """
-    index = deserialize(trained)
-    ivf = faiss.extract_index_ivf(index)
-    remove_ids = ids_for(remove)
-    new_lists, new_codes = (split_codes(ivf.nlist, index.sa_encode(np.ascontiguousarray(vectors)))
-                            if len(ids) else (np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8)))
-    shard_of = ids % spec.shards
+    ivf = faiss.extract_index_ivf(codec.deserialize(trained))
+    remove_ids = ids_for(sorted(remove))
+    new_lists, new_codes = codec.encode(codec.deserialize(trained), delta.vectors)
+    shard_of = delta.ids % len(prev.shards)
     records = []
-    for entry in prev["shards"]:
-        shard = entry["shard"]
-        old_ids, old_lists, old_codes = decoded_lists(
-            read_checked(storage.join(prev_dir, entry["index"]["file"]), entry["index"]))
-        ids_table = pq.read_table(pa.BufferReader(read_checked(storage.join(prev_dir, entry["ids"]["file"]), entry["ids"])))
+    for entry in prev.shards:
+        lists_blob, ids_table = iv.read_shard(prev_dir, entry)
+        old_ids, old_lists, old_codes = codec.decoded_lists(lists_blob)
         keep = ~np.isin(old_ids, remove_ids)
         ids_table = ids_table.filter(pc.invert(pc.is_in(ids_table["id"], pa.array(remove_ids, pa.int64()))))
-        sel = np.flatnonzero(shard_of == shard)
-        all_ids = np.concatenate([old_ids[keep], ids[sel]])
+        sel = np.flatnonzero(shard_of == entry.shard)
+        all_ids = np.concatenate([old_ids[keep], delta.ids[sel]])
         if len(sel):
-            ids_table = pa.concat_tables([ids_table, idmap.take(pa.array(sel))], promote_options="permissive")
+            ids_table = pa.concat_tables([ids_table, delta.idmap.take(pa.array(sel, pa.int64()))],
+                                         promote_options="permissive")
         check_unique(ids_table.column("id").to_numpy(), ids_table.column("product_id").to_pylist(),
-                     f"shard {entry['name']}")
+                     f"shard {entry.name}")
         if len(all_ids) != ids_table.num_rows:
-            raise DataError(f"shard {entry['name']}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
+            raise DataError(f"shard {entry.name}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
                             "after the update (the previous version's id map and index disagree)")
-        blob = encoded_lists(ivf.nlist, ivf.code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
-                             np.concatenate([old_codes[keep], new_codes[sel]]))
-        records.append(write_shard(spec, shard, blob, len(all_ids), ids_table.sort_by("id")))
-    return records
+        blob = codec.encoded_lists(ivf.nlist, ivf.code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
+                                   np.concatenate([old_codes[keep], new_codes[sel]]))
+        records.append(iv.write_shard(version_dir, entry.shard, blob, len(all_ids), ids_table))
+    return tuple(records)
 
 
 def self_recall(reader, vectors: np.ndarray, ids: np.ndarray, nprobe: int, k: int = 10) -> float | None:
@@ -92,4 +94,4 @@ def self_recall(reader, vectors: np.ndarray, ids: np.ndarray, nprobe: int, k: in
     if not len(vectors):
         return None
     _, found = reader.search(vectors, k, nprobe)
-    return round(float((found == ids[:, None]).any(1).mean()), 4)
+    return round(float(hits(found, ids, k).mean()), 4)

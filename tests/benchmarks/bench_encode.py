@@ -28,10 +28,10 @@ from mimdex.encoders.inference import embed_images, embed_texts
 from mimdex.infra import storage
 from mimdex.pipelines.encode.config import DecodeSpec, EncodeConfig
 from mimdex.pipelines.encode.decode import decode_unit
-from mimdex.pipelines.encode.job import run
+from mimdex.pipelines.encode import run
 from mimdex.pipelines.encode.plan import plan_units
-from mimdex.pipelines.synth import job as synth
-from mimdex.pipelines.synth.plan import SynthConfig
+from mimdex.pipelines import synth
+from mimdex.pipelines.synth import SynthConfig
 
 
 def _spec(model_uri: str, facts: dict) -> DecodeSpec:
@@ -100,7 +100,7 @@ def main() -> None:
         storage.delete(out, recursive=True)
     t0 = time.perf_counter()
     report = run(EncodeConfig(model=model, catalog=catalog, out=out, unit_rows=args.unit_rows,
-                              batch_size=args.batch_size, encoder_cpus=actor_threads, progress=False))
+                              batch_size=args.batch_size, encoder_cpus=actor_threads, progress=False)).report
     wall = time.perf_counter() - t0
     pipeline = report["products_per_s"]
     bound = min(decode_rate, model_rate)

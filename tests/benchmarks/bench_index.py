@@ -24,14 +24,16 @@ import faiss
 import numpy as np
 
 from mimdex.encoders.bundle import save_untrained_bundle
-from mimdex.indexing.evaluate import recall_at
+from mimdex.infra.contracts.recall import recall_at
 from mimdex.indexing.exact import exact_search
-from mimdex.indexing.ids import ids_for
+from mimdex.infra.contracts.vectors import ids_for
 from mimdex.indexing.params import choose
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
-from mimdex.pipelines.build_index.job import BuildConfig, run, sample_vectors
-from mimdex.pipelines.encode import shards
+from mimdex.indexing.release import Source, sample_vectors
+from mimdex.pipelines.build_index import BuildConfig, run
+from mimdex.infra.contracts import embeddings as shards
+from mimdex.infra.contracts.model import ModelRef
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -43,7 +45,7 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def write_embeddings(root: str, x: np.ndarray, model_uri: str, sha: str, parts: int = 20) -> list[str]:
     pids = [f"v{i:07d}" for i in range(len(x))]
-    model = {"uri": model_uri, "sha256": sha, "variant": "3-tower", "d": x.shape[1], "has_text": False}
+    model = ModelRef(model_uri, sha, "3-tower", x.shape[1], False)
     shards.write_vectors(root, x, pids, model, "float32", parts)
     return pids
 
@@ -76,7 +78,7 @@ def bench(name: str, xb: np.ndarray, xq: np.ndarray, xt_raw: np.ndarray, work: s
     t_raw = time.perf_counter() - t0
 
     report = run(BuildConfig(embeddings=root, out=out, shards=shards_n, factory=factory, eval_queries=1000,
-                             train_size=train_size))
+                             train_size=train_size)).report
     s = report["seconds"]
     t_ours = s["sample"] + s["train"] + s["beam"] + s["collect"]
     nprobe = report["default_nprobe"]
@@ -92,10 +94,8 @@ def bench(name: str, xb: np.ndarray, xq: np.ndarray, xt_raw: np.ndarray, work: s
     # raw faiss trained on exactly the sample build-index drew: isolates how we build
     # (GEMM k-means, shards, sa_encode partials) from which vectors were trained on,
     # since faiss's own recall moves by about 0.015 between 199k-of-200k training subsets
-    cfg = BuildConfig(embeddings=root, out=out, shards=shards_n, factory=factory, eval_queries=1000,
-                      train_size=train_size)
-    sample = sample_vectors(cfg, shards.read_manifest(root), 0.5, len(xb), choose(len(xb), d, None, factory,
-                                                                          train_size).train_size)[0]
+    src = Source(root, shards.read_manifest(root), "image", 0.5)
+    sample = sample_vectors(src, len(xb), choose(len(xb), d, None, factory, train_size).train_size, 1000)[0]
     same = faiss.index_factory(d, factory)
     same.train(sample)
     same.add(xb)

@@ -23,7 +23,7 @@ from mimdex.infra import storage
 from mimdex.pipelines import train_job
 from mimdex.pipelines.model_eval import evaluate_bundle
 from mimdex.pipelines.synth import job as synth
-from mimdex.pipelines.synth.plan import SynthConfig
+from mimdex.pipelines.synth import SynthConfig
 
 VARIANTS = ("image-only", "3-tower", "4-tower")
 

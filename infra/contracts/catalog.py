@@ -1,0 +1,258 @@
+"""The catalog contract: its schema, which rows are rejected and why, and the content hash.
+
+A catalog is Parquet (a file or a directory, any fsspec URI) with ``product_id: string``,
+``title: string`` (or binary holding UTF-8) and ``image: binary`` or ``image_uri: string``;
+other columns are product metadata carried into the id maps. Encode and the refresh
+diff both judge rows here, so a row encode rejects is judged the same way the next night.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+
+# Every reason a catalog row can be rejected with, in the order they are checked
+# (docs/contracts.md, "Reject reasons").
+REASONS = ("product_id_empty", "duplicate_product_id", "title_empty", "image_missing", "title_not_utf8",
+           "image_uri_unreachable", "image_empty", "image_too_large", "image_corrupt")
+
+# Reasons that belong to a row, not to a product: the product (if any) is judged by its
+# first good occurrence, so the diff does not remember these per product_id.
+ROW_ONLY_REASONS = ("product_id_empty", "duplicate_product_id")
+
+REJECT_SCHEMA = pa.schema([
+    ("product_id", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("source", pa.string()), ("row", pa.int64()),
+    # the row's state when it was rejected (row_state): an unchanged row stays rejected
+    # the next night instead of counting as new
+    ("content_hash", pa.string()),
+])
+
+_STRING = (pa.types.is_string, pa.types.is_large_string)
+_BINARY = (pa.types.is_binary, pa.types.is_large_binary)
+
+
+def _is(t: pa.DataType, kinds) -> bool:
+    return any(check(t) for check in kinds)
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Columns:
+    image: str   # "image" (encoded bytes) or "image_uri"
+    title: str   # "string" or "binary" (bytes that must be UTF-8)
+
+
+def check_schema(uri: str, schema: pa.Schema) -> Columns:
+    """The image and title columns of a catalog file, or exit 65 naming column and file."""
+    names = set(schema.names)
+
+    def need(col: str, kinds, expected: str) -> None:
+        if col not in names:
+            raise DataError(f"catalog {uri}: missing required column '{col}' ({expected})")
+        if not _is(schema.field(col).type, kinds):
+            raise DataError(f"catalog {uri}: column '{col}' has type {schema.field(col).type}; expected {expected}")
+
+    need("product_id", _STRING, "string")
+    title = "binary" if "title" in names and _is(schema.field("title").type, _BINARY) else "string"
+    if title == "string":
+        need("title", _STRING, "string")
+    if "image" in names:
+        need("image", _BINARY, "binary: encoded JPEG/PNG/WebP bytes")
+        return Columns("image", title)
+    if "image_uri" in names:
+        need("image_uri", _STRING, "string: an fsspec URI, relative to the catalog root")
+        return Columns("image_uri", title)
+    raise DataError(f"catalog {uri}: missing required column 'image' (binary) or 'image_uri' (string)")
+
+
+def catalog_files(catalog: str) -> tuple[list[str], str]:
+    """Sorted Parquet file URIs of the catalog, and the root relative image_uris resolve against."""
+    try:
+        dataset = storage.parquet_dataset(catalog)
+    except pa.ArrowException as exc:
+        raise DataError(f"catalog {catalog}: not a readable Parquet file or directory: {exc}") from exc
+    fs, path = storage.resolve(catalog)
+    files = sorted(dataset.files)
+    if not files:
+        raise DataError(f"catalog {catalog}: no Parquet files found")
+    root = catalog if fs.isdir(path) else posixpath.dirname(str(catalog).rstrip("/"))
+    return [fs.unstrip_protocol(f) for f in files], root
+
+
+@contextlib.contextmanager
+def open_file(uri: str) -> Iterator[pq.ParquetFile]:
+    """A catalog file as a ParquetFile whose schema has been checked; any Arrow error
+    while it is open becomes exit 65 naming the file."""
+    with storage.open_read(uri) as f:
+        try:
+            pf = pq.ParquetFile(f)
+            yield pf
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"catalog {uri}: not a readable Parquet file: {exc}") from exc
+
+
+def read_columns(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Table, Columns]:
+    """product_id, title and the image column of a file (or of some of its row groups)."""
+    with open_file(uri) as pf:
+        cols = check_schema(uri, pf.schema_arrow)
+        names = ["product_id", "title", cols.image]
+        table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
+    return table, cols
+
+
+def resolve_uri(root: str, uri: str) -> str:
+    """An image_uri as written in the catalog -> a URI to read (relative to the catalog root)."""
+    return uri if "://" in uri or uri.startswith("/") else storage.join(root, uri)
+
+
+def fetch_image(uri: str) -> bytes | Problem:
+    """The bytes behind an image_uri, or the Problem that rejects its row. A transient
+    storage failure raises instead: a retry may succeed, so it must not stick as a reject."""
+    try:
+        return storage.read_bytes(uri)
+    except storage.ObjectNotFound as exc:
+        return Problem("image_uri_unreachable", str(exc))
+    except storage.StorageFailure as exc:
+        if isinstance(exc.__cause__, (PermissionError, IsADirectoryError)):
+            return Problem("image_uri_unreachable", str(exc))
+        raise
+    except (ValueError, ImportError) as exc:  # unknown protocol, malformed URI
+        return Problem("image_uri_unreachable", f"{uri}: {exc}")
+
+
+def row_problem(product_id: str | None, title: bytes | None, image, duplicate_of: str | None = None) -> Problem | None:
+    """Why a row cannot be encoded, judged before its image is read (None: it can be tried).
+
+    ``title`` is the raw UTF-8 bytes, ``image`` the image bytes or URI, ``duplicate_of``
+    where the product_id was first seen if this row repeats it. The order of the checks
+    is part of the contract: a row is rejected for the first rule it breaks.
+    """
+    if not product_id:
+        return Problem("product_id_empty", "product_id is null or empty")
+    if duplicate_of is not None:
+        return Problem("duplicate_product_id", f"first seen at {duplicate_of}")
+    if title is None or not title.strip():
+        return Problem("title_empty", "title is null or blank")
+    if image is None:
+        return Problem("image_missing", "the image column is null")
+    try:
+        if not title.decode("utf-8").strip():
+            return Problem("title_empty", "title is blank")
+    except UnicodeDecodeError as exc:
+        return Problem("title_not_utf8", f"title bytes are not UTF-8: {exc}")
+    return None
+
+
+def content_hash(image: bytes, title: str, model_sha256: str) -> str:
+    """sha256 of the length-prefixed image bytes, title (UTF-8) and model sha256: a row
+    whose hash is unchanged would encode to the same vectors."""
+    h = hashlib.sha256()
+    for part in (image, title.encode("utf-8"), model_sha256.encode("ascii")):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def rejected_state(reason: str) -> str:
+    """The state recorded for a row rejected before its image bytes were seen: it stays
+    rejected until the row changes so that another (or no) rule applies."""
+    return f"reject:{reason}"
+
+
+def titles_as_bytes(table: pa.Table) -> list[bytes | None]:
+    return table.column("title").cast(pa.large_binary()).to_pylist()
+
+
+def duplicate_rows(uris: list[str], ids: list[pa.Array]) -> dict[tuple[int, int], str]:
+    """(file index, row) -> where its product_id was first seen, for every repeat.
+
+    Catalog order (files sorted, rows in order) decides: the first occurrence is the
+    product, later ones are rejected. Vectorised: one sort of the id column, no dict of
+    every product_id.
+    """
+    if not ids:
+        return {}
+    all_ids = pa.chunked_array([a.cast(pa.large_string()) for a in ids], pa.large_string())
+    file_of = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)])
+    row_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in ids])
+    table = pa.table({"id": all_ids, "pos": np.arange(len(all_ids), dtype=np.int64)})
+    table = table.filter(pc.and_(pc.is_valid(table["id"]), pc.not_equal(table["id"], "")))
+    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending"), ("pos", "ascending")]))
+    sorted_ids = table["id"].combine_chunks()
+    same = np.zeros(len(table), bool)
+    if len(table) > 1:
+        same[1:] = pc.equal(sorted_ids[1:], sorted_ids[:-1]).to_numpy(zero_copy_only=False)
+    pos = table["pos"].to_numpy()
+    run_start = np.maximum.accumulate(np.where(same, 0, np.arange(len(table))))  # each repeat -> its run's first
+    out: dict[tuple[int, int], str] = {}
+    for i in np.flatnonzero(same):
+        keep = pos[run_start[i]]
+        out[(int(file_of[pos[i]]), int(row_of[pos[i]]))] = f"{uris[file_of[keep]]} row {int(row_of[keep])}"
+    return out
+
+
+def first_rows(product_ids: list[str | None]) -> dict[str, int]:
+    """product_id -> the position of its first row (the product; later rows repeat it)."""
+    first: dict[str, int] = {}
+    for i, pid in enumerate(product_ids):
+        if pid:
+            first.setdefault(pid, i)
+    return first
+
+
+def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) -> pa.Table | None:
+    """The catalog columns behind ``product_ids`` (from their source file's row groups),
+    minus image bytes, aligned with ``product_ids``; first occurrence wins, as in encode."""
+    with open_file(source) as pf:
+        cols = [c for c in pf.schema_arrow.names if c != "image"]
+        table = pf.read_row_groups(row_groups, columns=cols)
+    first = first_rows(table.column("product_id").to_pylist())
+    idx = [first.get(p, -1) for p in product_ids]
+    taken = table.take(pa.array([max(i, 0) for i in idx], pa.int64()))
+    missing = pa.array([i < 0 for i in idx], pa.bool_())
+    out = {c: pc.if_else(missing, pa.nulls(len(idx), taken.column(c).type), taken.column(c))
+           for c in taken.column_names if c != "product_id"}
+    return pa.table(out) if out else None
+
+
+def write_subset(catalog: str, wanted: set[str], out: str) -> int:
+    """The first catalog row of each wanted product_id, as one Parquet file at ``out``
+    (relative image_uris made absolute so they resolve from there). Returns its rows."""
+    files, root = catalog_files(catalog)
+    tables, seen = [], set()
+    for uri in files:
+        with open_file(uri) as pf:
+            cols = check_schema(uri, pf.schema_arrow)
+            t = pf.read()
+        t = t.filter(pc.fill_null(pc.is_in(t["product_id"], pa.array(sorted(wanted - seen), pa.string())), False))
+        first = first_rows(t.column("product_id").to_pylist())
+        if not first:
+            continue
+        t = t.take(pa.array(sorted(first.values()), pa.int64()))
+        seen |= set(first)
+        if cols.image == "image_uri":
+            uris = [resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]
+            t = t.set_column(t.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
+        tables.append(t)
+    if not tables:
+        raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids to encode is in it any more")
+    table = pa.concat_tables(tables, promote_options="permissive")
+    with storage.open_write(out) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=2048)
+    return table.num_rows

@@ -1,0 +1,278 @@
+"""The embeddings contract: part files, reject files and the manifest that lists them.
+
+Layout under an embeddings root (docs/contracts.md, "Embedding shards"):
+
+    part-00042.parquet           product_id, image_emb, [text_emb,] content_hash
+    rejects/part-00042.parquet   REJECT_SCHEMA (catalog.py)
+    manifest.json                written last: the root is complete; readers take the
+                                 part list from it, never from a listing
+    runs/<run>/..., manifests/<run>.json   a refresh's delta encodes and composite manifests
+
+A composite manifest reuses earlier parts: an entry's ``exclude`` lists product_ids that
+a later run re-encoded, re-judged or deleted, and readers drop them from the part and its
+rejects alike (``live_rows``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mimdex.infra import storage
+from mimdex.infra.contracts.catalog import REJECT_SCHEMA, ROW_ONLY_REASONS
+from mimdex.infra.contracts.files import FileRef, read_table_checked, write_parquet
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.errors import DataError
+
+MANIFEST_FORMAT = "mimdex-embeddings/1"
+DTYPES = ("float16", "float32")
+PA_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+RECORDED_IN = "the embeddings manifest"
+
+
+@dataclass(frozen=True)
+class PartEntry:
+    """One encoded unit as a manifest lists it."""
+
+    name: str
+    part: FileRef
+    rejects: FileRef | None = None
+    reject_reasons: dict = field(default_factory=dict)
+    unit: int = 0
+    fingerprint: str = "-"
+    source: str | None = None            # the catalog file the unit came from
+    row_groups: tuple[int, ...] = ()
+    input_rows: int = 0
+    exclude: tuple[str, ...] = ()        # product_ids later runs superseded
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "unit": self.unit, "fingerprint": self.fingerprint, "source": self.source,
+               "row_groups": list(self.row_groups), "input_rows": self.input_rows, "part": self.part.to_json(),
+               "rejects": ({**self.rejects.to_json(), "reasons": dict(sorted(self.reject_reasons.items()))}
+                           if self.rejects else None)}
+        if self.exclude:
+            out["exclude"] = sorted(self.exclude)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "PartEntry":
+        rej = obj.get("rejects")
+        return cls(name=obj["name"], part=FileRef.from_json(obj["part"]), rejects=FileRef.from_json(rej),
+                   reject_reasons=dict((rej or {}).get("reasons", {})), unit=int(obj.get("unit", 0)),
+                   fingerprint=obj.get("fingerprint", "-"), source=obj.get("source"),
+                   row_groups=tuple(obj.get("row_groups", ())), input_rows=int(obj.get("input_rows", 0)),
+                   exclude=tuple(obj.get("exclude", ())))
+
+    def moved(self, name: str, prefix: str) -> "PartEntry":
+        """The same part seen from a root ``prefix`` levels above its own (refresh runs)."""
+        def under(ref):
+            return replace(ref, file=f"{prefix}/{ref.file}") if ref else None
+        return replace(self, name=name, part=under(self.part), rejects=under(self.rejects))
+
+
+@dataclass(frozen=True)
+class EmbeddingsManifest:
+    model: ModelRef
+    dtype: str
+    parts: tuple[PartEntry, ...]
+    catalog: str = "-"
+    unit_rows: int = 0
+    counts: dict = field(default_factory=dict)   # input_rows, encoded, rejected, rejects_by_reason
+    created_at: str = ""
+    run: str | None = None                       # the refresh run that made a composite manifest
+
+    def to_json(self) -> dict:
+        out = {"format": MANIFEST_FORMAT, "created_at": self.created_at, "model": self.model.to_json(),
+               "dtype": self.dtype, "catalog": self.catalog, "unit_rows": self.unit_rows, "counts": self.counts,
+               "parts": [p.to_json() for p in self.parts]}
+        if self.run:
+            out["run"] = self.run
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict, uri: str = "manifest") -> "EmbeddingsManifest":
+        try:
+            return cls(model=ModelRef.from_json(obj["model"]), dtype=obj["dtype"],
+                       parts=tuple(PartEntry.from_json(p) for p in obj["parts"]), catalog=obj.get("catalog", "-"),
+                       unit_rows=int(obj.get("unit_rows", 0)), counts=dict(obj.get("counts", {})),
+                       created_at=obj.get("created_at", ""), run=obj.get("run"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{uri}: not a valid {MANIFEST_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
+
+    @property
+    def encoded(self) -> int:
+        return int(self.counts.get("encoded", 0))
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def manifest_uri(root: str, name: str = "manifest.json") -> str:
+    return storage.join(root, name)
+
+
+def read_manifest(root: str, name: str = "manifest.json") -> EmbeddingsManifest:
+    """The manifest of a complete embeddings root, or exit 65 saying why it is not one."""
+    uri = manifest_uri(root, name)
+    obj = storage.read_manifest(uri, MANIFEST_FORMAT,
+                                f"embeddings {root}: no {name} (the encode run has not completed)")
+    return EmbeddingsManifest.from_json(obj, uri)
+
+
+def has_manifest(root: str) -> bool:
+    return storage.exists(manifest_uri(root))
+
+
+def write_manifest(root: str, manifest: EmbeddingsManifest, name: str = "manifest.json") -> str:
+    uri = manifest_uri(root, name)
+    storage.write_json(uri, manifest.to_json())
+    return uri
+
+
+def build_manifest(entries: list[PartEntry], model: ModelRef, dtype: str, catalog: str, unit_rows: int,
+                   encoded: int | None = None, run: str | None = None) -> EmbeddingsManifest:
+    reasons: Counter[str] = Counter()
+    for e in entries:
+        reasons.update(e.reject_reasons)
+    counts = {"input_rows": sum(e.input_rows for e in entries),
+              "encoded": sum(e.part.rows or 0 for e in entries) if encoded is None else encoded,
+              "rejected": sum((e.rejects.rows or 0) if e.rejects else 0 for e in entries),
+              "rejects_by_reason": dict(sorted(reasons.items()))}
+    return EmbeddingsManifest(model=model, dtype=dtype, parts=tuple(entries), catalog=catalog, unit_rows=unit_rows,
+                              counts=counts, created_at=now(), run=run)
+
+
+# ---- part files -------------------------------------------------------------------------
+
+def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str) -> pa.Schema:
+    # An image-only model has no text tower, so its parts have no text_emb column (an
+    # all-null fixed_size_list column does not survive a Parquet round trip in pyarrow).
+    vec = pa.list_(PA_DTYPES[dtype], model.d)
+    fields = [("product_id", pa.string()), ("image_emb", vec)] + ([("text_emb", vec)] if model.has_text else [])
+    meta = {"model_sha256": model.sha256, "variant": model.variant, "d": model.d, "dtype": dtype, "unit": unit,
+            "fingerprint": fingerprint}
+    return pa.schema(fields + [("content_hash", pa.string())], metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
+
+
+def _vectors(emb: np.ndarray, d: int, dtype: str) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1), PA_DTYPES[dtype])
+    return pa.FixedSizeListArray.from_arrays(flat, d)
+
+
+def part_table(model: ModelRef, dtype: str, unit: str, fingerprint: str, product_ids: list[str],
+               content_hashes: list[str], image_emb: np.ndarray, text_emb: np.ndarray | None) -> pa.Table:
+    n = len(product_ids)
+    if image_emb.shape != (n, model.d) or (model.has_text and (text_emb is None or text_emb.shape != (n, model.d))):
+        raise ValueError(f"{unit}: embeddings of shape {image_emb.shape} for {n} products of d={model.d}")
+    cols = [pa.array(product_ids, pa.string()), _vectors(image_emb, model.d, dtype)]
+    if model.has_text:
+        cols.append(_vectors(text_emb, model.d, dtype))
+    return pa.table(cols + [pa.array(content_hashes, pa.string())],
+                    schema=part_schema(model, dtype, unit, fingerprint))
+
+
+def write_part(root: str, name: str, table: pa.Table, rejects: list[dict]) -> tuple[FileRef, FileRef | None, dict]:
+    """A unit's part and its rejects, each written whole: (part, rejects, reasons)."""
+    part = write_parquet(root, f"{name}.parquet", table)
+    stale = storage.join(root, "rejects", f"{name}.parquet")
+    if not rejects:
+        if storage.exists(stale):
+            storage.delete(stale)  # an earlier run of this unit had rejects; this one has none
+        return part, None, {}
+    rej = write_parquet(root, f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, REJECT_SCHEMA))
+    return part, rej, dict(Counter(r["reason"] for r in rejects))
+
+
+def check_part_schema(uri: str, schema: pa.Schema, model: ModelRef, dtype: str) -> None:
+    """Refuse a part whose d, dtype or model differ from its manifest's (exit 65, named)."""
+    want = {"d": str(model.d), "dtype": dtype, "model_sha256": model.sha256}
+    meta = schema.metadata or {}
+    diffs = [f"{k} {meta.get(f'mimdex.{k}'.encode(), b'?').decode()} != {v}" for k, v in want.items()
+             if meta.get(f"mimdex.{k}".encode()) != v.encode()]
+    if "image_emb" not in schema.names or "product_id" not in schema.names:
+        diffs.append("no product_id/image_emb column")
+    if diffs:
+        raise DataError(f"embeddings part {uri} does not match its manifest: {', '.join(diffs)}")
+
+
+def live_rows(table: pa.Table, entry: PartEntry) -> pa.Table:
+    """A part's (or its rejects') rows minus the product_ids later runs superseded."""
+    if not entry.exclude:
+        return table
+    return table.filter(pc.invert(pc.fill_null(pc.is_in(table["product_id"], pa.array(entry.exclude, pa.string())),
+                                               False)))
+
+
+def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
+              columns: list[str] | None = None) -> pa.Table:
+    """A part's live rows, verified against the manifest's sha256 and model (exit 65, named)."""
+    table = read_table_checked(root, entry.part, "embeddings part", RECORDED_IN)
+    check_part_schema(storage.join(root, entry.part.file), table.schema, model, dtype)
+    return live_rows(table.select(columns) if columns else table, entry)
+
+
+def read_rejects(root: str, entry: PartEntry) -> pa.Table:
+    if entry.rejects is None:
+        return REJECT_SCHEMA.empty_table()
+    table = read_table_checked(root, entry.rejects, "embeddings rejects", RECORDED_IN)
+    if "content_hash" not in table.column_names:  # written before rejects remembered their state
+        table = table.append_column("content_hash", pa.nulls(table.num_rows, pa.string()))
+    return live_rows(table.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA), entry)
+
+
+def read_all(root: str, manifest: EmbeddingsManifest, which: str = "part") -> pa.Table:
+    """Every live part row (or reject row) a manifest lists, in part order."""
+    if which == "part":
+        tables = [read_part(root, e, manifest.model, manifest.dtype) for e in manifest.parts]
+        return pa.concat_tables(tables) if tables else pa.table({"product_id": pa.array([], pa.string())})
+    tables = [read_rejects(root, e) for e in manifest.parts]
+    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
+
+@dataclass(frozen=True)
+class PreviousState:
+    """What the current embeddings say about each product_id: the state it was encoded
+    or rejected in, and the part entry that holds it (for exclusion)."""
+
+    state: dict[str, str]
+    where: dict[str, str]
+    encoded: frozenset[str]
+
+
+def previous_state(root: str, manifest: EmbeddingsManifest) -> PreviousState:
+    state: dict[str, str] = {}
+    where: dict[str, str] = {}
+    encoded: set[str] = set()
+    for entry in manifest.parts:
+        rej = read_rejects(root, entry)
+        rej = rej.filter(pc.invert(pc.is_in(rej["reason"], pa.array(ROW_ONLY_REASONS, pa.string()))))
+        for pid, h in zip(rej.column("product_id").to_pylist(), rej.column("content_hash").to_pylist()):
+            if pid:
+                state[pid], where[pid] = h or "", entry.name
+        part = read_part(root, entry, manifest.model, manifest.dtype, ["product_id", "content_hash"])
+        pids = part.column("product_id").to_pylist()
+        state.update(zip(pids, part.column("content_hash").to_pylist()))
+        where.update((p, entry.name) for p in pids)
+        encoded.update(pids)
+    return PreviousState(state, where, frozenset(encoded))
+
+
+def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model: ModelRef, dtype: str = "float16",
+                  parts: int = 1, text_vectors: np.ndarray | None = None) -> EmbeddingsManifest:
+    """An embeddings root from vectors computed elsewhere (an import, a benchmark, a test):
+    the parts and manifest encode writes, content_hash "-" (no catalog behind them)."""
+    entries = []
+    for i, sl in enumerate(np.array_split(np.arange(len(product_ids)), max(1, parts))):
+        name = f"part-{i:05d}"
+        text = (vectors if text_vectors is None else text_vectors)[sl] if model.has_text else None
+        table = part_table(model, dtype, name, "-", [product_ids[j] for j in sl], ["-"] * len(sl), vectors[sl], text)
+        part, _, _ = write_part(root, name, table, [])
+        entries.append(PartEntry(name=name, part=part, unit=i, input_rows=len(sl)))
+    manifest = build_manifest(entries, model, dtype, "-", 0)
+    write_manifest(root, manifest)
+    return manifest

@@ -1,0 +1,81 @@
+"""Parquet files that others read: written whole with their checksum, read back with
+errors that name the file (exit 65), never an Arrow traceback."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mimdex.infra import storage
+from mimdex.infra.errors import DataError
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file a manifest lists: its path relative to the manifest's root, checksum, size."""
+
+    file: str
+    sha256: str
+    bytes: int
+    rows: int | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: dict | None) -> "FileRef | None":
+        if obj is None:
+            return None
+        return cls(file=obj["file"], sha256=obj["sha256"], bytes=int(obj["bytes"]), rows=obj.get("rows"))
+
+
+def write_parquet(root: str, name: str, table: pa.Table, row_group_size: int | None = None) -> FileRef:
+    with storage.open_write(storage.join(root, name)) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=row_group_size or max(1, table.num_rows))
+    return FileRef(name, f.sha256(), f.bytes_written, table.num_rows)
+
+
+def table_from_bytes(data: bytes, uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{what} {uri}: not a readable Parquet file: {exc}") from exc
+
+
+def read_parquet(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file; exit 65 naming it if it is missing, not Parquet or lacks columns."""
+    return table_from_bytes(storage.read_bytes(uri), uri, what, columns)
+
+
+def read_checked(root: str, ref: FileRef, what: str, recorded_in: str) -> bytes:
+    """A listed file's bytes, refused (exit 65) unless they match the recorded sha256."""
+    return storage.read_verified(storage.join(root, ref.file), ref.sha256, recorded_in)
+
+
+def read_table_checked(root: str, ref: FileRef, what: str, recorded_in: str,
+                       columns: list[str] | None = None) -> pa.Table:
+    uri = storage.join(root, ref.file)
+    return table_from_bytes(read_checked(root, ref, what, recorded_in), uri, what, columns)
+
+
+def parquet_metadata(uri: str, what: str) -> pq.FileMetaData:
+    """The footer of a Parquet file (schema, row groups) without reading its data."""
+    with storage.open_read(uri) as f:
+        try:
+            return pq.ParquetFile(f).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{what} {uri}: not a readable Parquet file: {exc}") from exc
+
+
+def read_dataset(uri: str, what: str, required: tuple[str, ...] = (), columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory as one table (or some of its columns); exit 65 naming
+    it if unreadable or if a required column is missing."""
+    try:
+        dataset = storage.parquet_dataset(uri)
+        for col in (*required, *(columns or ())):
+            if col not in dataset.schema.names:
+                raise DataError(f"{what} {uri}: missing required column '{col}' (has {dataset.schema.names})")
+        return dataset.to_table(columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{what} {uri}: not a readable Parquet file or directory: {exc}") from exc

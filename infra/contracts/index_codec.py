@@ -1,0 +1,115 @@
+"""The stored form of an index: the trained (empty) IVF-PQ once per version, and each
+shard's inverted lists as faiss writes them (flat codes + int64 ids). Together they make
+a complete faiss index (``shard_index``)."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def serialize(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def coarse_bytes(nlist: int) -> int:
+    """Bytes faiss's IVF sa_encode puts before each code for its list number."""
+    nbytes, nl = 0, nlist - 1
+    while nl > 0:
+        nbytes, nl = nbytes + 1, nl >> 8
+    return nbytes
+
+
+def split_codes(nlist: int, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss IVF sa_encode output -> (list numbers, PQ codes)."""
+    cb = coarse_bytes(nlist)
+    lists = np.zeros(len(codes), np.int64)
+    for b in range(cb):
+        lists |= codes[:, b].astype(np.int64) << (8 * b)
+    return lists, np.ascontiguousarray(codes[:, cb:])
+
+
+def encode(trained: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(list numbers, PQ codes) of vectors under a trained IVF index."""
+    ivf = faiss.extract_index_ivf(trained)
+    if not len(vectors):
+        return np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8)
+    return split_codes(ivf.nlist, trained.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32)))
+
+
+def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray) -> bytes:
+    """(id, list number, PQ code) rows -> faiss inverted lists, serialised.
+
+    Stored flat (ArrayInvertedLists): the quantizer and codebooks are in trained.index,
+    once, and fast-scan's 32-code blocks are rebuilt when a reader loads the shard.
+    """
+    order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
+    ids, lists, codes = ids[order], lists[order], np.ascontiguousarray(codes[order])
+    flat = faiss.ArrayInvertedLists(nlist, code_size)
+    bounds = np.searchsorted(lists, np.arange(nlist + 1))
+    for lst in np.flatnonzero(np.diff(bounds)).tolist():
+        a, b = bounds[lst], bounds[lst + 1]
+        flat.add_entries(lst, int(b - a), faiss.swig_ptr(np.ascontiguousarray(ids[a:b])),
+                         faiss.swig_ptr(np.ascontiguousarray(codes[a:b])))
+    writer = faiss.VectorIOWriter()
+    faiss.write_InvertedLists(flat, writer)
+    return faiss.vector_to_array(writer.data).tobytes()
+
+
+def _read_lists(data: bytes):
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
+    try:
+        return faiss.downcast_InvertedLists(faiss.read_InvertedLists(reader))
+    except RuntimeError as exc:
+        raise ValueError(f"not faiss inverted lists: {str(exc).splitlines()[0]}") from exc
+
+
+def decoded_lists(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of encoded_lists: (ids, list numbers, PQ codes) of a stored shard."""
+    flat = _read_lists(data)
+    ids, lists, codes = [], [], []
+    for lst in range(flat.nlist):
+        n = flat.list_size(lst)
+        if n:
+            ids.append(faiss.rev_swig_ptr(flat.get_ids(lst), n).copy())
+            codes.append(faiss.rev_swig_ptr(flat.get_codes(lst), n * flat.code_size).copy().reshape(n, -1))
+            lists.append(np.full(n, lst, np.int64))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, flat.code_size), np.uint8)
+    return np.concatenate(ids), np.concatenate(lists), np.concatenate(codes)
+
+
+def shard_index(trained: bytes, lists: bytes) -> faiss.Index:
+    """trained.index + a shard's inverted lists -> a complete, searchable faiss index."""
+    index = deserialize(trained)
+    flat = _read_lists(lists)
+    ivf = faiss.extract_index_ivf(index)
+    if flat.nlist != ivf.nlist or flat.code_size != ivf.code_size:
+        raise ValueError(f"inverted lists ({flat.nlist} lists of {flat.code_size}-byte codes) do not fit the "
+                         f"trained index ({ivf.nlist}, {ivf.code_size})")
+    dst = faiss.downcast_InvertedLists(ivf.invlists)
+    packer = ivf.get_CodePacker() if isinstance(dst, faiss.BlockInvertedLists) else None
+    for lst in range(flat.nlist):
+        n = flat.list_size(lst)
+        if not n:
+            continue
+        if packer is None:
+            dst.add_entries(lst, n, flat.get_ids(lst), flat.get_codes(lst))
+            continue
+        # BlockInvertedLists.add_entries into an empty list copies whole packed blocks
+        codes = faiss.rev_swig_ptr(flat.get_codes(lst), n * ivf.code_size)
+        nblocks = (n + packer.nvec - 1) // packer.nvec
+        padded = np.zeros(nblocks * packer.nvec * ivf.code_size, np.uint8)
+        padded[: len(codes)] = codes
+        packed = np.empty(nblocks * packer.block_size, np.uint8)
+        for b in range(nblocks):
+            packer.pack_all(faiss.swig_ptr(padded[b * packer.nvec * ivf.code_size:]),
+                            faiss.swig_ptr(packed[b * packer.block_size:]))
+        dst.add_entries(lst, n, flat.get_ids(lst), faiss.swig_ptr(packed))
+    ivf.ntotal = sum(flat.list_size(i) for i in range(flat.nlist))
+    index.ntotal = ivf.ntotal
+    return index

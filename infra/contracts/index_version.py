@@ -1,0 +1,207 @@
+"""The published-index contract: a version's files, its manifest, and the LATEST pointer.
+
+    <root>/versions/<version>/trained.index          the empty trained IVF-PQ, once
+    <root>/versions/<version>/shard-00003.index      the shard's inverted lists (index_codec)
+    <root>/versions/<version>/shard-00003.ids.parquet  id (sorted), product_id, catalog metadata
+    <root>/versions/<version>/manifest.json          written last, create-only: the version is complete
+    <root>/LATEST                                    {"version", "previous", "published_at"}
+
+A publisher reads LATEST when it starts (its parent) and replaces it only if it still
+names that parent: of two builds racing on one root exactly one publishes; the other gets
+exit 75 and its complete, unpublished version stays for inspection.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mimdex.infra import storage
+from mimdex.infra.contracts.files import FileRef, read_checked, table_from_bytes
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.errors import DataError
+
+INDEX_FORMAT = "mimdex-index/1"
+RECORDED_IN = "the index manifest"
+_VERSION_FORMATS = ("%Y%m%dT%H%M%S%fZ", "%Y%m%dT%H%M%SZ")
+
+
+def new_version() -> str:
+    # microseconds: names sort in creation order even for builds a second apart
+    return dt.datetime.now(dt.timezone.utc).strftime(_VERSION_FORMATS[0]) + "-" + uuid.uuid4().hex[:6]
+
+
+def created(version: str) -> dt.datetime | None:
+    for fmt in _VERSION_FORMATS:
+        try:
+            return dt.datetime.strptime(version.split("-")[0], fmt).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+def version_uri(root: str, version: str) -> str:
+    return storage.join(root, "versions", version)
+
+
+def latest_uri(root: str) -> str:
+    return storage.join(root, "LATEST")
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    shard: int
+    name: str
+    ntotal: int
+    index: FileRef
+    ids: FileRef
+
+    def to_json(self) -> dict:
+        return {"shard": self.shard, "name": self.name, "ntotal": self.ntotal, "index": self.index.to_json(),
+                "ids": self.ids.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ShardEntry":
+        return cls(int(obj["shard"]), obj["name"], int(obj["ntotal"]), FileRef.from_json(obj["index"]),
+                   FileRef.from_json(obj["ids"]))
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    version: str
+    model: ModelRef
+    vector: str
+    fuse_alpha: float
+    params: dict                 # factory, nlist, m, nbits, train_size, d, metric, reasons
+    shards: tuple[ShardEntry, ...]
+    trained: FileRef
+    default_nprobe: int = 1
+    recall_target: float = 0.95
+    training: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)   # uri, manifest_created_at, parts
+    counts: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    parent: str | None = None
+
+    @property
+    def factory(self) -> str:
+        return self.params["factory"]
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {"format": INDEX_FORMAT, "version": self.version, "model": self.model.to_json(), "vector": self.vector,
+                "fuse_alpha": self.fuse_alpha, "factory": self.factory, "params": self.params,
+                "training": self.training, "default_nprobe": self.default_nprobe,
+                "recall_target": self.recall_target, "shards": [s.to_json() for s in self.shards],
+                "trained": self.trained.to_json(), "embeddings": self.embeddings, "counts": self.counts,
+                "evaluation": self.evaluation, "parent": self.parent}
+
+    @classmethod
+    def from_json(cls, obj: dict, uri: str = "manifest") -> "IndexManifest":
+        try:
+            return cls(version=obj["version"], model=ModelRef.from_json(obj["model"]), vector=obj["vector"],
+                       fuse_alpha=float(obj.get("fuse_alpha", 0.5)), params=dict(obj["params"]),
+                       shards=tuple(ShardEntry.from_json(s) for s in obj["shards"]),
+                       trained=FileRef.from_json(obj["trained"]), default_nprobe=int(obj.get("default_nprobe") or 1),
+                       recall_target=float(obj.get("recall_target", 0.95)), training=dict(obj.get("training") or {}),
+                       embeddings=dict(obj.get("embeddings") or {}), counts=dict(obj.get("counts") or {}),
+                       evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{uri}: not a valid {INDEX_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
+
+
+def read_manifest(root: str, version: str) -> IndexManifest:
+    uri = storage.join(version_uri(root, version), "manifest.json")
+    obj = storage.read_manifest(uri, INDEX_FORMAT, f"index {root}: version {version} has no manifest.json "
+                                                   "(incomplete or not an index version)")
+    return IndexManifest.from_json(obj, uri)
+
+
+def write_manifest(root: str, manifest: IndexManifest) -> None:
+    storage.write_json(storage.join(version_uri(root, manifest.version), "manifest.json"), manifest.to_json(),
+                       create_only=True)
+
+
+def is_complete(root: str, version: str) -> bool:
+    return storage.exists(storage.join(version_uri(root, version), "manifest.json"))
+
+
+@dataclass(frozen=True)
+class LatestPointer:
+    version: str
+    previous: str | None = None
+    published_at: str | None = None
+
+
+def read_latest(root: str) -> tuple[LatestPointer | None, str | None]:
+    """LATEST (None if nothing was published) and its version token for a conditional
+    replace; a pointer that is not one is exit 65 naming it."""
+    data, token = storage.read_versioned(latest_uri(root))
+    if data is None:
+        return None, None
+    try:
+        obj = json.loads(data)
+        return LatestPointer(str(obj["version"]), obj.get("previous"), obj.get("published_at")), token
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{latest_uri(root)}: not a mimdex LATEST pointer: {exc}") from exc
+
+
+def latest_version(root: str) -> str | None:
+    pointer, _ = read_latest(root)
+    return pointer.version if pointer else None
+
+
+def point_latest(root: str, version: str, expected_token: str | None, previous: str | None) -> None:
+    """Replace LATEST with ``version`` if it is still what the caller read (exit 75 if not)."""
+    read_manifest(root, version)  # never point at an incomplete version
+    body = json.dumps({"version": version, "previous": previous,
+                       "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                      indent=2, sort_keys=True).encode() + b"\n"
+    storage.replace_if(latest_uri(root), body, expected_token)
+
+
+def list_versions(root: str) -> list[str]:
+    base = storage.join(root, "versions")
+    if not storage.exists(base):
+        return []
+    fs, path = storage.resolve(base)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def empty_idmap() -> pa.Table:
+    return pa.table({"id": pa.array([], pa.int64()), "product_id": pa.array([], pa.string())})
+
+
+def write_shard(version_dir: str, shard: int, lists: bytes, ntotal: int, idmap: pa.Table) -> ShardEntry:
+    """A shard's inverted lists and its id map (sorted by id), each written whole."""
+    name = shard_name(shard)
+    with storage.open_write(storage.join(version_dir, f"{name}.index")) as f:
+        f.write(lists)
+    index_ref = FileRef(f"{name}.index", f.sha256(), f.bytes_written)
+    with storage.open_write(storage.join(version_dir, f"{name}.ids.parquet")) as f:
+        pq.write_table(idmap.sort_by("id"), f, compression="zstd")
+    ids_ref = FileRef(f"{name}.ids.parquet", f.sha256(), f.bytes_written)
+    return ShardEntry(shard, name, int(ntotal), index_ref, ids_ref)
+
+
+def read_trained(version_dir: str, ref: FileRef) -> bytes:
+    return read_checked(version_dir, ref, "trained index", RECORDED_IN)
+
+
+def read_shard(version_dir: str, entry: ShardEntry) -> tuple[bytes, pa.Table]:
+    """A shard's inverted lists and id map, both verified against the manifest."""
+    lists = read_checked(version_dir, entry.index, "index shard", RECORDED_IN)
+    ids_uri = storage.join(version_dir, entry.ids.file)
+    idmap = table_from_bytes(read_checked(version_dir, entry.ids, "index id map", RECORDED_IN), ids_uri, "index id map")
+    return lists, idmap

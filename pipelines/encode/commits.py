@@ -1,0 +1,89 @@
+"""Encode's commit protocol: each unit's part (and rejects) written whole, then its commit
+marker; the manifest (contracts.embeddings) only when every unit is committed.
+
+    _commits/part-00042.json     the unit is done: its PartEntry + model sha256, dtype, timings
+
+A commit marker is the unit's durable "done": a driver killed at any point loses at
+most the units whose markers were not yet written, and a re-run recomputes only those.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mimdex.infra import storage
+from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.pipelines.encode.config import DecodedUnit, Unit
+
+
+@dataclass(frozen=True)
+class Commit:
+    entry: emb.PartEntry
+    model_sha256: str
+    dtype: str
+    seconds: dict
+
+    def to_json(self) -> dict:
+        return {**self.entry.to_json(), "model_sha256": self.model_sha256, "dtype": self.dtype,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Commit":
+        return cls(emb.PartEntry.from_json(obj), obj["model_sha256"], obj["dtype"], dict(obj.get("seconds", {})))
+
+
+def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model: ModelRef, dtype: str) -> Commit:
+    """Write one unit's part (and rejects) whole; return what its commit marker records."""
+    t0 = time.perf_counter()
+    table = emb.part_table(model, dtype, unit.name, unit.fingerprint, list(decoded.product_ids),
+                           list(decoded.content_hashes), vectors["image_emb"], vectors["text_emb"])
+    rejects = [{"product_id": r.product_id, "reason": r.problem.reason, "detail": r.problem.detail,
+                "source": unit.file, "row": r.row, "content_hash": r.state} for r in decoded.rejects]
+    part, rej, reasons = emb.write_part(out, unit.name, table, rejects)
+    entry = emb.PartEntry(name=unit.name, part=part, rejects=rej, reject_reasons=reasons, unit=unit.index,
+                          fingerprint=unit.fingerprint, source=unit.file, row_groups=unit.row_groups,
+                          input_rows=unit.rows)
+    seconds = {**decoded.seconds, "encode": vectors["seconds"], "write": time.perf_counter() - t0}
+    return Commit(entry, model.sha256, dtype, seconds)
+
+
+def marker_uri(out: str, name: str) -> str:
+    return storage.join(out, "_commits", f"{name}.json")
+
+
+def commit(out: str, record: Commit) -> None:
+    storage.write_json(marker_uri(out, record.entry.name), record.to_json())
+
+
+def committed(out: str) -> dict[str, Commit]:
+    """Commit markers present under ``out`` (name -> record)."""
+    root = storage.join(out, "_commits")
+    if not storage.exists(root):
+        return {}
+    records = (Commit.from_json(storage.read_json(uri)) for uri in storage.list_files(root, ".json"))
+    return {r.entry.name: r for r in records}
+
+
+def still_valid(out: str, record: Commit | None, unit: Unit, model_sha256: str, dtype: str) -> bool:
+    """A marker counts only for the same input, model and dtype, with its files in place."""
+    if not record or (record.entry.fingerprint, record.model_sha256, record.dtype) != (
+            unit.fingerprint, model_sha256, dtype):
+        return False
+    files = [record.entry.part] + ([record.entry.rejects] if record.entry.rejects else [])
+    return all(storage.exists(uri := storage.join(out, f.file)) and storage.size(uri) == f.bytes for f in files)
+
+
+def remove_orphans(out: str, keep: set[str]) -> list[str]:
+    """Delete parts, rejects and markers of units no longer in the plan (a shrunken catalog)."""
+    removed = []
+    for folder, suffix in (("", ".parquet"), ("rejects", ".parquet"), ("_commits", ".json")):
+        base = storage.join(out, folder) if folder else out
+        if not storage.exists(base):
+            continue
+        for uri in storage.list_files(base, suffix):
+            name = uri.rsplit("/", 1)[-1].removesuffix(suffix)
+            if name.startswith("part-") and name not in keep:
+                storage.delete(uri)
+                removed.append(uri)
+    return removed

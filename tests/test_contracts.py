@@ -1,0 +1,183 @@
+"""The data contracts: one rule per contract, judged the same by every job.
+
+Property tests (hypothesis) draw dirty catalogs from the row kinds of dirty_catalog.py;
+the import-graph and size tests keep the layering the docs describe.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dirty_catalog as dc
+from mimdex.infra import storage
+from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.contracts.recall import recall_at
+from mimdex.pipelines.encode.commits import write_unit
+from mimdex.pipelines.encode.config import DecodeSpec
+from mimdex.pipelines.encode.decode import decode_unit
+from mimdex.pipelines.encode.plan import plan_units
+from mimdex.pipelines.refresh.diff import catalog_state, diff
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ModelRef("model", "ab" * 32, "image-only", 4, False)
+KINDS = [k for k in dc.GOOD if k != "big"] + list(dc.BAD) + ["empty_id", "null_id", "duplicate"]
+
+
+def _catalog(root: str, kinds: list[str]) -> tuple[list[dict], dict[str, bytes]]:
+    """The catalog; a "duplicate" repeats the first product_id (the first row itself when
+    it is the first row with an id, so a plain product)."""
+    rows, objects = [], {}
+    for i, kind in enumerate(kinds):
+        first = next((r["product_id"] for r in rows if r["product_id"]), f"P{i:03d}")
+        row, objs, _ = dc.row(kind, first if kind == "duplicate" else f"P{i:03d}", i)
+        rows.append(row)
+        objects.update(objs)
+    dc.write(root, rows, objects, row_group_size=7)
+    return rows, objects
+
+
+def _encode(root: str, out: str) -> dict[str, tuple[str, str | None]]:
+    """What encode makes of every product (its state, its reject reason or None), written
+    as an embeddings root the way encode writes it (the model is a stand-in: zeros)."""
+    units, facts = plan_units(root + "/catalog.parquet", 10)
+    spec = DecodeSpec(image_size=8, has_text=False, tokenizer_json="", context_length=8,
+                      model_sha256=MODEL.sha256, catalog_root=facts["root"], image_column="image_uri")
+    judged, entries = {}, []
+    for unit in units:
+        decoded, _ = decode_unit(spec, unit)
+        assert len(decoded.product_ids) + len(decoded.rejects) == unit.rows  # nothing dropped
+        for pid, state in zip(decoded.product_ids, decoded.content_hashes):
+            judged[pid] = (state, None)
+        for r in decoded.rejects:
+            if r.problem.reason not in catalog.ROW_ONLY_REASONS:
+                judged[r.product_id] = (r.state, r.problem.reason)
+        n = len(decoded.product_ids)
+        vectors = {"image_emb": np.zeros((n, MODEL.d), np.float16), "text_emb": None, "seconds": 0.0}
+        entries.append(write_unit(out, unit, decoded, vectors, MODEL, "float16").entry)
+    emb.write_manifest(out, emb.build_manifest(entries, MODEL, "float16", root, 10))
+    return judged
+
+
+def _expected_reason(kind: str) -> str | None:
+    return dc.BAD.get(kind)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=24),
+       edits=st.lists(st.tuples(st.sampled_from(["retitle", "break_image", "delete", "fix_title"]),
+                                st.integers(0, 23)), max_size=6))
+def test_encode_and_the_refresh_diff_judge_every_row_alike(kinds, edits):
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = tmp + "/cat", tmp + "/emb"
+        rows, objects = _catalog(root, kinds)
+        judged = _encode(root, out)
+        # each product gets the reason its kind deserves (the first row of an id decides)
+        first: dict[str, str] = {}
+        for row, kind in zip(rows, kinds):
+            if row["product_id"]:
+                first.setdefault(row["product_id"], "plain" if kind == "duplicate" else kind)
+        assert {p: reason for p, (_, reason) in judged.items()} == {p: _expected_reason(k) for p, k in first.items()}
+
+        # an unchanged catalog: nothing to do, whatever it holds
+        manifest = emb.read_manifest(out)
+        previous = emb.previous_state(out, manifest)
+        assert diff(catalog_state(root + "/catalog.parquet", MODEL.sha256), previous).empty
+
+        # edits: the diff re-processes exactly the products whose state encode would change
+        for op, i in edits:
+            if i >= len(rows) or not rows[i]["product_id"]:
+                continue
+            if op == "retitle":
+                rows[i]["title"] = (rows[i]["title"] or b"") + b" v2"
+            elif op == "fix_title":
+                rows[i]["title"] = b"a proper title"
+            elif op == "break_image" and rows[i]["image_uri"] in objects:
+                storage.write_bytes(storage.join(root, rows[i]["image_uri"]), b"broken")
+            elif op == "delete":
+                rows[i] = {**rows[i], "product_id": ""}
+        dc.write(root, rows, {}, row_group_size=7)
+        now = _encode(root, tmp + "/emb-after")
+        d = diff(catalog_state(root + "/catalog.parquet", MODEL.sha256), previous)
+        assert d.to_encode == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
+        assert set(d.deleted) | set(d.forgotten) == set(judged) - set(now)
+        assert set(d.changed) | set(d.deleted) == {p for p in d.superseded if judged[p][1] is None}
+
+
+def test_duplicate_rows_the_first_occurrence_wins_across_files():
+    ids = [pa.array(["a", "b", None, "a"]), pa.array(["", "b", "c", "a"])]
+    dups = catalog.duplicate_rows(["f0", "f1"], ids)
+    assert dups == {(0, 3): "f0 row 0", (1, 1): "f0 row 1", (1, 3): "f0 row 0"}
+
+
+@given(st.lists(st.lists(st.integers(0, 5), min_size=3, max_size=3), min_size=1, max_size=20), st.data())
+def test_recall_is_the_share_of_queries_whose_target_is_in_the_first_k(found, data):
+    target = data.draw(st.lists(st.integers(0, 5), min_size=len(found), max_size=len(found)))
+    got = recall_at(np.array(found), np.array(target), (1, 3), digits=None)
+    assert got["recall@1"] == sum(f[0] == t for f, t in zip(found, target)) / len(found)
+    assert got["recall@3"] == sum(t in f for f, t in zip(found, target)) / len(found)
+
+
+# ---- layering ---------------------------------------------------------------------------
+
+LAYERS = {"infra": ("mimdex.pipelines", "mimdex.indexing", "mimdex.encoders"),
+          "encoders": ("mimdex.pipelines", "mimdex.indexing"),
+          "indexing": ("mimdex.pipelines",)}
+
+
+def _modules():
+    for top in ("encoders", "indexing", "infra", "pipelines"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            yield path, ast.parse(path.read_text())
+
+
+def _imports(tree) -> list[str]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return [m for m in out if m.startswith("mimdex.")]
+
+
+def test_no_job_imports_another_jobs_internals():
+    jobs = {p.name for p in (REPO / "pipelines").iterdir() if (p / "__init__.py").exists()}
+    bad = []
+    for path, tree in _modules():
+        rel = path.relative_to(REPO).parts
+        own = rel[1] if rel[0] == "pipelines" and len(rel) > 2 else None
+        for name in _imports(tree):
+            parts = name.split(".")
+            # mimdex.pipelines.<job> (what its __init__ exports) is fine, a module inside it is not
+            if (parts[:2] == ["mimdex", "pipelines"] and len(parts) > 3 and parts[2] in jobs and parts[2] != own
+                    and (REPO / "pipelines" / parts[2] / f"{parts[3]}.py").exists()):
+                bad.append(f"{path.relative_to(REPO)} imports {name}")
+            for layer, forbidden in LAYERS.items():
+                if rel[0] == layer and name.startswith(forbidden):
+                    bad.append(f"{path.relative_to(REPO)} ({layer}) imports {name}")
+    assert bad == []
+
+
+def test_contracts_import_no_job_and_refresh_loads_no_beam():
+    code = ("import sys, mimdex.infra.contracts.catalog, mimdex.infra.contracts.embeddings, "
+            "mimdex.infra.contracts.index_version, mimdex.pipelines.refresh; "
+            "print(sorted(m for m in sys.modules "
+            "if m.startswith(('apache_beam', 'mimdex.pipelines.build_index.graph'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_over_400_lines():
+    long = [f"{p.relative_to(REPO)}: {n}" for p, _ in _modules() if (n := len(p.read_text().splitlines())) > 400]
+    assert long == []

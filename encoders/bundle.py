@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from mimdex.encoders.config import ModelConfig
 from mimdex.encoders.model import MIMModel, fuse
 from mimdex.encoders.inference import embed_images, embed_texts
-from mimdex.encoders.preprocess import load_pixels
+from mimdex.encoders.images import load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
@@ -59,7 +59,8 @@ def save_bundle(model: MIMModel, tokenizer: Tokenizer, out: str, card: str,
         "embed_dim": cfg.embed_dim,
         "preprocessing": {"image_size": cfg.image.image_size, "mean": list(cfg.mean),
                           "std": list(cfg.std), "resize": "bicubic, no crop",
-                          "decode": "EXIF transpose; alpha composited on white; RGB"},
+                          "decode": "EXIF transpose; alpha composited on white; RGB",
+                          "jpeg_draft": cfg.image.jpeg_draft},
         "tokenizer": {"file": "tokenizer.json", "context_length": cfg.text.context_length},
         "sha256": {"model.safetensors": sha256(weights), "tokenizer.json": sha256(tok_json)},
         **(extra or {}),
@@ -103,7 +104,8 @@ class Encoder:
         return self.config["sha256"]["model.safetensors"]
 
     def pixels(self, images: list[bytes]) -> np.ndarray:
-        return np.stack([load_pixels(b, self.cfg.image.image_size) for b in images])
+        image = self.cfg.image
+        return np.stack([load_pixels(b, image.image_size, image.jpeg_draft) for b in images])
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return embed_images(self.model, pixels, batch_size)

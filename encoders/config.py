@@ -22,6 +22,10 @@ class ImageTowerConfig:
     layers: int = 4            # CNN stages, or ViT blocks
     heads: int = 4             # ViT only
     patch_size: int = 16       # ViT only
+    # decode JPEGs at a reduced DCT scale (images.decode_rgb): part of the preprocessing,
+    # so a bundle trained with it is encoded and served with it; bundles made before it
+    # existed have False and keep their full decode
+    jpeg_draft: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,13 @@ def preset(name: str, variant: str, **overrides) -> ModelConfig:
     production shape (ViT-B/16 + 12-layer text transformer, CLIP's state-dict layout)."""
     if name == "tiny":
         cfg = ModelConfig(variant=variant, embed_dim=128, preset="tiny",
-                          image=ImageTowerConfig(kind="cnn", image_size=64, width=16, layers=4),
+                          image=ImageTowerConfig(kind="cnn", image_size=64, width=16, layers=4, jpeg_draft=True),
                           text=TextTowerConfig(kind="clip", vocab_size=2048, context_length=24,
                                                width=128, layers=2, heads=4))
     elif name == "base":
         cfg = ModelConfig(variant=variant, embed_dim=512, preset="base",
                           image=ImageTowerConfig(kind="vit", image_size=224, width=768, layers=12,
-                                                 heads=12, patch_size=16),
+                                                 heads=12, patch_size=16, jpeg_draft=True),
                           text=TextTowerConfig(kind="clip", vocab_size=49408, context_length=77,
                                                width=512, layers=12, heads=8))
     else:

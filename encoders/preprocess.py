@@ -1,16 +1,11 @@
 """Image preprocessing that lives with the model bundle (size, mean, std in config.json),
-so training, the encode pipeline and a serving encoder produce identical inputs."""
+so training, the encode pipeline and a serving encoder produce identical inputs (the
+decoding itself is images.load_pixels)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from mimdex.encoders.images import decode_rgb, to_array
-
-
-def load_pixels(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> uint8 size x size x 3 (decode, EXIF, alpha on white, resize)."""
-    return to_array(decode_rgb(data), size)
 
 
 def to_tensor(pixels: np.ndarray, mean, std) -> torch.Tensor:

@@ -43,29 +43,34 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int) -> T
 
 
 def configure(tok: Tokenizer, context_length: int) -> Tokenizer:
-    """Fixed-length output: truncate, then pad with the tokenizer's pad token (id 0 if none)."""
+    """Truncate to the context length, then pad each batch to its longest sequence (not
+    to the context length: titles are far shorter) with the pad token (id 0 if none)."""
     pad_token = next((t for t in ("[PAD]", "<pad>", "<|endoftext|>") if tok.token_to_id(t) is not None), None)
     pad_id = tok.token_to_id(pad_token) if pad_token else 0
     tok.enable_truncation(max_length=context_length)
-    tok.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token or "[PAD]")
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
     return tok
 
 
-def tokenize_arrays(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids int32, attention mask uint8), N x context_length, without torch.
-
-    The encode pipeline tokenises in CPU decode workers that never import torch.
+def tokenize_arrays(tok: Tokenizer, texts: list[str], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids int32, attention mask uint8), N x the longest sequence (or ``length``),
+    without torch: the encode pipeline tokenises in CPU decode workers that never import it.
     """
     enc = tok.encode_batch(list(texts))
-    ctx = len(enc[0].ids) if enc else 0
-    ids = np.array([e.ids for e in enc], dtype=np.int32).reshape(len(enc), ctx)
-    mask = np.array([e.attention_mask for e in enc], dtype=np.uint8).reshape(len(enc), ctx)
+    width = max([len(e.ids) for e in enc] + [length or 0])
+    pad_id = (tok.padding or {}).get("pad_id", 0)
+    ids = np.full((len(enc), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(enc), width), dtype=np.uint8)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)] = e.ids
+        mask[i, :len(e.ids)] = e.attention_mask
     return ids, mask
 
 
-def tokenize(tok: Tokenizer, texts: list[str]):
-    """(token ids, attention mask) as int64 torch tensors, N x context_length."""
+def tokenize(tok: Tokenizer, texts: list[str], length: int | None = None):
+    """(token ids, attention mask) as int64 torch tensors, N x the longest sequence (or
+    ``length``: training pads every text set to the context length so they stack)."""
     import torch
 
-    ids, mask = tokenize_arrays(tok, texts)
+    ids, mask = tokenize_arrays(tok, texts, length)
     return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from mimdex.encoders.images import ImageDecodeError
-from mimdex.encoders.preprocess import load_pixels
+from mimdex.encoders.images import ImageDecodeError, load_pixels
 from mimdex.infra import storage
 from mimdex.infra.contracts.files import read_dataset
 from mimdex.infra.errors import DataError
@@ -35,18 +34,18 @@ class TrainData:
 
 
 def _decode_all(images: list[bytes], size: int, uri: str, ids: list[str], desc: str,
-                progress: bool) -> np.ndarray:
+                progress: bool, draft: bool) -> np.ndarray:
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, data in enumerate(tqdm(images, desc=desc, unit="img", disable=not progress, mininterval=1.0)):
         try:
-            out[i] = load_pixels(data, size)
+            out[i] = load_pixels(data, size, draft)
         except ImageDecodeError as exc:
             raise DataError(f"{uri}: row {i} ({ids[i]}): {exc}") from exc
     return out
 
 
 def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val: int = 300,
-                    progress: bool = True) -> TrainData:
+                    progress: bool = True, jpeg_draft: bool = False) -> TrainData:
     """``data_uri``: training pairs (a table, or a dataset dir with train_pairs/ and queries/)."""
     pairs_uri = data_uri
     queries_uri = None
@@ -63,7 +62,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
     titles = catalog.column("title").to_pylist()
     cats = catalog.column("category").to_pylist() if "category" in catalog.column_names else [None] * len(ids)
     product_pixels = _decode_all(catalog.column("image").to_pylist(), image_size, catalog_uri, ids,
-                                 "decode catalog", progress)
+                                 "decode catalog", progress, jpeg_draft)
 
     pairs = read_dataset(pairs_uri, "training pairs", required=("query_image", "product_id"))
     kinds = pairs.column("kind").to_pylist() if "kind" in pairs.column_names else ["street"] * pairs.num_rows
@@ -74,7 +73,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
         raise DataError(f"{pairs_uri}: {len(missing)} product_id values are not in the catalog "
                         f"{catalog_uri}, e.g. {missing[:3]}")
     pair_pixels = _decode_all(pairs.column("query_image").to_pylist(), image_size, pairs_uri, targets,
-                              "decode pairs", progress)
+                              "decode pairs", progress, jpeg_draft)
     street = [i for i, k in enumerate(kinds) if k != "reformulation"]
     reform = [i for i, k in enumerate(kinds) if k == "reformulation" and texts[i]]
 
@@ -86,7 +85,7 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
         qt = q.column("product_id").to_pylist()
         val_product = np.array([index[t] for t in qt], np.int64)
         val_pixels = _decode_all(q.column("query_image").to_pylist(), image_size, queries_uri, qt,
-                                 "decode validation", progress)
+                                 "decode validation", progress, jpeg_draft)
 
     street_product = np.array([index[targets[i]] for i in street], np.int64)
     return TrainData(

@@ -138,9 +138,10 @@ class Trainer:
     def _tokenize_all(self) -> None:
         """Token ids of every title and query text, once (texts are fixed per row)."""
         d, tok = self.data, self.tok
-        self._titles = tokenize(tok, d.titles) if self.model.has_text else None
-        self._street_tokens = tokenize(tok, d.street_text) if self.model.has_text else None
-        self._reform_tokens = tokenize(tok, d.reform_text) if self.model.has_text and d.reform_text else None
+        n = self.mcfg.text.context_length  # one width, so street and reformulation tokens stack
+        self._titles = tokenize(tok, d.titles, n) if self.model.has_text else None
+        self._street_tokens = tokenize(tok, d.street_text, n) if self.model.has_text else None
+        self._reform_tokens = tokenize(tok, d.reform_text, n) if self.model.has_text and d.reform_text else None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, 1, epoch])

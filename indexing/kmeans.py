@@ -43,8 +43,18 @@ def _assign(x: torch.Tensor, xl: torch.Tensor, c: torch.Tensor, chunk: int,
     return labels, dist
 
 
+def assign_chunk(device: torch.device, k: int) -> int:
+    """Rows per assignment block. On a CPU, small blocks keep each score block in cache
+    for the min(); on a GPU the GEMM needs large ones to fill the device (measured on an
+    H100: 2.48 s at 512 rows against 0.77 s at 65,536 for 1M x 512 -> 4096 centroids),
+    bounded so a block's fp32 scores stay within 1 GiB."""
+    if device.type != "cuda":
+        return 512
+    return int(max(512, min(65536, (1 << 28) // max(k, 1))))
+
+
 def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | None = None,
-           chunk: int = 512) -> tuple[np.ndarray, float]:
+           chunk: int | None = None) -> tuple[np.ndarray, float]:
     """Centroids (k x d float32) and the mean squared distance of the last assignment."""
     if len(x) < k:
         raise ValueError(f"k-means: {len(x)} points for {k} centroids")
@@ -53,7 +63,8 @@ def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     c = xt[torch.from_numpy(rng.choice(len(x), k, replace=False)).to(dev)].clone()
     dtype = fast_dtype(dev)
-    xl = xt.to(dtype)  # small chunks keep each score block in cache for the min()
+    chunk = chunk or assign_chunk(dev, k)
+    xl = xt.to(dtype)
     for _ in range(niter):
         labels, dist = _assign(xt, xl, c, chunk, dtype)
         counts = torch.bincount(labels, minlength=k)

@@ -131,6 +131,11 @@ def _add_encode(sub) -> None:
     p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task")
     p.add_argument("--max-in-flight", type=int, help="units decoding or encoding at once "
                    "(default: decode slots + 2 per actor)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the image tower in each encoder actor, once (default: on GPUs only)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode JPEGs on the actors' GPUs (nvjpeg via torchvision; CPU fallback per image). "
+                        "Its resize differs slightly from the CPU path's, so vectors differ by that much")
     p.add_argument("--no-progress", action="store_true")
     add_job_flags(p)
     p.set_defaults(handler=_run_encode)
@@ -145,7 +150,8 @@ def _run_encode(args: argparse.Namespace) -> int:
                        runtime_env=args.runtime_env,
                        unit_rows=args.unit_rows, dtype=args.dtype, batch_size=args.batch_size,
                        encoders=args.encoders, encoder_cpus=args.encoder_cpus, decode_cpus=args.decode_cpus,
-                       max_in_flight=args.max_in_flight, progress=not args.no_progress)
+                       max_in_flight=args.max_in_flight, compile=args.compile, gpu_decode=args.gpu_decode,
+                       progress=not args.no_progress)
     result = run(cfg)
     report = args.job_report = result.report
     c = report["counts"]

@@ -68,7 +68,8 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
         torch.set_num_threads(job.threads)
     cfg = _model_config(job)
     with timer.stage("load"):
-        data = load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress)
+        data = load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress,
+                               jpeg_draft=cfg.image.jpeg_draft)
     with timer.stage("tokenizer"):
         tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
                                      if job.bert_checkpoint else None)

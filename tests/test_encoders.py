@@ -62,12 +62,16 @@ def test_outputs_are_normalised_and_of_dimension_d(variant):
     assert not torch.allclose(raw.norm(dim=1), torch.ones(2), atol=1e-3)
 
 
-def test_tokenizer_handles_non_ascii_and_pads_to_context():
+def test_tokenizer_handles_non_ascii_and_pads_to_the_longest_or_the_context():
     cfg = preset("tiny", "3-tower")
     tok = _tok(cfg)
     ids, mask = tokenize(tok, ["Nørdiå pink velvet cushion", ""])
-    assert ids.shape == (2, cfg.text.context_length)
+    assert ids.shape == (2, int(mask[0].sum())) and int(mask[0].sum()) < cfg.text.context_length
     assert int(mask[0].sum()) >= 4 and int(mask[1].sum()) == 2  # [BOS] [EOS]
+    fixed, fixed_mask = tokenize(tok, ["Nørdiå pink velvet cushion", ""], cfg.text.context_length)
+    assert fixed.shape == (2, cfg.text.context_length) and torch.equal(fixed[:, :ids.shape[1]], ids)
+    long_ids, _ = tokenize(tok, [" ".join(["mug"] * 200)])
+    assert long_ids.shape == (1, cfg.text.context_length)  # truncated to the context
     assert tok.token_to_id("[UNK]") not in ids[0, : int(mask[0].sum())].tolist()
 
 

@@ -185,6 +185,15 @@ def test_a_dirty_catalog_through_the_whole_lifecycle(world, capsys, tmp_path):
     assert _published(index)[1] == cat.good
     _check(cat, emb)
 
+    # a night with deletions only: nothing to encode, the products leave the index
+    dropped = plain[11]
+    cat.rows = [r for r in cat.rows if r["product_id"] != dropped]
+    del cat.expect[dropped]
+    cat.save()
+    assert _mimdex("refresh", *refresh) == 0
+    assert _published(index)[1] == cat.good and dropped not in cat.good
+    _check(cat, emb)
+
     # rollback serves the first version again
     assert _mimdex("rollback", "--index", index, "--to", first_version) == 0
     assert _published(index) == (first_version, first_good)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts.model import ModelRef
@@ -36,15 +38,25 @@ class Commit:
 def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model: ModelRef, dtype: str) -> Commit:
     """Write one unit's part (and rejects) whole; return what its commit marker records."""
     t0 = time.perf_counter()
-    table = emb.part_table(model, dtype, unit.name, unit.fingerprint, list(decoded.product_ids),
-                           list(decoded.content_hashes), vectors["image_emb"], vectors["text_emb"])
     rejects = [{"product_id": r.product_id, "reason": r.problem.reason, "detail": r.problem.detail,
                 "source": unit.file, "row": r.row, "content_hash": r.state} for r in decoded.rejects]
+    keep = np.ones(len(decoded.product_ids), bool)
+    for pos, reason, detail in vectors.get("late_rejects", ()):  # images the encoder actor could not decode
+        keep[pos] = False
+        rejects.append({"product_id": decoded.product_ids[pos], "reason": reason, "detail": detail,
+                        "source": unit.file, "row": decoded.rows[pos], "content_hash": decoded.content_hashes[pos]})
+    rejects.sort(key=lambda r: r["row"])
+    text = vectors["text_emb"][keep] if vectors["text_emb"] is not None else None
+    table = emb.part_table(model, dtype, unit.name, unit.fingerprint,
+                           [p for p, k in zip(decoded.product_ids, keep) if k],
+                           [h for h, k in zip(decoded.content_hashes, keep) if k], vectors["image_emb"][keep], text)
     part, rej, reasons = emb.write_part(out, unit.name, table, rejects)
     entry = emb.PartEntry(name=unit.name, part=part, rejects=rej, reject_reasons=reasons, unit=unit.index,
                           fingerprint=unit.fingerprint, source=unit.file, row_groups=unit.row_groups,
                           input_rows=unit.rows)
-    seconds = {**decoded.seconds, "encode": vectors["seconds"], "write": time.perf_counter() - t0}
+    seconds = {**decoded.seconds, "encode": vectors["seconds"],
+               "device_decode": vectors.get("device_decode_seconds", 0.0),
+               "transfer": vectors.get("transfer_seconds", 0.0), "write": time.perf_counter() - t0}
     return Commit(entry, model.sha256, dtype, seconds)
 
 

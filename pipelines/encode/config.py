@@ -22,6 +22,8 @@ class EncodeConfig:
     max_in_flight: int | None = None  # units decoded or encoding at once (backpressure)
     fetch_threads: int = 16         # parallel image_uri reads inside one decode task
     max_attempts: int = 3           # tries per unit (actor restarts, lost workers)
+    compile: bool | None = None     # torch.compile the image tower in the actors (None: on GPUs)
+    gpu_decode: bool = False        # decode JPEGs on the actors' GPUs (nvjpeg), CPU fallback per image
     progress: bool = True
 
 
@@ -54,6 +56,8 @@ class DecodeSpec:
     catalog_root: str
     image_column: str               # "image" (bytes) or "image_uri"
     fetch_threads: int = 16
+    jpeg_draft: bool = False        # the bundle's preprocessing (images.load_pixels)
+    gpu_jpeg: bool = False          # hand JPEG bytes to the encoder actor (nvjpeg) instead of decoding
 
 
 @dataclass(frozen=True)
@@ -71,5 +75,6 @@ class DecodedUnit:
 
     product_ids: tuple[str, ...]
     content_hashes: tuple[str, ...]
+    rows: tuple[int, ...]           # the catalog row of each product (for late rejects)
     rejects: tuple[RejectRow, ...]
     seconds: dict

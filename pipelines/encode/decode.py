@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tokenizers import Tokenizer
 
-from mimdex.encoders.images import ImageDecodeError, decode_rgb, to_array
+from mimdex.encoders.images import ImageDecodeError, gpu_decodable, load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra.contracts import catalog
 from mimdex.infra.errors import DataError
@@ -66,24 +66,33 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
         keep = good
     t_read = time.perf_counter() - t0
 
-    pixels, out_ids, hashes, texts = [], [], [], []
+    size = spec.image_size
+    blank = np.zeros((size, size, 3), np.uint8)
+    pixels, out_ids, hashes, texts, rows, jpeg, jpeg_rows = [], [], [], [], [], [], []
     for i, title in keep:
         state = catalog.content_hash(images[i], title, spec.model_sha256)
-        try:
-            pixels.append(to_array(decode_rgb(images[i]), spec.image_size))
-        except ImageDecodeError as exc:
-            reject(i, catalog.Problem(exc.reason, str(exc)), state)
-            continue
+        if spec.gpu_jpeg and gpu_decodable(images[i]):
+            jpeg_rows.append(len(pixels))  # the actor decodes it (its rejects come back late)
+            jpeg.append(images[i])
+            pixels.append(blank)
+        else:
+            try:
+                pixels.append(load_pixels(images[i], size, spec.jpeg_draft))
+            except ImageDecodeError as exc:
+                reject(i, catalog.Problem(exc.reason, str(exc)), state)
+                continue
         out_ids.append(ids[i])
         texts.append(title)
         hashes.append(state)
+        rows.append(unit.first_row + i)
     t_decode = time.perf_counter() - t0 - t_read
 
-    size = spec.image_size
     tensors = {"pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)}
+    if jpeg:
+        tensors["jpeg"], tensors["jpeg_rows"] = jpeg, np.array(jpeg_rows, np.int64)
     if spec.has_text and texts:
         tensors["ids"], tensors["mask"] = tokenize_arrays(_tokenizer(spec.tokenizer_json, spec.context_length), texts)
     t_tokenize = time.perf_counter() - t0 - t_read - t_decode
-    decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(sorted(rejects, key=lambda r: r.row)),
+    decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows), tuple(sorted(rejects, key=lambda r: r.row)),
                           {"read": t_read, "decode": t_decode, "tokenize": t_tokenize})
     return decoded, tensors

@@ -11,6 +11,7 @@ catalog. manifest.json is written last, only when every unit of the plan is comm
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import time
@@ -151,7 +152,11 @@ def _actors(cfg: EncodeConfig, sizing: dict, sha: str) -> list:
     cls = ray.remote(EncoderActor)
     run = uuid.uuid4().hex[:8]
     return [cls.options(name=ACTOR_NAME.format(run=run, i=i), **opts).remote(
-        cfg.model, sha, cfg.dtype, cfg.batch_size, sizing["actor_cpus"]) for i in range(sizing["actors"])]
+        cfg.model, sha, cfg.dtype, cfg.batch_size, sizing["actor_cpus"], cfg.compile) for i in range(sizing["actors"])]
+
+
+def _warm_decoder() -> None:
+    importlib.import_module("mimdex.pipelines.encode.decode")  # PIL, tokenizers, pyarrow
 
 
 def _failure(unit: Unit, exc: BaseException) -> dict:
@@ -187,8 +192,8 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     spec = DecodeSpec(image_size=encoder.cfg.image.image_size, has_text=encoder.model.has_text,
                       tokenizer_json=encoder.tokenizer.to_str(), context_length=encoder.cfg.text.context_length,
                       model_sha256=model.sha256, catalog_root=facts["root"],
-                      image_column=facts["image_column"],
-                      fetch_threads=cfg.fetch_threads)
+                      image_column=facts["image_column"], fetch_threads=cfg.fetch_threads,
+                      jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode)
     del encoder
     records, failures, sizing, device = dict(done), [], None, None
     seconds: Counter[str] = Counter()
@@ -199,7 +204,12 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
                 started = _start_ray(cfg.ray_address, load_runtime_env(cfg.runtime_env))
                 sizing = _sizing(cfg)
                 actors = _actors(cfg, sizing, model.sha256)
+                # decode workers import their libraries while the actors load the model,
+                # instead of the first units waiting for both in turn
+                warm = [ray.remote(num_cpus=cfg.decode_cpus)(_warm_decoder).remote()
+                        for _ in range(min(sizing["decode_slots"], len(todo)))]
                 device = ray.get(actors[0].device_name.remote())
+                ray.get(warm)
             with timer.stage("encode"):
                 _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, on_commit)
     finally:
@@ -215,6 +225,8 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
         "failed_units": failures,
         "seconds": timer.seconds, "task_seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+    if sizing and report["counts"]["read"]:
+        report["throughput"] = stage_rates(report["counts"]["read"], seconds, sizing)
     encoded_now = report["counts"]["encoded"]
     report["products_per_s"] = round(encoded_now / timer.seconds["encode"], 1) if todo and encoded_now else None
     counts = report["counts"]
@@ -282,6 +294,19 @@ def _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, 
                 on_commit(record)
     finally:
         bar.close()
+
+
+def stage_rates(rows: int, seconds: dict, sizing: dict) -> dict:
+    """Products/s each stage could sustain with the slots it had (rows over summed task
+    seconds, times its parallelism), and the one that bounds the pipeline."""
+    busy = {"decode": seconds.get("read", 0) + seconds.get("decode", 0) + seconds.get("tokenize", 0),
+            "transfer": seconds.get("transfer", 0), "model": seconds.get("encode", 0) + seconds.get("device_decode", 0),
+            "write": seconds.get("write", 0)}
+    # an actor copies, decodes JPEGs (--gpu-decode) and runs the model in turn: one slot each
+    slots = {"decode": sizing["decode_slots"], "transfer": sizing["actors"], "model": sizing["actors"],
+             "write": sizing["window"]}
+    rates = {stage: round(rows / s * slots[stage], 1) for stage, s in busy.items() if s > 0}
+    return {"products_per_s_by_stage": rates, "bound_by": min(rates, key=rates.get) if rates else None}
 
 
 def _counts(units, todo, records, failures) -> dict:

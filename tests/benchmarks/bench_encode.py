@@ -10,7 +10,7 @@ Three numbers, same catalog, same model, same thread counts:
   * the pipeline: `mimdex encode` on an embedded local Ray with that split, products/s
     over the encode stage (Ray start-up reported separately).
 
-Goal (issue "Ray batch-encoding pipeline"): pipeline >= 0.85 x min(decode, model).
+Goal (issue "Ray batch-encoding pipeline"): pipeline >= 0.9 x min(decode, model).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _spec(model_uri: str, facts: dict) -> DecodeSpec:
     enc = load_bundle(model_uri)
     return DecodeSpec(image_size=enc.cfg.image.image_size, has_text=enc.model.has_text,
                       tokenizer_json=enc.tokenizer.to_str(), context_length=enc.cfg.text.context_length,
-                      model_sha256=enc.sha256, catalog_root=facts["root"], image_column=facts["image_column"])
+                      model_sha256=enc.sha256, catalog_root=facts["root"], image_column=facts["image_column"],
+                      jpeg_draft=enc.cfg.image.jpeg_draft)
 
 
 def _decode_all(args):
@@ -53,15 +54,16 @@ def decode_capacity(spec: DecodeSpec, units: list, processes: int) -> tuple[floa
         t0 = time.perf_counter()
         out = [r for chunk in pool.map(_decode_all, chunks) for r in chunk]
         seconds = time.perf_counter() - t0
-    return sum(len(m["product_ids"]) for m, _ in out) / seconds, out
+    return sum(len(m.product_ids) for m, _ in out) / seconds, out
 
 
 def model_capacity(model_uri: str, decoded: list, threads: int, batch: int) -> float:
     torch.set_num_threads(threads)
     model = load_bundle(model_uri).model
     pixels = np.concatenate([t["pixels"] for _, t in decoded])
-    ids = np.concatenate([t["ids"] for _, t in decoded])
-    mask = np.concatenate([t["mask"] for _, t in decoded])
+    width = max(t["ids"].shape[1] for _, t in decoded)  # each unit is padded to its longest title
+    ids = np.concatenate([np.pad(t["ids"], ((0, 0), (0, width - t["ids"].shape[1]))) for _, t in decoded])
+    mask = np.concatenate([np.pad(t["mask"], ((0, 0), (0, width - t["mask"].shape[1]))) for _, t in decoded])
     embed_images(model, pixels[:batch], batch)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(pixels), 2048):  # unit-sized calls, as an actor makes them
@@ -115,7 +117,7 @@ def main() -> None:
                            "pipeline_end_to_end": round(report["counts"]["encoded"] / wall, 1)},
         "ratios": {"pipeline / model": round(pipeline / model_rate, 3),
                    "pipeline / decode": round(pipeline / decode_rate, 3),
-                   "pipeline / min(decode, model)": round(pipeline / bound, 3), "goal": 0.85},
+                   "pipeline / min(decode, model)": round(pipeline / bound, 3), "goal": 0.9},
         "pipeline_seconds": report["seconds"], "task_seconds": report["task_seconds"],
     }
     storage.write_json(os.path.join(work, "results.json"), results)
@@ -126,7 +128,7 @@ def main() -> None:
     print(f"{'model forward, bare (same threads)':34}{p['model_bare']:>12.0f}{pipeline / model_rate:>16.2f}")
     print(f"{'decode, bare (same processes)':34}{p['decode_bare']:>12.0f}{pipeline / decode_rate:>16.2f}")
     print(f"{'pipeline (encode stage)':34}{pipeline:>12.0f}{pipeline / bound:>16.2f}   "
-          f"goal >= 0.85 x min -> {'MET' if pipeline >= 0.85 * bound else 'MISSED'}")
+          f"goal >= 0.9 x min -> {'MET' if pipeline >= 0.9 * bound else 'MISSED'}")
     print(f"{'pipeline incl. Ray start':34}{p['pipeline_end_to_end']:>12.0f}")
     print(f"{'model forward, all cores':34}{p['model_bare_all_cores']:>12.0f}")
     print(f"{'decode, all cores':34}{p['decode_bare_all_cores']:>12.0f}")

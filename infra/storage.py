@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -27,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mimdex.infra.errors import DataError, TransientError
+from mimdex.infra.redact import redact
 
 # Per-protocol options handed to fsspec. A table, not branches: a new scheme needs an
 # entry here at most.
@@ -45,6 +47,38 @@ STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
         "use_listings_cache": False,
     },
 }
+
+
+class _RetryCounter(logging.Handler):
+    """Counts the retries botocore (adaptive mode) and s3fs's own loop make, from the debug
+    records they log, so that job reports can say how many a job needed. Records of
+    WARNING and above go on to the root logger as before; debug records stop here."""
+
+    MARKERS = {"botocore.retries.standard": "Retry needed, retrying", "s3fs": "Retryable error"}
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        marker = self.MARKERS.get(record.name)
+        if marker and isinstance(record.msg, str) and record.msg.startswith(marker):
+            self.count += 1
+        if record.levelno >= logging.WARNING:
+            logging.getLogger().handle(record)
+
+
+_RETRIES = _RetryCounter()
+for _name in _RetryCounter.MARKERS:
+    _logger = logging.getLogger(_name)
+    _logger.setLevel(logging.DEBUG)
+    _logger.propagate = False
+    _logger.addHandler(_RETRIES)
+
+
+def retry_count() -> int:
+    """Storage retries this process has made so far (botocore and s3fs)."""
+    return _RETRIES.count
 
 
 class ObjectNotFound(DataError):
@@ -214,8 +248,9 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
 
 
 def write_json(uri: str, obj: Any, *, create_only: bool = False) -> None:
-    """Write ``obj`` as stable, human-readable JSON (sorted keys) atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    """Write ``obj`` as stable, human-readable JSON (sorted keys) atomically, with any
+    credential or URL signature in it redacted (infra.redact)."""
+    text = redact(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False))
     write_bytes(uri, (text + "\n").encode("utf-8"), create_only=create_only)
 
 

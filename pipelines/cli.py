@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from mimdex.infra.errors import MimdexError, NothingToDo, UsageError
+from mimdex.infra.redact import RedactingFilter, redact
 from mimdex.pipelines import cli_index
 from mimdex.pipelines.cli_index import add_job_flags
 
@@ -133,6 +134,8 @@ def _add_encode(sub) -> None:
                    "(default: decode slots + 2 per actor)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the image tower in each encoder actor, once (default: on GPUs only)")
+    p.add_argument("--stall-timeout", type=float, default=900.0,
+                   help="exit 75 when no unit has been committed for this many seconds (default 900)")
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode JPEGs on the actors' GPUs (nvjpeg via torchvision; CPU fallback per image). "
                         "Its resize differs slightly from the CPU path's, so vectors differ by that much")
@@ -151,7 +154,7 @@ def _run_encode(args: argparse.Namespace) -> int:
                        unit_rows=args.unit_rows, dtype=args.dtype, batch_size=args.batch_size,
                        encoders=args.encoders, encoder_cpus=args.encoder_cpus, decode_cpus=args.decode_cpus,
                        max_in_flight=args.max_in_flight, compile=args.compile, gpu_decode=args.gpu_decode,
-                       progress=not args.no_progress)
+                       stall_timeout=args.stall_timeout, progress=not args.no_progress)
     result = run(cfg)
     report = args.job_report = result.report
     c = report["counts"]
@@ -211,14 +214,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Optional pieces a command may need, and the pip line that brings each (setup.py).
+INSTALL_HINTS = {
+    "faiss": "pip install 'mimdex[cpu]' (faiss-cpu), or 'mimdex[gpu]' on GPU nodes (faiss-gpu-cu12)",
+    "ray": "pip install 'ray>=2.40' (a dependency of mimdex: reinstall with pip install mimdex)",
+    "apache_beam": "pip install 'apache-beam>=2.60' (a dependency of mimdex: reinstall with pip install mimdex)",
+    "torch": "pip install torch==2.13.0 (the CPU or CUDA build of that version)",
+}
+
+
+def _missing_package(command: str, exc: ModuleNotFoundError) -> int:
+    """One line naming the pip line to run, exit 2; a module we do not know of is a bug."""
+    top = (exc.name or "").split(".")[0]
+    if top not in INSTALL_HINTS:
+        raise exc
+    print(f"mimdex {command}: error: this command needs the '{top}' package, which is not installed: "
+          f"{INSTALL_HINTS[top]}", file=sys.stderr)
+    return UsageError.exit_code
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args) or 0)
+    except ModuleNotFoundError as exc:
+        return _missing_package(args.command, exc)
     except NothingToDo as exc:  # exit 99 is an outcome, not an error
-        print(f"mimdex {args.command}: {exc}", file=sys.stderr)
+        print(f"mimdex {args.command}: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except MimdexError as exc:
-        print(f"mimdex {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mimdex {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"mimdex {args.command}: interrupted", file=sys.stderr)
@@ -233,7 +257,7 @@ def _push_metrics(args: argparse.Namespace, code: int, seconds: float) -> None:
     try:
         metrics.push(args.pushgateway_url, args.command, target, code, seconds, getattr(args, "job_report", None))
     except OSError as exc:
-        print(f"mimdex {args.command}: warning: metrics push to {args.pushgateway_url} failed: {exc}",
+        print(redact(f"mimdex {args.command}: warning: metrics push to {args.pushgateway_url} failed: {exc}"),
               file=sys.stderr)
 
 
@@ -244,9 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     # those Beam's own option registry knows: a misspelt flag is exit 2, not dropped
     if extra and not getattr(args, "passes_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = cli_index.check_beam_flags(parser, args.command, extra)
+    try:
+        args.extra = cli_index.check_beam_flags(parser, args.command, extra)
+    except ModuleNotFoundError as exc:  # Beam itself is missing
+        return _missing_package(args.command, exc)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     start, code = time.monotonic(), 1
     try:
         code = _dispatch(args)

@@ -88,6 +88,8 @@ def _add_build_index(sub) -> None:
     p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
+    p.add_argument("--stall-timeout", type=float, default=900.0,
+                   help="exit 75 when the Beam job writes no output for this many seconds (default 900)")
     add_beam_flags(p)
     add_job_flags(p)
     p.set_defaults(handler=_run_build_index)
@@ -103,7 +105,8 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       factory=args.factory,
                       max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
-                      eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata)
+                      eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata,
+                      stall_timeout=args.stall_timeout)
     try:
         result = run(cfg, beam_args(args))
     except QualityGateFailed as exc:

@@ -34,9 +34,12 @@ def local_ray():
     import ray
 
     from mimdex.infra.reaper import Reaper
+    from mimdex.pipelines.encode.job import loopback_only
 
     reaper = Reaper()
-    ray.init(num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", logging_level="ERROR")
+    with loopback_only():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}",
+                 logging_level="ERROR")
     yield
     ray.shutdown()
     reaper.done()

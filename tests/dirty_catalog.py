@@ -99,3 +99,14 @@ def write(root: str, rows: list[dict], objects: dict[str, bytes], row_group_size
         storage.write_bytes(storage.join(root, name), data)
     with storage.open_write(storage.join(root, "catalog.parquet")) as f:
         pq.write_table(pa.Table.from_pylist(rows, SCHEMA), f, row_group_size=row_group_size)
+
+
+def write_kinds(root: str, kinds: list[str], row_group_size: int = 64) -> list[dict]:
+    """A catalog of one row per kind (product_ids P0000, P0001...) under ``root``; its rows."""
+    rows, objects = [], {}
+    for i, kind in enumerate(kinds):
+        r, objs, _ = row(kind, f"P{i:04d}", i)
+        rows.append(r)
+        objects.update(objs)
+    write(root, rows, objects, row_group_size)
+    return rows

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -226,3 +227,38 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
     missing = subprocess.run(mimdex + ["search", "--index", str(tmp_path / "nowhere"), "--image",
                                        str(tmp_path / "q.jpg")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 65 and "no LATEST" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_lost_beam_worker_stops_the_build_with_75_and_a_rerun_publishes(tmp_path):
+    """The DirectRunner's multi-process mode: an SDK worker SIGKILLed mid-build leaves the
+    runner waiting forever; build-index notices that nothing is written any more, stops its
+    workers and exits 75; the re-run publishes."""
+    import psutil
+
+    from conftest import random_bundle
+
+    model = str(tmp_path / "model")
+    sha = random_bundle(model, ["a title"], "3-tower")
+    x = clustered(2000)
+    write_embeddings(str(tmp_path / "emb"), x, [f"p{i}" for i in range(len(x))], model, sha, parts=8)
+    argv = [sys.executable, "-m", "mimdex.pipelines.cli", "build-index", "--embeddings", str(tmp_path / "emb"),
+            "--out", str(tmp_path / "index"), "--shards", "2", "--eval-queries", "50", "--stall-timeout", "15",
+            "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while victim is None and proc.poll() is None and time.time() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            cmd = child.cmdline()
+            if cmd[:1] and cmd[0].endswith("python") and "apache_beam.runners.worker.sdk_worker_main" in cmd:
+                victim = child
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no SDK worker seen"
+    victim.kill()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert "the Beam job wrote nothing for" in err and "re-run" in err
+    assert not storage.exists(str(tmp_path / "index" / "LATEST"))
+    done = subprocess.run(argv[:-2], capture_output=True, text=True, timeout=300)  # the default runner
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert IndexReader.open(str(tmp_path / "index")).ntotal == 2000

@@ -37,3 +37,22 @@ def test_bad_input_exits_65_without_a_traceback(tmp_path):
                   "--queries", "5", "--no-progress")
     assert res.returncode == 65
     assert "manifest.json is not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def _without(module: str, *argv: str) -> subprocess.CompletedProcess:
+    """The CLI in a process where ``module`` cannot be imported (as if not installed)."""
+    code = (f"import sys; sys.modules[{module!r}] = None; from mimdex.pipelines import cli; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_optional_package_names_the_pip_line_and_exits_2(tmp_path):
+    for module, argv, hint in (
+            ("faiss", ["build-index", "--embeddings", str(tmp_path), "--out", str(tmp_path / "i")], "mimdex[cpu]"),
+            ("ray", ["encode", "--model", "m", "--catalog", "c", "--out", "o"], "ray>=2.40"),
+            ("apache_beam", ["build-index", "--embeddings", "e", "--out", "o", "--runner=DirectRunner"],
+             "apache-beam>=2.60")):
+        res = _without(module, *argv)
+        assert res.returncode == 2, (module, res.stderr)
+        assert f"needs the '{module}' package" in res.stderr and hint in res.stderr
+        assert "Traceback" not in res.stderr

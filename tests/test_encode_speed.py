@@ -123,7 +123,7 @@ def test_gpu_decode_falls_back_per_image_to_the_cpu_path(monkeypatch):
     assert calls == [5] and fallbacks == 4
     assert [(row, exc.reason) for row, exc in failed] == [(2, "image_corrupt")]
     for row, blob in ((0, data[0]), (1, data[1]), (3, data[3]), (4, data[4])):
-        assert torch.equal(pixels[row], torch.from_numpy(load_pixels(blob, 64, True)))
+        assert torch.equal(pixels[row], torch.from_numpy(np.array(load_pixels(blob, 64, True))))
     # no torchvision (as here): every image takes the CPU path
     monkeypatch.undo()
     pixels2 = torch.zeros((6, 64, 64, 3), dtype=torch.uint8)
@@ -144,14 +144,8 @@ def test_the_pipeline_with_gpu_decode_forced_to_fall_back_gives_the_same_rows(tm
     from mimdex.infra.contracts import embeddings as emb
     from mimdex.pipelines.encode import EncodeConfig, run
 
-    rows, objects = [], {}
-    kinds = ["plain"] * 20 + list(dc.AWKWARD) + list(dc.BAD)
-    for i, kind in enumerate(kinds):
-        row, objs, _ = dc.row(kind, f"P{i:03d}", i)
-        rows.append(row)
-        objects.update(objs)
     root = str(tmp_path / "cat")
-    dc.write(root, rows, objects, row_group_size=16)
+    rows = dc.write_kinds(root, ["plain"] * 20 + list(dc.AWKWARD) + list(dc.BAD), row_group_size=16)
     model = str(tmp_path / "model")
     random_bundle(model, [r["title"].decode("utf-8", "replace") for r in rows if r["title"]], "3-tower")
     out = {}

@@ -1,8 +1,6 @@
 """The storage layer, run against a local directory and against the local S3 server."""
 from __future__ import annotations
 
-import http.client
-import http.server
 import os
 import threading
 
@@ -133,67 +131,25 @@ def test_local_writes_are_world_readable(tmp_path):
     assert os.stat(uri).st_mode & 0o777 == 0o666 & ~umask
 
 
-class _FlakyProxy(http.server.BaseHTTPRequestHandler):
-    """Answers the first ``failures`` requests with 503 SlowDown, forwards the rest."""
-
-    protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" on PUT
-    upstream: tuple[str, int]
-    failures = 0
-    seen = 0
-    lock = threading.Lock()
-
-    def _handle(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.lock:
-            type(self).seen += 1
-            fail = type(self).seen <= type(self).failures
-        if fail:
-            payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                       b"<Message>Please reduce your request rate.</Message></Error>")
-            self.send_response(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            return
-        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
-        conn.request(self.command, self.path, body=body or None,
-                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
-        resp = conn.getresponse()
-        data = resp.read()
-        self.send_response(resp.status)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        conn.close()
-
-    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
-
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-
 def test_transient_s3_errors_are_retried_by_botocore(s3_bucket, monkeypatch):
     """Four 503 SlowDown answers in a row are absorbed by the retries configured in
     STORAGE_OPTIONS (botocore's adaptive mode; s3fs's own loop behind it)."""
     import s3fs
 
+    from fault_proxy import FaultProxy
+
     endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
     host, port = endpoint.rsplit("//", 1)[1].split(":")
-    handler = type("Proxy", (_FlakyProxy,), {"upstream": (host, int(port)), "failures": 4, "seen": 0})
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.server_address[1]}")
-    s3fs.S3FileSystem.clear_instance_cache()  # the cached instance points at the old endpoint
+    proxy = FaultProxy((host, int(port)), first=4)
     try:
-        uri = storage.join(s3_bucket, "retried.json")
-        storage.write_json(uri, {"ok": True})
-        assert handler.seen > 4  # the failures happened, and more requests followed them
-        assert storage.read_json(uri) == {"ok": True}
+        with proxy as via:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", via)
+            s3fs.S3FileSystem.clear_instance_cache()  # the cached instance points at the old endpoint
+            before = storage.retry_count()
+            uri = storage.join(s3_bucket, "retried.json")
+            storage.write_json(uri, {"ok": True})
+            assert proxy.requests > 4 and proxy.injected["slowdown"] == 4  # the failures happened, more followed
+            assert storage.read_json(uri) == {"ok": True}
+            assert storage.retry_count() - before >= 4  # and were counted
     finally:
-        proxy.shutdown()
         s3fs.S3FileSystem.clear_instance_cache()

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
+from mimdex.infra.redact import redact
 
 # Every reason a catalog row can be rejected with, in the order they are checked
 # (docs/contracts.md, "Reject reasons").
@@ -127,13 +128,13 @@ def fetch_image(uri: str) -> bytes | Problem:
     try:
         return storage.read_bytes(uri)
     except storage.ObjectNotFound as exc:
-        return Problem("image_uri_unreachable", str(exc))
+        return Problem("image_uri_unreachable", redact(str(exc)))
     except storage.StorageFailure as exc:
         if isinstance(exc.__cause__, (PermissionError, IsADirectoryError)):
-            return Problem("image_uri_unreachable", str(exc))
+            return Problem("image_uri_unreachable", redact(str(exc)))
         raise
     except (ValueError, ImportError) as exc:  # unknown protocol, malformed URI
-        return Problem("image_uri_unreachable", f"{uri}: {exc}")
+        return Problem("image_uri_unreachable", redact(f"{uri}: {exc}"))
 
 
 def row_problem(product_id: str | None, title: bytes | None, image, duplicate_of: str | None = None) -> Problem | None:
@@ -228,6 +229,8 @@ def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) ->
     missing = pa.array([i < 0 for i in idx], pa.bool_())
     out = {c: pc.if_else(missing, pa.nulls(len(idx), taken.column(c).type), taken.column(c))
            for c in taken.column_names if c != "product_id"}
+    if "image_uri" in out:  # a signed URL is a credential: the id map keeps the URL, not its signature
+        out["image_uri"] = pa.array([redact(u) if u else u for u in out["image_uri"].to_pylist()], pa.string())
     return pa.table(out) if out else None
 
 

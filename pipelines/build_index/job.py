@@ -5,10 +5,13 @@ version's manifest and report.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import psutil
 
 from mimdex.indexing import release
 from mimdex.indexing.params import choose
@@ -24,6 +27,7 @@ from mimdex.pipelines.build_index.spec import BUILD_DIR, BuildSpec
 from mimdex.pipelines.report import StageTimer
 
 log = logging.getLogger(__name__)
+STALL_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class BuildConfig:
     seed: int = 0
     metadata: bool = True
     manifest_name: str = "manifest.json"  # refresh builds from a composite manifest beside it
+    stall_timeout: float = 900.0          # exit 75 when the Beam job writes nothing for this long
 
     @property
     def gate(self) -> release.Gate:
@@ -87,26 +92,62 @@ def beam_pipeline(beam_args: list[str]):
         raise UsageError(f"Beam pipeline options {' '.join(beam_args)}: {why}") from exc
 
 
-def _run_beam(spec: BuildSpec, parts: tuple[emb.PartEntry, ...], beam_args: list[str]) -> None:
+def _run_beam(spec: BuildSpec, parts: tuple[emb.PartEntry, ...], beam_args: list[str],
+              stall_timeout: float) -> None:
+    """Run the graph; if it writes nothing for ``stall_timeout`` seconds (a lost worker of
+    a multi-process or remote runner can leave it waiting forever), stop with exit 75."""
     from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
 
     pipeline = beam_pipeline(beam_args)
-    try:
-        with pipeline as p:
-            build_pipeline(p, spec, list(parts))
-    except MimdexError:
-        raise
-    except Exception as exc:  # a DoFn's error comes back wrapped by the runner
-        cause = exc
-        while cause is not None and not isinstance(cause, MimdexError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise type(cause)(str(cause)) from exc
-        for marker, cls in (("DataError", DataError), ("ObjectNotFound", DataError),
-                            ("StorageFailure", TransientError)):
-            if marker in str(exc):
-                raise cls(f"build-index Beam job failed: {str(exc).strip().splitlines()[-1]}") from exc
-        raise
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            with pipeline as p:
+                build_pipeline(p, spec, list(parts))
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
+            outcome["error"] = exc
+
+    # a daemon thread: a stalled runner cannot keep the process alive after we give up on it
+    thread = threading.Thread(target=work, name="beam-job", daemon=True)
+    thread.start()
+    build, outputs, last = storage.join(spec.version_dir, BUILD_DIR), -1, time.monotonic()
+    while thread.is_alive():
+        thread.join(STALL_POLL_SECONDS)
+        done = len(storage.list_files(build, ".json")) if storage.exists(build) else 0
+        if done != outputs:
+            outputs, last = done, time.monotonic()
+        elif thread.is_alive() and time.monotonic() - last > stall_timeout:
+            _stop_beam_workers()
+            raise TransientError(
+                f"the Beam job wrote nothing for {stall_timeout:g} s (--stall-timeout): {outputs} of "
+                f"{len(parts) + spec.shards} part and shard outputs are done (a worker may have died); version "
+                f"{spec.version_dir} is incomplete and unpublished, re-run to build it again")
+    exc = outcome.get("error")
+    if exc is None:
+        return
+    if isinstance(exc, MimdexError):
+        raise exc
+    cause = exc  # a DoFn's error comes back wrapped by the runner
+    while cause is not None and not isinstance(cause, MimdexError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        raise type(cause)(str(cause)) from exc
+    for marker, cls in (("DataError", DataError), ("ObjectNotFound", DataError),
+                        ("StorageFailure", TransientError)):
+        if marker in str(exc):
+            raise cls(f"build-index Beam job failed: {str(exc).strip().splitlines()[-1]}") from exc
+    raise exc
+
+
+def _stop_beam_workers() -> None:
+    """The SDK worker processes a multi-process DirectRunner started for this job."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "apache_beam.runners.worker" in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...], dict]:
@@ -128,7 +169,7 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...]
 
 def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Released:
     _check(cfg)
-    timer = StageTimer()
+    timer, retries = StageTimer(), storage.retry_count()
     with timer.stage("validate"):
         manifest = emb.read_manifest(cfg.embeddings, cfg.manifest_name)
         validate_parts(cfg.embeddings, manifest)
@@ -147,10 +188,13 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
         storage.write_bytes(storage.join(vdir, "trained.index"), trained)
     spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata)
     with timer.stage("beam"):
-        _run_beam(spec, manifest.parts, beam_args or [])
+        _run_beam(spec, manifest.parts, beam_args or [], cfg.stall_timeout)
     with timer.stage("collect"):
         shard_records, counts = _collect(spec, trained)
     draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
                                  token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
                                  trained=trained, training=train_info, shards=shard_records, counts=counts)
-    return release.finish_version(draft, src, cfg.gate, held, held_ids, timer)
+    released = release.finish_version(draft, src, cfg.gate, held, held_ids, timer)
+    # the DirectRunner runs the DoFns in this process; other runners' workers retry on their own
+    released.report["storage_retries"] = {"driver": storage.retry_count() - retries}
+    return released

@@ -69,6 +69,9 @@ class EncoderActor:
             text = (embed_texts(self.model, tensors["ids"], tensors["mask"], self.batch_size * 4, self.device)
                     if n else np.zeros((0, self.model.cfg.embed_dim), np.float32))
             text = text.astype(self.dtype)
+        import ray
+
         return {"image_emb": image.astype(self.dtype), "text_emb": text, "late_rejects": late,
+                "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
                 "gpu_decode_fallbacks": fallbacks, "seconds": time.perf_counter() - t0 - t_decode - t_transfer,
                 "device_decode_seconds": t_decode, "transfer_seconds": t_transfer}

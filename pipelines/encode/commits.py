@@ -25,19 +25,22 @@ class Commit:
     model_sha256: str
     dtype: str
     seconds: dict
+    nodes: dict = None             # {"decode": node id, "encode": node id}
+    retries: int = 0               # storage retries its decode and write tasks needed
 
     def to_json(self) -> dict:
         return {**self.entry.to_json(), "model_sha256": self.model_sha256, "dtype": self.dtype,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "nodes": self.nodes or {}, "retries": self.retries}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Commit":
-        return cls(emb.PartEntry.from_json(obj), obj["model_sha256"], obj["dtype"], dict(obj.get("seconds", {})))
+        return cls(emb.PartEntry.from_json(obj), obj["model_sha256"], obj["dtype"], dict(obj.get("seconds", {})),
+                   dict(obj.get("nodes") or {}), int(obj.get("retries", 0)))
 
 
 def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model: ModelRef, dtype: str) -> Commit:
     """Write one unit's part (and rejects) whole; return what its commit marker records."""
-    t0 = time.perf_counter()
+    t0, retries = time.perf_counter(), storage.retry_count()
     rejects = [{"product_id": r.product_id, "reason": r.problem.reason, "detail": r.problem.detail,
                 "source": unit.file, "row": r.row, "content_hash": r.state} for r in decoded.rejects]
     keep = np.ones(len(decoded.product_ids), bool)
@@ -57,7 +60,8 @@ def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model:
     seconds = {**decoded.seconds, "encode": vectors["seconds"],
                "device_decode": vectors.get("device_decode_seconds", 0.0),
                "transfer": vectors.get("transfer_seconds", 0.0), "write": time.perf_counter() - t0}
-    return Commit(entry, model.sha256, dtype, seconds)
+    nodes = {k: v for k, v in (("decode", decoded.node), ("encode", vectors.get("node", ""))) if v}
+    return Commit(entry, model.sha256, dtype, seconds, nodes, decoded.retries + storage.retry_count() - retries)
 
 
 def marker_uri(out: str, name: str) -> str:

@@ -24,6 +24,7 @@ class EncodeConfig:
     max_attempts: int = 3           # tries per unit (actor restarts, lost workers)
     compile: bool | None = None     # torch.compile the image tower in the actors (None: on GPUs)
     gpu_decode: bool = False        # decode JPEGs on the actors' GPUs (nvjpeg), CPU fallback per image
+    stall_timeout: float = 900.0    # exit 75 when no unit is committed for this long
     progress: bool = True
 
 
@@ -78,3 +79,5 @@ class DecodedUnit:
     rows: tuple[int, ...]           # the catalog row of each product (for late rejects)
     rejects: tuple[RejectRow, ...]
     seconds: dict
+    node: str = ""                  # the Ray node that decoded it
+    retries: int = 0                # storage retries the decode task needed

@@ -17,9 +17,20 @@ from tokenizers import Tokenizer
 
 from mimdex.encoders.images import ImageDecodeError, gpu_decodable, load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
+from mimdex.infra import storage
 from mimdex.infra.contracts import catalog
 from mimdex.infra.errors import DataError
 from mimdex.pipelines.encode.config import DecodedUnit, DecodeSpec, RejectRow, Unit
+
+
+def _node() -> str:
+    """The Ray node this runs on ("" outside Ray, e.g. a benchmark calling it bare)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        return ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -30,7 +41,7 @@ def _tokenizer(tokenizer_json: str, context_length: int) -> Tokenizer:
 def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     """(what was decoded, tensors): uint8 pixels N x S x S x 3 and (for text models)
     int32 token ids / uint8 mask."""
-    t0 = time.perf_counter()
+    t0, retries = time.perf_counter(), storage.retry_count()
     table, _ = catalog.read_columns(unit.file, list(unit.row_groups))
     if table.num_rows != unit.rows:
         raise DataError(f"catalog {unit.file} changed while encoding: row groups {list(unit.row_groups)} "
@@ -94,5 +105,6 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
         tensors["ids"], tensors["mask"] = tokenize_arrays(_tokenizer(spec.tokenizer_json, spec.context_length), texts)
     t_tokenize = time.perf_counter() - t0 - t_read - t_decode
     decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows), tuple(sorted(rejects, key=lambda r: r.row)),
-                          {"read": t_read, "decode": t_decode, "tokenize": t_tokenize})
+                          {"read": t_read, "decode": t_decode, "tokenize": t_tokenize}, _node(),
+                          storage.retry_count() - retries)
     return decoded, tensors

@@ -14,31 +14,25 @@ import contextlib
 import importlib
 import logging
 import os
-import time
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 import ray
-from tqdm import tqdm
 
 from mimdex.encoders.bundle import load_bundle
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts.model import ModelRef
-from mimdex.infra.errors import MimdexError, TransientError, UsageError
+from mimdex.infra.errors import TransientError, UsageError
 from mimdex.infra.reaper import Reaper
-from mimdex.pipelines.encode import commits
-from mimdex.pipelines.encode.actors import EncoderActor
-from mimdex.pipelines.encode.config import DecodeSpec, EncodeConfig, Unit
-from mimdex.pipelines.encode.decode import decode_unit
+from mimdex.pipelines.encode import commits, stream
+from mimdex.pipelines.encode.config import DecodeSpec, EncodeConfig
 from mimdex.pipelines.encode.plan import plan_units
 from mimdex.pipelines.report import StageTimer
 
 log = logging.getLogger(__name__)
 
-ACTOR_NAME = "mimdex-encoder-{run}-{i}"  # unique per run: names of killed actors linger briefly
 RAY_NAMESPACE = "mimdex"
 
 
@@ -98,16 +92,37 @@ def _start_ray(address: str | None, runtime_env: dict | None = None) -> Reaper |
         if address:
             ray.init(address=address, **common)
         else:
-            # Ray 2.60's gcs_server and raylet listen on all interfaces and have no
-            # loopback-only option; its token authentication (on by default) is what
-            # refuses other hosts, and the cluster lives only as long as this driver.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             reaper = Reaper()
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **common)
+            with loopback_only():
+                # address="local": a new instance even when another Ray runs on this machine
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **common)
             return reaper
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TransientError(f"cannot start or join Ray (--ray-address {address or 'embedded'}): {exc}") from exc
     return True
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Every process of an embedded Ray on 127.0.0.1. Ray's single-machine mode (the
+    default on macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) takes the loopback
+    address as the node's; on Linux it is off by default, and Ray then listens on all
+    interfaces. Its setting is read at import, so the module constant is set for the
+    start, and the variable for the processes Ray spawns."""
+    from ray._private import ray_constants
+
+    saved, env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = env
 
 
 def _stop_ray(started: Reaper | bool) -> None:
@@ -128,55 +143,15 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         _stop_ray(started)
 
 
-def _sizing(cfg: EncodeConfig) -> dict:
-    """Actors and CPU split from what the cluster offers (one actor per GPU)."""
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
-    if gpus:
-        actors, actor_cpus = cfg.encoders or gpus, 1
-    else:
-        actors = cfg.encoders or 1
-        actor_cpus = cfg.encoder_cpus or max(1, cpus // (2 * actors))
-    decode_slots = max(1, int((cpus - (actors * actor_cpus if not gpus else actors)) // cfg.decode_cpus))
-    window = cfg.max_in_flight or decode_slots + 2 * actors
-    return {"cpus": cpus, "gpus": gpus, "actors": actors, "actor_cpus": actor_cpus,
-            "decode_slots": decode_slots, "window": window}
-
-
-def _actors(cfg: EncodeConfig, sizing: dict, sha: str) -> list:
-    opts = {"max_restarts": cfg.max_attempts, "max_task_retries": cfg.max_attempts}
-    if sizing["gpus"]:
-        opts.update(num_gpus=1, num_cpus=1)
-    else:
-        opts.update(num_cpus=sizing["actor_cpus"])
-    cls = ray.remote(EncoderActor)
-    run = uuid.uuid4().hex[:8]
-    return [cls.options(name=ACTOR_NAME.format(run=run, i=i), **opts).remote(
-        cfg.model, sha, cfg.dtype, cfg.batch_size, sizing["actor_cpus"], cfg.compile) for i in range(sizing["actors"])]
-
-
 def _warm_decoder() -> None:
     importlib.import_module("mimdex.pipelines.encode.decode")  # PIL, tokenizers, pyarrow
-
-
-def _failure(unit: Unit, exc: BaseException) -> dict:
-    """A failed unit for the report; a bug in our own code is re-raised with its trace."""
-    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
-    if isinstance(cause, MimdexError):
-        err = cause
-    elif isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(cause, ray.exceptions.RayError):
-        raise exc
-    else:  # a lost actor or worker after Ray's retries, a lost object
-        err = TransientError(f"{unit.name} ({unit.file} row groups {list(unit.row_groups)}): "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    return {"unit": unit.name, "exit_code": err.exit_code, "error": str(err)}
 
 
 def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     """Encode the catalog into ``cfg.out``; returns the report. ``on_commit(record)`` is
     called in the driver after each unit's marker is written (progress hooks, tests)."""
     _check(cfg)
-    timer = StageTimer()
+    timer, retries = StageTimer(), storage.retry_count()
     with timer.stage("plan"):
         encoder = load_bundle(cfg.model)  # verifies the checksum once, before any work
         model = ModelRef(uri=cfg.model, sha256=encoder.sha256, variant=encoder.cfg.variant,
@@ -195,23 +170,33 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
                       image_column=facts["image_column"], fetch_threads=cfg.fetch_threads,
                       jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode)
     del encoder
-    records, failures, sizing, device = dict(done), [], None, None
+    records, failures, sizing, device, flow = dict(done), [], None, None, None
     seconds: Counter[str] = Counter()
     started, actors = False, []
     try:
         if todo:
             with timer.stage("ray_start"):
                 started = _start_ray(cfg.ray_address, load_runtime_env(cfg.runtime_env))
-                sizing = _sizing(cfg)
-                actors = _actors(cfg, sizing, model.sha256)
+                sizing = stream.sizing(cfg)
+                actors = stream.make_actors(cfg, sizing, model.sha256)
                 # decode workers import their libraries while the actors load the model,
                 # instead of the first units waiting for both in turn
                 warm = [ray.remote(num_cpus=cfg.decode_cpus)(_warm_decoder).remote()
                         for _ in range(min(sizing["decode_slots"], len(todo)))]
-                device = ray.get(actors[0].device_name.remote())
-                ray.get(warm)
+                try:
+                    device = ray.get(actors[0].device_name.remote(), timeout=cfg.stall_timeout)
+                except ray.exceptions.GetTimeoutError as exc:
+                    raise TransientError(f"no encoder actor started within {cfg.stall_timeout:g} s "
+                                         f"(--stall-timeout): each needs {sizing['actor_cpus']} CPU"
+                                         f"{' and 1 GPU' if sizing['gpus'] else ''}; the cluster offers "
+                                         f"{ray.cluster_resources()}") from exc
+                ray.wait(warm, num_returns=len(warm), timeout=30)  # bounded: a starved cluster must not hang here
             with timer.stage("encode"):
-                _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, on_commit)
+                flow = stream.Stream(cfg, spec, model, actors, sizing, records, failures, seconds, on_commit)
+                try:
+                    flow.run(todo)
+                finally:
+                    actors = flow.actors  # after a re-size, the ones to stop
     finally:
         for actor in actors:  # named actors outlive the driver's handles otherwise
             ray.kill(actor)
@@ -219,14 +204,18 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     report = {
         "catalog": cfg.catalog, "output": cfg.out, "model": model.to_json(), "dtype": cfg.dtype,
         "plan": {**facts, "units": len(units), "unit_rows": cfg.unit_rows},
-        "sizing": sizing, "device": device,
+        "sizing": flow.size if flow else sizing, "device": device,
+        "resized": flow.resizes if flow else [],
+        "nodes": {k: sorted(v) for k, v in flow.nodes.items()} if flow else {},
+        "storage_retries": {"driver": storage.retry_count() - retries,
+                            "workers": sum(records[n].retries for n in records if n not in done)},
         "counts": _counts(units, todo, records, failures),
         "recomputed_units": sorted(name for name in records if name not in done),
         "failed_units": failures,
         "seconds": timer.seconds, "task_seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     if sizing and report["counts"]["read"]:
-        report["throughput"] = stage_rates(report["counts"]["read"], seconds, sizing)
+        report["throughput"] = stage_rates(report["counts"]["read"], seconds, report["sizing"])
     encoded_now = report["counts"]["encoded"]
     report["products_per_s"] = round(encoded_now / timer.seconds["encode"], 1) if todo and encoded_now else None
     counts = report["counts"]
@@ -244,56 +233,6 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     totals = report["totals"] = emb.read_manifest(cfg.out).counts
     return EncodeResult(True, facts["rows"], len(units), counts["units_skipped"], counts["read"],
                         totals["encoded"], totals["rejected"], (), report)
-
-
-def _stream(cfg, spec, model, todo, actors, sizing, records, failures, seconds, on_commit) -> None:
-    decode = ray.remote(num_returns=2, num_cpus=cfg.decode_cpus)(decode_unit)
-    write = ray.remote(num_cpus=0)(commits.write_unit)
-    queue: deque[Unit] = deque(todo)
-    decoding: dict = {}   # meta ref -> (unit, tensors ref)
-    writing: dict = {}    # write ref -> (unit, actor index)
-    load = [0] * len(actors)
-    bar = tqdm(total=len(todo), unit="unit", disable=not cfg.progress, desc="encode", dynamic_ncols=True)
-    t0, products = time.perf_counter(), 0
-    try:
-        while queue or decoding or writing:
-            while queue and len(decoding) + len(writing) < sizing["window"]:
-                unit = queue.popleft()
-                meta_ref, tensors_ref = decode.remote(spec, unit)
-                decoding[meta_ref] = (unit, tensors_ref)
-            ready, _ = ray.wait(list(decoding) + list(writing), num_returns=1)
-            ref = ready[0]
-            if ref in decoding:
-                unit, tensors_ref = decoding.pop(ref)
-                try:
-                    ray.get(ref)  # surface a decode failure here, before encoding
-                except ray.exceptions.RayError as exc:
-                    failures.append(_failure(unit, exc))
-                    bar.update(1)
-                    continue
-                i = min(range(len(actors)), key=load.__getitem__)
-                load[i] += 1
-                emb_ref = actors[i].encode.remote(tensors_ref)
-                writing[write.remote(cfg.out, unit, ref, emb_ref, model, cfg.dtype)] = (unit, i)
-                continue
-            unit, i = writing.pop(ref)
-            load[i] -= 1
-            try:
-                record = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                failures.append(_failure(unit, exc))
-                bar.update(1)
-                continue
-            commits.commit(cfg.out, record)
-            records[unit.name] = record
-            seconds.update(record.seconds)
-            products += record.entry.part.rows
-            bar.update(1)
-            bar.set_postfix(products_s=f"{products / (time.perf_counter() - t0):.0f}", refresh=False)
-            if on_commit:
-                on_commit(record)
-    finally:
-        bar.close()
 
 
 def stage_rates(rows: int, seconds: dict, sizing: dict) -> dict:

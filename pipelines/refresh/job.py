@@ -104,7 +104,7 @@ def _composite(prev: emb.EmbeddingsManifest | None, where: dict[str, str], delta
 
 
 def run(cfg: RefreshConfig) -> dict:
-    timer = StageTimer()
+    timer, retries = StageTimer(), storage.retry_count()
     report: dict = {"catalog": cfg.catalog, "embeddings": cfg.embeddings, "index_root": cfg.index,
                     "mode": "backfill" if cfg.ids_file else "refresh"}
     lease = Lease(storage.join(cfg.index, "_locks", "refresh.json"), cfg.lock_ttl_hours, "refresh")
@@ -129,7 +129,7 @@ def run(cfg: RefreshConfig) -> dict:
         report["diff"] = d.counts()
         if not full_reason and d.empty:
             report.update(nothing_to_do=True, decision="no change: nothing encoded, no new version",
-                          seconds=timer.seconds)
+                          seconds=timer.seconds, storage_retries={"driver": storage.retry_count() - retries})
             return report
         run_id = _run_id(model_sha, d, current.states, bool(full_reason))
         run_dir = storage.join(cfg.embeddings, "runs", run_id)
@@ -144,7 +144,8 @@ def run(cfg: RefreshConfig) -> dict:
                           prev_emb.dtype if prev_emb else "float16")
         report["encode"] = {"run": run_id, "rows": enc.rows, "encoded": enc.encoded, "rejected": enc.rejected,
                             "units": enc.units, "units_resumed": enc.units_skipped,
-                            "rows_encoded_by_this_attempt": enc.rows_read}
+                            "rows_encoded_by_this_attempt": enc.rows_read,
+                            "storage_retries_of_workers": enc.report.get("storage_retries", {}).get("workers", 0)}
         delta = emb.read_manifest(run_dir)
         if not full_reason:
             report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.changed))
@@ -159,7 +160,9 @@ def run(cfg: RefreshConfig) -> dict:
         with timer.stage("retention"):
             report["retention"] = versions.prune(cfg.index, cfg.keep, cfg.grace_hours)
     report.update(version=released.version, published=True, evaluation=released.evaluation,
-                  index_counts=released.counts, default_nprobe=released.default_nprobe, seconds=timer.seconds)
+                  index_counts=released.counts, default_nprobe=released.default_nprobe, seconds=timer.seconds,
+                  storage_retries={"driver": storage.retry_count() - retries,
+                                   "workers": report["encode"]["storage_retries_of_workers"]})
     return report
 
 

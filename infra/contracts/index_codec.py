@@ -15,6 +15,19 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+def lists_shape(trained: bytes | faiss.Index) -> tuple[int, int]:
+    """(nlist, code size) of a trained IVF index, as plain ints.
+
+    faiss's ``extract_index_ivf`` returns a pointer into its argument without keeping it
+    alive: taken from a temporary index it dangles, and reads garbage once the memory is
+    reused (seen under load as a shard of "1 list of 11-byte codes"). Callers get numbers
+    from here instead of holding that pointer.
+    """
+    index = deserialize(trained) if isinstance(trained, (bytes, bytearray)) else trained
+    ivf = faiss.extract_index_ivf(index)
+    return int(ivf.nlist), int(ivf.code_size)
+
+
 def coarse_bytes(nlist: int) -> int:
     """Bytes faiss's IVF sa_encode puts before each code for its list number."""
     nbytes, nl = 0, nlist - 1

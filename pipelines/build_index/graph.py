@@ -80,11 +80,11 @@ class MergeShard(beam.DoFn):
     def process(self, element):
         shard, partials = element
         partials = sorted(partials, key=lambda p: p["part"])
-        ivf = faiss.extract_index_ivf(_trained(self.spec))
+        nlist, code_size = codec.lists_shape(_trained(self.spec))
         idmap = pa.concat_tables([_from_ipc(p["idmap"]) for p in partials], promote_options="permissive")
         ids = np.concatenate([p["ids"] for p in partials])
         check_unique(ids, idmap.column("product_id").to_pylist(), f"shard {iv.shard_name(shard)}")
-        blob = codec.encoded_lists(ivf.nlist, ivf.code_size, ids, np.concatenate([p["lists"] for p in partials]),
+        blob = codec.encoded_lists(nlist, code_size, ids, np.concatenate([p["lists"] for p in partials]),
                                    np.concatenate([p["codes"] for p in partials]))
         record = iv.write_shard(self.spec.version_dir, shard, blob, len(ids), idmap)
         storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record.name}.json"), record.to_json())

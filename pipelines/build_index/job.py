@@ -9,7 +9,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import psutil
 
@@ -155,11 +154,11 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...]
     docs = [(u.rsplit("/", 1)[-1], storage.read_json(u)) for u in storage.list_files(build, ".json")]
     records = {r["shard"]: iv.ShardEntry.from_json(r) for name, r in docs if not name.startswith("stats-")}
     stats = [r for name, r in docs if name.startswith("stats-")]
-    ivf = faiss.extract_index_ivf(codec.deserialize(trained))
+    nlist, code_size = codec.lists_shape(trained)
     for shard in range(spec.shards):  # a shard no product hashed to is still a valid, empty index
         if shard not in records:
-            blob = codec.encoded_lists(ivf.nlist, ivf.code_size, np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                       np.zeros((0, ivf.code_size), np.uint8))
+            blob = codec.encoded_lists(nlist, code_size, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                       np.zeros((0, code_size), np.uint8))
             records[shard] = iv.write_shard(spec.version_dir, shard, blob, 0, iv.empty_idmap())
     return tuple(records[s] for s in range(spec.shards)), {
         "rows": sum(s["rows"] for s in stats), "indexed": sum(s["indexed"] for s in stats),

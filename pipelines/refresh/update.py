@@ -62,7 +62,7 @@ def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, train
     faiss's in-memory fast-scan blocks and adding after it corrupted the re-added codes
     in faiss-cpu 1.15.1; see docs/operations.md.)
     """
-    ivf = faiss.extract_index_ivf(codec.deserialize(trained))
+    nlist, code_size = codec.lists_shape(trained)
     remove_ids = ids_for(sorted(remove))
     new_lists, new_codes = codec.encode(codec.deserialize(trained), delta.vectors)
     shard_of = delta.ids % len(prev.shards)
@@ -82,7 +82,7 @@ def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, train
         if len(all_ids) != ids_table.num_rows:
             raise DataError(f"shard {entry.name}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
                             "after the update (the previous version's id map and index disagree)")
-        blob = codec.encoded_lists(ivf.nlist, ivf.code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
+        blob = codec.encoded_lists(nlist, code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
                                    np.concatenate([old_codes[keep], new_codes[sel]]))
         records.append(iv.write_shard(version_dir, entry.shard, blob, len(all_ids), ids_table))
     return tuple(records)

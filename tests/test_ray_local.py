@@ -64,7 +64,6 @@ def test_an_embedded_encode_starts_its_own_ray_next_to_another_cluster(small_cat
     started = subprocess.run([ray_bin, "start", "--head", "--num-cpus=1", "--port=0", "--include-dashboard=false",
                               "--disable-usage-stats"], capture_output=True, text=True, timeout=120, env=env)
     address = open(address_file).read().strip() if os.path.exists(address_file) else "?"
-    port = address.rsplit(":", 1)[-1]
     try:
         assert started.returncode == 0, started.stderr
         done = subprocess.run(_encode_cmd(small_catalog, str(tmp_path / "emb2")), capture_output=True, text=True,
@@ -73,9 +72,13 @@ def test_an_embedded_encode_starts_its_own_ray_next_to_another_cluster(small_cat
         report = json.loads(storage.read_bytes(done.stdout.strip().splitlines()[-1]))
         assert report["sizing"]["cpus"] == os.cpu_count()  # its own Ray, not the other cluster's 1 CPU
     finally:  # stop exactly that cluster's processes (`ray stop` would stop every Ray here)
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if address in cmd or f"--gcs_server_port={port}" in cmd:
+        procs = list(psutil.process_iter(["cmdline"]))
+        cmds = {p.pid: " ".join(p.info["cmdline"] or []) for p in procs}
+        # its raylet and agents name the address; its GCS (on a dynamic port) only the session
+        sessions = {arg.split("=", 1)[1] for cmd in cmds.values() if address in cmd
+                    for arg in cmd.split() if arg.startswith("--session-name=")}
+        for p in procs:
+            if address in cmds[p.pid] or any(s in cmds[p.pid] for s in sessions):
                 try:
                     p.kill()
                 except psutil.NoSuchProcess:

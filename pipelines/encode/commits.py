@@ -9,7 +9,7 @@ most the units whose markers were not yet written, and a re-run recomputes only 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,12 +25,12 @@ class Commit:
     model_sha256: str
     dtype: str
     seconds: dict
-    nodes: dict = None             # {"decode": node id, "encode": node id}
+    nodes: dict = field(default_factory=dict)  # {"decode": node id, "encode": node id}
     retries: int = 0               # storage retries its decode and write tasks needed
 
     def to_json(self) -> dict:
         return {**self.entry.to_json(), "model_sha256": self.model_sha256, "dtype": self.dtype,
-                "seconds": self.seconds, "nodes": self.nodes or {}, "retries": self.retries}
+                "seconds": self.seconds, "nodes": self.nodes, "retries": self.retries}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Commit":

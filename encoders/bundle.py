@@ -61,7 +61,7 @@ def save_bundle(model: MIMModel, tokenizer: Tokenizer, out: str, card: str,
                           "std": list(cfg.std), "resize": "bicubic, no crop",
                           "decode": "EXIF transpose; alpha composited on white; RGB",
                           "jpeg_draft": cfg.image.jpeg_draft},
-        "tokenizer": {"file": "tokenizer.json", "context_length": cfg.text.context_length},
+        "tokenizer": {"file": "tokenizer.json", "context_length": cfg.text.token_limit},
         "sha256": {"model.safetensors": sha256(weights), "tokenizer.json": sha256(tok_json)},
         **(extra or {}),
     }
@@ -81,7 +81,7 @@ def save_untrained_bundle(out: str, titles: list[str], variant: str = "3-tower",
 
     torch.manual_seed(seed)
     cfg = preset(preset_name, variant)
-    tok = train_tokenizer(titles, cfg.text.vocab_size, cfg.text.context_length)
+    tok = train_tokenizer(titles, cfg.text.vocab_size, cfg.text.token_limit)
     return save_bundle(MIMModel(cfg).eval(), tok, out, f"# untrained {preset_name} {variant} (seed {seed})\n"
                        "Random weights: for benchmarks and pipeline tests only.\n")
 
@@ -150,5 +150,5 @@ def load_bundle(uri: str) -> Encoder:
         raise BundleError(f"{storage.join(uri, 'model.safetensors')}: weights do not fit the "
                           f"architecture in config.json: {exc}") from exc
     model.eval()
-    tok = configure(Tokenizer.from_str(blobs["tokenizer.json"].decode("utf-8")), cfg.text.context_length)
+    tok = configure(Tokenizer.from_str(blobs["tokenizer.json"].decode("utf-8")), cfg.text.token_limit)
     return Encoder(model, tok, config, uri)

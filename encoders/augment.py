@@ -1,4 +1,5 @@
-"""Training-time augmentation of street photos (uint8 N x S x S x 3 in, same out).
+"""Training-time augmentation of street photos (uint8 N x S x S x 3 in, same out); the
+names are config.AUGMENTS.
 
 Every random draw comes from the caller's numpy generator, so a batch is the same on a
 resumed run. Catalog images are never augmented: they are what the index holds.
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("shift", "street")
 
 
 def shift(pixels: np.ndarray, rng: np.random.Generator, pad: int = 6) -> np.ndarray:

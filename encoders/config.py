@@ -104,6 +104,7 @@ LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
 # all-MiniLM-L6-v2 (checked against the package's config.json when its weights load)
 MINILM_L6 = dict(kind="bert", vocab_size=30522, context_length=512, width=384, layers=6, heads=12,
                  mlp_ratio=4.0, type_vocab_size=2, layer_norm_eps=1e-12, max_tokens=64, pretrained="minilm-l6")
+AUGMENTS = ("shift", "street")  # training augmentations of street photos (augment.py)
 PRETRAINED_PRESETS = tuple(f"efficientnet-lite{i}-minilm" for i in range(3))
 PRESETS = ("tiny", "base") + PRETRAINED_PRESETS
 # Resolution the pretrained presets train and encode at: the 2-core CPU budget (the

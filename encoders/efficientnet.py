@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# width multiplier, depth multiplier, native resolution (efficientnet_lite_builder.py)
-LITE_PARAMS = {"efficientnet-lite0": (1.0, 1.0, 224), "efficientnet-lite1": (1.0, 1.1, 240),
-               "efficientnet-lite2": (1.1, 1.2, 260), "efficientnet-lite3": (1.2, 1.4, 280),
-               "efficientnet-lite4": (1.4, 1.8, 300)}
+# width and depth multipliers (efficientnet_lite_builder.py)
+LITE_PARAMS = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite1": (1.0, 1.1), "efficientnet-lite2": (1.1, 1.2),
+               "efficientnet-lite3": (1.2, 1.4), "efficientnet-lite4": (1.4, 1.8)}
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage
 _STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
            (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
@@ -99,7 +98,7 @@ class EfficientNetLiteTower(nn.Module):
         super().__init__()
         if name not in LITE_PARAMS:
             raise ValueError(f"unknown EfficientNet-Lite variant {name!r} ({', '.join(LITE_PARAMS)})")
-        width, depth, _ = LITE_PARAMS[name]
+        width, depth = LITE_PARAMS[name]
         self._conv_stem = SameConv2d(3, STEM, 3, stride=2, bias=False)
         self._bn0 = _bn(STEM)
         blocks = []

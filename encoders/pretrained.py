@@ -127,10 +127,10 @@ def packaged_tokenizer(text_cfg) -> Tokenizer | None:
 def load_minilm(model: torch.nn.Module) -> tuple[LoadReport, Provenance]:
     """all-MiniLM-L6-v2 into ``model.text``, after checking that the package's
     config.json describes the architecture the preset built."""
-    cfg = model.cfg.text
-    found = bert_text_config(minilm_dir(), max_tokens=cfg.max_tokens, pretrained=cfg.pretrained)
+    cfg, directory = model.cfg.text, minilm_dir()
+    found = bert_text_config(directory, max_tokens=cfg.max_tokens, pretrained=cfg.pretrained)
     if found != cfg:
-        raise UsageError(f"{minilm_dir()}/config.json describes {found}, not the preset's text tower {cfg}")
+        raise UsageError(f"{directory}/config.json describes {found}, not the preset's text tower {cfg}")
     data, prov = read_weights(MINILM_L6)
     report = load_bert_state(model, st_load(data))
     # pooler.*: mean pooling replaces it; position_ids: an index buffer, not a weight
@@ -139,23 +139,31 @@ def load_minilm(model: torch.nn.Module) -> tuple[LoadReport, Provenance]:
     return report, prov
 
 
+def sources(cfg) -> dict[str, PackagedWeights]:
+    """The packaged weight files a model config starts from, by tower."""
+    found = {}
+    if cfg.image.pretrained == "imagenet":
+        found["image"] = EFFICIENTNET_LITE[cfg.image.kind]
+    if cfg.text.pretrained == "minilm-l6":
+        found["text"] = MINILM_L6  # image-only still takes MiniLM's tokenizer from it
+    return found
+
+
 def require_packages(cfg) -> None:
     """Fail fast, before any data is read, when a preset's weight package is missing."""
-    if cfg.image.pretrained == "imagenet":
-        locate(EFFICIENTNET_LITE[cfg.image.kind])
-    if cfg.text.pretrained == "minilm-l6":
-        locate(MINILM_L6)
+    for src in sources(cfg).values():
+        locate(src)
 
 
 def init_pretrained(model: torch.nn.Module) -> tuple[dict[str, LoadReport], dict[str, Provenance]]:
     """Load the packaged weights a model's config names: (load reports, provenance)."""
     cfg = model.cfg
     reports, prov = {}, {}
-    if cfg.image.pretrained == "imagenet":
+    wanted = sources(cfg)
+    if "image" in wanted:
         reports["image"], prov["image"] = load_efficientnet_lite(model.visual, cfg.image.kind)
-    if cfg.text.pretrained == "minilm-l6":
-        if model.text is not None:  # image-only has no text tower to load
-            reports["text"], prov["text"] = load_minilm(model)
+    if "text" in wanted and model.text is not None:  # image-only has no text tower to load
+        reports["text"], prov["text"] = load_minilm(model)
     for part, r in reports.items():
         if r.missing or r.unexpected or r.shape_mismatch:
             raise UsageError(f"the packaged {part} weights do not fit the {cfg.preset} preset: {r.summary()}")

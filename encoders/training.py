@@ -21,8 +21,8 @@ from safetensors.torch import save as st_save
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from mimdex.encoders.augment import AUGMENTS, augment
-from mimdex.encoders.config import PRETRAINED_PRESETS, LossWeights, ModelConfig
+from mimdex.encoders.augment import augment
+from mimdex.encoders.config import AUGMENTS, PRETRAINED_PRESETS, LossWeights, ModelConfig
 from mimdex.encoders.losses import mim_loss
 from mimdex.encoders.metrics import retrieval_metrics, top_k
 from mimdex.encoders.model import MIMModel
@@ -122,7 +122,8 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = MIMModel(model_cfg).to(self.device)
         self._freeze()
-        if getattr(self.model.visual, "channels_last", False) or self.device.type == "cuda":
+        self.channels_last = getattr(self.model.visual, "channels_last", False) or self.device.type == "cuda"
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the compiled function shares the parameters; checkpoints use self.model's names
@@ -197,8 +198,8 @@ class Trainer:
 
     @torch.no_grad()
     def _text_features(self, tokens, chunk: int = 256) -> torch.Tensor:
-        """Pooled features of the frozen text tower; they stand in for token ids in
-        batches (with a placeholder mask)."""
+        """Pooled features of the frozen text tower, in chunks; they stand in for token
+        ids in batches."""
         ids, mask = tokens
         text = self.model.text
         return torch.cat([text.features(ids[i:i + chunk].to(self.device), mask[i:i + chunk].to(self.device)).cpu()
@@ -255,7 +256,7 @@ class Trainer:
             images.append(augment(self.cfg.augment, np.stack(f_pix), rng))
             batch["fused_text"] = (torch.stack(f_ids), torch.stack(f_mask))
         batch["images"] = to_tensor(np.concatenate(images), self.mcfg.mean, self.mcfg.std)
-        if getattr(self.model.visual, "channels_last", False):
+        if self.channels_last:
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         return batch
 

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Callable
 
-from mimdex.encoders.config import PRESETS
+from mimdex.encoders.config import AUGMENTS, PRESETS
 from mimdex.infra.errors import MimdexError, NothingToDo, UsageError
 from mimdex.infra.redact import RedactingFilter, redact
 from mimdex.pipelines import cli_index
@@ -86,7 +86,7 @@ def _add_train(sub) -> None:
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the text tower frozen and train its projection (pretrained presets: on)")
     p.add_argument("--backbone-lr-scale", type=float, help="learning-rate multiplier of pretrained weights")
-    p.add_argument("--augment", choices=["shift", "street"], help="street-photo augmentation (default: the recipe's)")
+    p.add_argument("--augment", choices=list(AUGMENTS), help="street-photo augmentation (default: the recipe's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the image tower's training step (default: on CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -87,10 +87,10 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     with timer.stage("tokenizer"):
         tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
                                      if job.bert_checkpoint else None)
-        if cfg.text.pretrained and not tok_file:  # the packaged text tower's own tokenizer
-            tok = packaged_tokenizer(cfg.text)
-        elif tok_file:
+        if tok_file:
             tok = Tokenizer.from_str(storage.read_bytes(tok_file).decode("utf-8"))
+        elif cfg.text.pretrained:  # the packaged text tower's own tokenizer
+            tok = packaged_tokenizer(cfg.text)
         else:  # tiny: a WordPiece vocabulary learnt from the catalog's own text
             texts = data.titles + data.street_text + data.reform_text
             tok = train_tokenizer(texts, cfg.text.vocab_size, cfg.text.token_limit)
@@ -121,10 +121,9 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     if result["halted"]:
         return report
     with timer.stage("save"):
-        report["model_sha256"] = save_bundle(trainer.model, trainer.tok, job.out, _card(job, cfg, tcfg, result, data, trainer.meta.get("pretrained", {})),
-                                             extra={**trainer.meta,
-                                                    "training": {"history": result["history"],
-                                                                 "train_config": dataclasses.asdict(tcfg)}})
+        card = _card(job, cfg, tcfg, result, data, trainer.meta.get("pretrained", {}))
+        report["model_sha256"] = save_bundle(trainer.model, trainer.tok, job.out, card, extra={
+            **trainer.meta, "training": {"history": result["history"], "train_config": dataclasses.asdict(tcfg)}})
     report["timings_s"] = timer.seconds
     return report
 

@@ -1,7 +1,9 @@
 """Loading training data into memory-resident arrays (the I/O edge of training).
 
 Pairs are joined with the catalog on ``product_id``; every image is decoded once,
-with the bundle's own preprocessing, into uint8 pixels at the model's image size.
+with the bundle's own preprocessing, into uint8 pixels at the model's image size. A
+catalog with several photos per product (``images``, contracts.photos) keeps them all:
+training draws a product's positive from any of its photos.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from tqdm import tqdm
 from mimdex.encoders.images import ImageDecodeError, load_pixels
 from mimdex.infra import storage
 from mimdex.infra.contracts.files import read_dataset
+from mimdex.infra.contracts.photos import bounded
 from mimdex.infra.errors import DataError
 
 
@@ -31,16 +34,26 @@ class TrainData:
     reform_text: list[str]
     val_product: np.ndarray           # held-out street queries: target gallery index
     val_pixels: np.ndarray
+    view_pixels: np.ndarray | None = None  # a multi-photo catalog: every photo, product by product
+    view_start: np.ndarray | None = None   # product i's photos: view_pixels[view_start[i]:view_start[i + 1]]
+
+    def product_views(self, products: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One photo of each product: its only one, or one of its photos drawn at random."""
+        if self.view_pixels is None:
+            return self.product_pixels[products]
+        lo, hi = self.view_start[products], self.view_start[products + 1]
+        return self.view_pixels[lo + rng.integers(0, hi - lo)]
 
 
 def _decode_all(images: list[bytes], size: int, uri: str, ids: list[str], desc: str,
-                progress: bool, draft: bool) -> np.ndarray:
+                progress: bool, draft: bool, where: list[str] | None = None) -> np.ndarray:
+    """``where`` names each image in an error (default: its row and product_id)."""
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, data in enumerate(tqdm(images, desc=desc, unit="img", disable=not progress, mininterval=1.0)):
         try:
             out[i] = load_pixels(data, size, draft)
         except ImageDecodeError as exc:
-            raise DataError(f"{uri}: row {i} ({ids[i]}): {exc}") from exc
+            raise DataError(f"{uri}: {where[i] if where else f'row {i} ({ids[i]})'}: {exc}") from exc
     return out
 
 
@@ -54,15 +67,31 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
         if storage.exists(storage.join(data_uri, "queries")):
             queries_uri = storage.join(data_uri, "queries")
 
-    catalog = read_dataset(catalog_uri, "catalog", required=("product_id", "title", "image"))
+    catalog = read_dataset(catalog_uri, "catalog", required=("product_id", "title"))
+    column = next((c for c in ("image", "images") if c in catalog.column_names), None)
+    if column is None:
+        raise DataError(f"{catalog_uri}: missing required column 'image' (binary) or 'images' (list<binary>)")
     ids = catalog.column("product_id").to_pylist()
     index = {pid: i for i, pid in enumerate(ids)}
     if len(index) != len(ids):
         raise DataError(f"{catalog_uri}: product_id values are not unique")
     titles = catalog.column("title").to_pylist()
     cats = catalog.column("category").to_pylist() if "category" in catalog.column_names else [None] * len(ids)
-    product_pixels = _decode_all(catalog.column("image").to_pylist(), image_size, catalog_uri, ids,
-                                 "decode catalog", progress, jpeg_draft)
+    view_pixels = view_start = None
+    if column == "image":
+        product_pixels = _decode_all(catalog.column("image").to_pylist(), image_size, catalog_uri, ids,
+                                     "decode catalog", progress, jpeg_draft)
+    else:
+        lists = [bounded(photos)[0] for photos in catalog.column("images").to_pylist()]
+        empty = [ids[i] for i, photos in enumerate(lists) if not photos or any(p is None for p in photos)]
+        if empty:
+            raise DataError(f"{catalog_uri}: {len(empty)} products have no photo or a null one, e.g. {empty[:3]}")
+        view_start = np.cumsum([0] + [len(photos) for photos in lists])
+        where = [f"row {i} ({pid}) photo {k}" for i, (pid, photos) in enumerate(zip(ids, lists))
+                 for k in range(len(photos))]
+        view_pixels = _decode_all([p for photos in lists for p in photos], image_size, catalog_uri, ids,
+                                  "decode catalog photos", progress, jpeg_draft, where)
+        product_pixels = view_pixels[view_start[:-1]]  # the main photos: the validation gallery
 
     pairs = read_dataset(pairs_uri, "training pairs", required=("query_image", "product_id"))
     kinds = pairs.column("kind").to_pylist() if "kind" in pairs.column_names else ["street"] * pairs.num_rows
@@ -95,5 +124,5 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
         street_text=[texts[i] or "" for i in street],
         reform_product=np.array([index[targets[i]] for i in reform], np.int64),
         reform_pixels=pair_pixels[reform], reform_text=[texts[i] for i in reform],
-        val_product=val_product, val_pixels=val_pixels,
+        val_product=val_product, val_pixels=val_pixels, view_pixels=view_pixels, view_start=view_start,
     )

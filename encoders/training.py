@@ -232,7 +232,7 @@ class Trainer:
         d, rng = self.data, np.random.default_rng([self.cfg.seed, 2, step])
         prods = self._batch_products(step)
         rows = np.array([self._rows_of[int(p)][rng.integers(len(self._rows_of[int(p)]))] for p in prods])
-        images = [augment(self.cfg.augment, d.street_pixels[rows], rng), d.product_pixels[prods]]
+        images = [augment(self.cfg.augment, d.street_pixels[rows], rng), d.product_views(prods, rng)]
         batch = {"n": len(prods), "prods": prods}
         if self.model.has_text:
             batch["title"] = (self._titles[0][prods], self._titles[1][prods])

@@ -5,18 +5,28 @@ side and the top-k merged exactly, or consolidated into one IVF at load time (fa
 ``merge_from``, exact as well): the default, because fast-scan PQ computes its look-up
 tables per query and probed list, and separate shards would compute them once per shard.
 Every shard and id map is checked against the manifest's sha256 when loaded.
+
+An index of a multi-photo catalog (its id map has a ``photo`` column) holds several
+vectors per product: ``search_distinct`` over-fetches and collapses them (collapse.py),
+so callers get k distinct products, each with the photo that matched.
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from mimdex.indexing.collapse import ProductOf, collapse
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts.index_codec import shard_index
+from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
 
@@ -32,6 +42,13 @@ class IndexReader:
         self.idmap = pa.concat_tables([t for _, t in loaded], promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
         self.ntotal = sum(s.ntotal for s in self.shards)
+        self._product_of, self.products = None, self.ntotal
+        if "photo" in self.idmap.column_names:  # several vectors per product: search_distinct collapses
+            encoded = pc.dictionary_encode(self.idmap.column("product_id")).combine_chunks()
+            self.products = len(encoded.dictionary)
+            if self.products < self.ntotal:  # main / pooled indexes hold one vector per product
+                keys = ids_for(encoded.dictionary.to_pylist())[encoded.indices.to_numpy()]
+                self._product_of = ProductOf(self._ids, keys)
         self.index = None
         if consolidate and self.shards:
             # merge_from moves the lists: the shards are consumed into one index
@@ -89,6 +106,58 @@ class IndexReader:
         order = np.lexsort((ids, dist), axis=1)[:, :k] if dist.size else np.zeros((len(x), 0), int)
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
+    @property
+    def nlist(self) -> int:
+        return faiss.extract_index_ivf(self.index if self.index is not None else self.shards[0]).nlist
+
+    def product_keys(self, ids: np.ndarray) -> np.ndarray:
+        """The int64 id of each result's product (the id itself for one vector per product); -1 stays -1."""
+        return ids if self._product_of is None else self._product_of(ids)
+
+    def search_distinct(self, vectors: np.ndarray, k: int = 10,
+                        nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, ids, product ids), each queries x k: k distinct products per query, each
+        with its best-scoring vector (photo). Photos are over-fetched by the index's mean
+        photos per product (rounded up); a query still short of k products is searched again with twice
+        the fetch (and twice the nprobe when its probed lists ran out), so it gets k
+        whenever the index holds k products."""
+        if self._product_of is None:
+            scores, ids = self.search(vectors, k, nprobe)
+            return scores, ids, ids
+        x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.params["d"])
+        nprobe, want = nprobe or self.default_nprobe, min(k, self.products)
+        # halfway between k and k x (mean photos per product): photos of one product are rarely
+        # all near a query, and the few queries left short search again
+        fetch = min(max(math.ceil(k * (1 + self.ntotal / max(self.products, 1)) / 2), k), self.ntotal)
+        scores, ids = self.search(x, fetch, nprobe)
+        out = self._collapse(scores, ids, k)
+        todo = np.flatnonzero(out[3] < want)
+        ids = ids[todo]
+        while len(todo):
+            exhausted = (ids[:, -1] < 0).any()
+            if fetch >= self.ntotal and (nprobe >= self.nlist or not exhausted):
+                break
+            fetch = min(fetch * 2, self.ntotal)
+            nprobe = min(nprobe * 2, self.nlist) if exhausted else nprobe
+            scores, ids = self.search(x[todo], fetch, nprobe)
+            again = self._collapse(scores, ids, k)
+            for full, part in zip(out, again):
+                full[todo] = part
+            todo = todo[again[3] < want]
+            ids = ids[again[3] < want]
+        return out[0], out[1], out[2]
+
+    def _collapse(self, scores: np.ndarray, ids: np.ndarray, k: int):
+        """collapse() of a batch, in row blocks on threads for large batches: the id lookups
+        and sorts release the GIL, and on a small index they cost as much as the search."""
+        blocks = min(_pool()._max_workers, len(ids) // 1024)
+        if blocks < 2:
+            return collapse(scores, ids, self.product_keys(ids), k)
+        cuts = np.linspace(0, len(ids), blocks + 1).astype(int)
+        parts = _pool().map(lambda ab: collapse(scores[ab[0]:ab[1]], ids[ab[0]:ab[1]],
+                                                self.product_keys(ids[ab[0]:ab[1]]), k), zip(cuts[:-1], cuts[1:]))
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
     def rows(self, ids: np.ndarray) -> list[dict | None]:
         """Id map rows (product_id + catalog metadata) for int64 ids; None for -1."""
         pos = np.searchsorted(self._ids, ids)
@@ -99,9 +168,16 @@ class IndexReader:
         return [next(it) if f else None for f in found]
 
     def search_products(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[dict]]:
-        scores, ids = self.search(vectors, k, nprobe)
+        """k distinct products per query: id map rows (with ``photo``, the one that matched,
+        for a multi-photo index) and score."""
+        scores, ids, _ = self.search_distinct(vectors, k, nprobe)
         out = []
         for srow, irow in zip(scores, ids):
             rows = self.rows(irow[irow >= 0])
             out.append([{**r, "score": float(s)} for r, s in zip(rows, srow[irow >= 0])])
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="mimdex-collapse")

@@ -35,6 +35,7 @@ class Source:
     manifest: EmbeddingsManifest
     vector: str
     alpha: float
+    photos: str | None = None        # a multi-photo catalog's photo mode (contracts.photos), else None
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Released:
 def blocks(src: Source):
     """(vectors, ids) of every usable row, part by part (checksums verified)."""
     for entry in src.manifest.parts:
-        rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha)
+        rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
+                           photo_mode=src.photos or "every")
         yield rows.vectors, rows.ids
 
 
@@ -148,7 +150,8 @@ def evaluate(src: Source, gate: Gate, reader: IndexReader, held: np.ndarray, hel
         out[name] = {"queries": len(q), "sweep": rows, "default_nprobe": chosen}
     if street_pids is not None and "street" in exact:
         nprobe = out.get("held_out", out["street"])["default_nprobe"]
-        _, found = reader.search(queries["street"][0], 100, nprobe)
+        # a product is found when any of its photos is: distinct products, compared by product id
+        _, _, found = reader.search_distinct(queries["street"][0], 100, nprobe)
         out["street"]["product_recall"] = recall_at(found, ids_for(street_pids))
     return out
 
@@ -182,7 +185,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, held: np.ndarra
         shards=draft.shards, trained=draft.trained_ref, default_nprobe=default_nprobe,
         recall_target=gate.recall_target, training=draft.training,
         embeddings={"uri": src.root, "manifest_created_at": src.manifest.created_at, "parts": len(src.manifest.parts)},
-        counts=counts, evaluation=evaluation, parent=draft.parent))
+        counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos))
     with timer.stage("publish"):
         try:
             iv.point_latest(draft.out, draft.version, draft.token, draft.parent)

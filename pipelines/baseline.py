@@ -16,12 +16,13 @@ from mimdex.infra.contracts.files import read_dataset
 
 def evaluate_histogram_nn(dataset_uri: str, k: int = 10) -> dict:
     """Top-1 / top-k behaviour of histogram NN on the dataset's street queries."""
-    catalog = read_dataset(storage.join(dataset_uri, "catalog"), "catalog",
-                           columns=["product_id", "image", "category", "colour", "pattern"]).to_pylist()
+    table = read_dataset(storage.join(dataset_uri, "catalog"), "catalog")
+    image = "image" if "image" in table.column_names else "images"  # several photos: the main one
+    catalog = table.select(["product_id", image, "category", "colour", "pattern"]).to_pylist()
     queries = read_dataset(storage.join(dataset_uri, "queries"), "queries",
                            columns=["query_image", "product_id", "kind", "distractor_product_id"]).to_pylist()
     queries = [q for q in queries if q["kind"] == "street"]
-    cat_feats = histogram_features([r["image"] for r in catalog])
+    cat_feats = histogram_features([r["image"] if image == "image" else r["images"][0] for r in catalog])
     query_feats = histogram_features([q["query_image"] for q in queries], ignore_white=False)
     top = top_k(query_feats, cat_feats, k)
 

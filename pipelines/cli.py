@@ -34,6 +34,9 @@ def _add_synth(sub) -> None:
     p.add_argument("--heldout-frac", type=float, default=0.2, help="share of product families held out")
     p.add_argument("--pairs-per-product", type=int, default=2, help="street photos per training product")
     p.add_argument("--image-size", type=int, default=160, help="rendered image side in pixels")
+    p.add_argument("--views", type=int, default=1,
+                   help="photos per product: 1 (an 'image' column), or 1 to N (2-4) per product in an 'images' "
+                        "list: the main shot, then pose, crop, background or lighting views")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_run_synth)
@@ -46,7 +49,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed,
                       heldout_frac=args.heldout_frac, pairs_per_product=args.pairs_per_product,
-                      image_size=args.image_size)
+                      image_size=args.image_size, views=args.views)
     report = job.run(cfg, args.out, workers=args.workers, progress=not args.no_progress)
     counts = report["counts"]
     state = "already complete, nothing rewritten" if report["skipped"] else "written"
@@ -205,6 +208,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--variants", default="image-only,3-tower,4-tower",
                    help="comma-separated models to train, encode and index (default: all three)")
     p.add_argument("--shards", type=int, default=4, help="index shards per model")
+    p.add_argument("--views", type=int, default=1,
+                   help="photos per product (synth-catalog --views): every photo is indexed and the report "
+                        "shows which view matched")
     p.add_argument("--no-s3", action="store_true",
                    help="write to --workdir instead of a local S3 server the demo starts on 127.0.0.1")
     p.set_defaults(handler=_run_demo)

@@ -88,6 +88,9 @@ def _add_build_index(sub) -> None:
     p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
+    p.add_argument("--photos", choices=["every", "main", "pooled"], default="every",
+                   help="a multi-photo catalog: index every photo (default; search returns distinct products), "
+                        "the main (first usable) photo only, or one pooled vector per product")
     p.add_argument("--stall-timeout", type=float, default=900.0,
                    help="exit 75 when the Beam job writes no output for this many seconds (default 900)")
     add_beam_flags(p)
@@ -106,7 +109,7 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
                       eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata,
-                      stall_timeout=args.stall_timeout)
+                      photos=args.photos, stall_timeout=args.stall_timeout)
     try:
         result = run(cfg, beam_args(args))
     except QualityGateFailed as exc:
@@ -160,9 +163,11 @@ def _run_search(args: argparse.Namespace) -> int:
             out["query_vector"] = [float(x) for x in vector[0]]
         print(json.dumps(out, ensure_ascii=False, default=str))
         return 0
-    print(f"index version {reader.version}, {reader.ntotal} products")
+    print(f"index version {reader.version}, {reader.products} products"
+          + (f" ({reader.ntotal} photos)" if reader.ntotal != reader.products else ""))
     for rank, r in enumerate(results, 1):
-        print(f"{rank:>3}  {r['score']:.4f}  {r['product_id']}  {r.get('title') or ''}")
+        photo = f"  photo {r['photo']}" if r.get("photo") is not None else ""
+        print(f"{rank:>3}  {r['score']:.4f}  {r['product_id']}{photo}  {r.get('title') or ''}")
     return 0
 
 
@@ -263,6 +268,8 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--index", required=True, help="index root")
     p.add_argument("--shards", type=int, default=4, help="shards of a first build (later versions keep theirs)")
     p.add_argument("--vector", choices=["image", "text", "fused"], default="image", help="for a first build")
+    p.add_argument("--photos", choices=["every", "main", "pooled"], default="every",
+                   help="for a first build of a multi-photo catalog (build-index --photos); later versions keep theirs")
     p.add_argument("--max-drift", type=float, default=1.25,
                    help="retrain when the new vectors' coarse MSE exceeds this multiple of the training MSE")
     p.add_argument("--max-change", type=float, default=0.25,
@@ -305,6 +312,7 @@ def _run_refresh(args: argparse.Namespace) -> int:
 
     cfg = RefreshConfig(catalog=args.catalog, model=args.model, embeddings=args.embeddings, index=args.index,
                         ids_file=getattr(args, "ids", None), shards=args.shards, vector=args.vector,
+                        photos=args.photos,
                         max_drift=args.max_drift, max_change=args.max_change,
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,

@@ -145,13 +145,16 @@ def _examples(ev: dict, seed: int) -> tuple[list[dict], list[dict], str | None]:
 def _thumbnails(dataset: str, examples: list[dict]) -> dict[str, bytes]:
     import pyarrow.dataset as pads
 
-    from mimdex.pipelines.html_report import thumbnail
+    from mimdex.pipelines.html_report import thumb_key, thumbnail
 
-    wanted = sorted({r["product_id"] for ex in examples for res in ex["results"].values() for r in res})
-    table = storage.parquet_dataset(storage.join(dataset, "catalog")).to_table(
-        columns=["product_id", "image"], filter=pads.field("product_id").isin(wanted))
-    return {p: thumbnail(img) for p, img in zip(table.column("product_id").to_pylist(),
-                                                 table.column("image").to_pylist())}
+    shown = [r for ex in examples for res in ex["results"].values() for r in res]
+    catalog = storage.parquet_dataset(storage.join(dataset, "catalog"))
+    column = "image" if "image" in catalog.schema.names else "images"
+    table = catalog.to_table(columns=["product_id", column],
+                             filter=pads.field("product_id").isin(sorted({r["product_id"] for r in shown})))
+    images = dict(zip(table.column("product_id").to_pylist(), table.column(column).to_pylist()))
+    return {thumb_key(r): thumbnail(images[r["product_id"]] if column == "image"
+                                    else images[r["product_id"]][r.get("photo") or 0]) for r in shown}
 
 
 def _write_html(workdir: str, summary: dict, ev: dict, seed: int) -> str:
@@ -204,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
             root = create_bucket(endpoint, BUCKET)
             print(f"[demo] local S3 server on {endpoint} (stops when the demo ends)")
         dataset = storage.join(workdir, "dataset")
-        cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed)
+        cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed, views=args.views)
         synth_report = stage("synth-catalog", lambda: synth.run(cfg, dataset))
         baseline = stage("baseline-histogram-nn", lambda: evaluate_histogram_nn(dataset))
         bundles = {v: stage(f"train-{v}", lambda v=v: _train(workdir, dataset, v, args)) for v in variants}

@@ -80,5 +80,14 @@ def marked(results: list[dict], target: str, q: Queries, top: int = 5) -> list[d
     """The first ``top`` results with hit / wrong-category marks for the report."""
     want = q.category[target]
     return [{"product_id": r["product_id"], "title": r.get("title", ""), "score": round(r["score"], 3),
-             "hit": r["product_id"] == target, "wrong_category": r.get("category") != want}
-            for r in results[:top]]
+             "hit": r["product_id"] == target, "wrong_category": r.get("category") != want,
+             **_matched_photo(r)} for r in results[:top]]
+
+
+def _matched_photo(row: dict) -> dict:
+    """A multi-photo catalog (synth-catalog --views): which photo matched, and its view kind."""
+    photo = row.get("photo")
+    if photo is None:
+        return {}
+    views = row.get("views") or []
+    return {"photo": photo, "view": views[photo] if photo < len(views) else f"photo {photo}"}

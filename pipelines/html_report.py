@@ -44,6 +44,11 @@ def thumbnail(image: bytes, size: int = THUMB) -> bytes:
     return out.getvalue()
 
 
+def thumb_key(result: dict) -> str:
+    """Thumbnails are of the photo that matched: product_id, and #photo for a multi-photo catalog."""
+    return result["product_id"] + (f"#{result['photo']}" if result.get("photo") is not None else "")
+
+
 def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/jpeg;base64,{base64.b64encode(data).decode()}">'
 
@@ -53,8 +58,9 @@ def _tiles(results: list[dict], thumbs: dict[str, bytes]) -> str:
     for r in results:
         cls = "hit" if r["hit"] else "wrong" if r["wrong_category"] else ""
         mark = "✓ " if r["hit"] else "✗ " if r["wrong_category"] else ""
-        out.append(f'<figure class="{cls}">{_img(thumbs[r["product_id"]], r["product_id"])}'
-                   f'<figcaption>{mark}{escape(r["title"])} <i>({r["score"]:.2f})</i></figcaption></figure>')
+        view = f' <b>[{escape(r["view"])}]</b>' if r.get("view") else ""  # the photo that matched
+        out.append(f'<figure class="{cls}">{_img(thumbs[thumb_key(r)], r["product_id"])}'
+                   f'<figcaption>{mark}{escape(r["title"])}{view} <i>({r["score"]:.2f})</i></figcaption></figure>')
     return f'<div class="tiles">{"".join(out)}</div>'
 
 

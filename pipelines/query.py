@@ -46,6 +46,6 @@ def evaluate_queries(reader: IndexReader, queries_uri: str, nprobe: int | None =
         vectors = query_vectors(enc, table.column("query_image").to_pylist(), texts if use_text else None)
     except ValueError as exc:  # an undecodable query image
         raise DataError(f"queries {queries_uri}: {exc}") from exc
-    _, found = reader.search(vectors, 100, nprobe)
+    _, _, found = reader.search_distinct(vectors, 100, nprobe)  # found: any photo of the product
     return {"queries": table.num_rows, "nprobe": nprobe or reader.default_nprobe, "version": reader.version,
             **recall_at(found, ids_for(table.column("product_id").to_pylist()))}

@@ -1,8 +1,10 @@
 """The catalog contract: its schema, which rows are rejected and why, and the content hash.
 
 A catalog is Parquet (a file or a directory, any fsspec URI) with ``product_id: string``,
-``title: string`` (or binary holding UTF-8) and ``image: binary`` or ``image_uri: string``;
-other columns are product metadata carried into the id maps. Encode and the refresh
+``title: string`` (or binary holding UTF-8) and one image column: ``image: binary``,
+``image_uri: string``, or a product's photos as ``images: list<binary>`` or
+``image_uris: list<string>`` (contracts.photos); other columns are product metadata
+carried into the id maps. Encode and the refresh
 diff both judge rows here, so a row encode rejects is judged the same way the next night.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
+from mimdex.infra.contracts.photos import LIST_COLUMNS
 from mimdex.infra.errors import DataError
 from mimdex.infra.redact import redact
 
@@ -39,6 +42,9 @@ REJECT_SCHEMA = pa.schema([
     ("content_hash", pa.string()),
 ])
 
+# A multi-photo catalog's rejects also say which photo (its position; null for the product)
+PHOTO_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("photo", pa.int32()))
+
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary)
 
@@ -55,8 +61,17 @@ class Problem:
 
 @dataclass(frozen=True)
 class Columns:
-    image: str   # "image" (encoded bytes) or "image_uri"
+    image: str   # "image" (encoded bytes), "image_uri", or their lists "images", "image_uris"
     title: str   # "string" or "binary" (bytes that must be UTF-8)
+
+    @property
+    def photos(self) -> bool:
+        """A list of photos per product (contracts.photos), not one image."""
+        return self.image in LIST_COLUMNS
+
+    @property
+    def by_uri(self) -> bool:
+        return self.image in ("image_uri", "image_uris")
 
 
 def check_schema(uri: str, schema: pa.Schema) -> Columns:
@@ -79,7 +94,15 @@ def check_schema(uri: str, schema: pa.Schema) -> Columns:
     if "image_uri" in names:
         need("image_uri", _STRING, "string: an fsspec URI, relative to the catalog root")
         return Columns("image_uri", title)
-    raise DataError(f"catalog {uri}: missing required column 'image' (binary) or 'image_uri' (string)")
+    for col, item, expected in (("images", _BINARY, "list<binary>: encoded photos, the main one first"),
+                                ("image_uris", _STRING, "list<string>: photo URIs, the main one first")):
+        if col in names:
+            t = schema.field(col).type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not _is(t.value_type, item):
+                raise DataError(f"catalog {uri}: column '{col}' has type {t}; expected {expected}")
+            return Columns(col, title)
+    raise DataError(f"catalog {uri}: missing required column 'image' (binary), 'image_uri' (string), "
+                    "'images' (list<binary>) or 'image_uris' (list<string>)")
 
 
 def catalog_files(catalog: str) -> tuple[list[str], str]:
@@ -137,6 +160,18 @@ def fetch_image(uri: str) -> bytes | Problem:
         return Problem("image_uri_unreachable", redact(f"{uri}: {exc}"))
 
 
+def photo_bytes(value, by_uri: bool, root: str) -> bytes | Problem:
+    """One photo of a list column: its bytes (fetched for a URI), or why it cannot be used."""
+    if value is None:
+        return Problem("image_missing", "the photo is null")
+    return fetch_image(resolve_uri(root, value)) if by_uri else value
+
+
+def photo_state(got: bytes | Problem, title: str, model_sha256: str) -> str:
+    """What the refresh diff compares for one photo (contracts.photos.product_state)."""
+    return rejected_state(got.reason) if isinstance(got, Problem) else content_hash(got, title, model_sha256)
+
+
 def row_problem(product_id: str | None, title: bytes | None, image, duplicate_of: str | None = None) -> Problem | None:
     """Why a row cannot be encoded, judged before its image is read (None: it can be tried).
 
@@ -152,6 +187,8 @@ def row_problem(product_id: str | None, title: bytes | None, image, duplicate_of
         return Problem("title_empty", "title is null or blank")
     if image is None:
         return Problem("image_missing", "the image column is null")
+    if isinstance(image, list) and not image:
+        return Problem("image_missing", "the list of photos is empty")
     try:
         if not title.decode("utf-8").strip():
             return Problem("title_empty", "title is blank")
@@ -221,7 +258,7 @@ def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) ->
     """The catalog columns behind ``product_ids`` (from their source file's row groups),
     minus image bytes, aligned with ``product_ids``; first occurrence wins, as in encode."""
     with open_file(source) as pf:
-        cols = [c for c in pf.schema_arrow.names if c != "image"]
+        cols = [c for c in pf.schema_arrow.names if c not in ("image", "images")]
         table = pf.read_row_groups(row_groups, columns=cols)
     first = first_rows(table.column("product_id").to_pylist())
     idx = [first.get(p, -1) for p in product_ids]
@@ -231,6 +268,9 @@ def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) ->
            for c in taken.column_names if c != "product_id"}
     if "image_uri" in out:  # a signed URL is a credential: the id map keeps the URL, not its signature
         out["image_uri"] = pa.array([redact(u) if u else u for u in out["image_uri"].to_pylist()], pa.string())
+    if "image_uris" in out:
+        out["image_uris"] = pa.array([[redact(u) if u else u for u in us] if us is not None else None
+                                      for us in out["image_uris"].to_pylist()], pa.list_(pa.string()))
     return pa.table(out) if out else None
 
 
@@ -252,6 +292,11 @@ def write_subset(catalog: str, wanted: set[str], out: str) -> int:
         if cols.image == "image_uri":
             uris = [resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]
             t = t.set_column(t.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
+        elif cols.image == "image_uris":
+            lists = [[resolve_uri(root, u) if u else u for u in us] if us is not None else None
+                     for us in t.column("image_uris").to_pylist()]
+            t = t.set_column(t.schema.get_field_index("image_uris"), "image_uris",
+                             pa.array(lists, t.schema.field("image_uris").type))
         tables.append(t)
     if not tables:
         raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids to encode is in it any more")

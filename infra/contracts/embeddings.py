@@ -2,11 +2,12 @@
 
 Layout under an embeddings root (docs/contracts.md, "Embedding shards"):
 
-    part-00042.parquet           product_id, image_emb, [text_emb,] content_hash
-    rejects/part-00042.parquet   REJECT_SCHEMA (catalog.py)
+    part-00042.parquet           product_id, [photo,] image_emb, [text_emb,] content_hash
+    rejects/part-00042.parquet   REJECT_SCHEMA (catalog.py), + photo for a multi-photo catalog
     manifest.json                written last: the root is complete; readers take the
                                  part list from it, never from a listing
     runs/<run>/..., manifests/<run>.json   a refresh's delta encodes and composite manifests
+    runs/<run>/input/reuse.parquet         a multi-photo refresh: vectors its encode copies
 
 A composite manifest reuses earlier parts: an entry's ``exclude`` lists product_ids that
 a later run re-encoded, re-judged or deleted, and readers drop them from the part and its
@@ -23,9 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.infra import storage
-from mimdex.infra.contracts.catalog import REJECT_SCHEMA, ROW_ONLY_REASONS
+from mimdex.infra.contracts.catalog import PHOTO_REJECT_SCHEMA, REJECT_SCHEMA, ROW_ONLY_REASONS
 from mimdex.infra.contracts.files import FileRef, read_table_checked, write_parquet
 from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.contracts.photos import product_state
 from mimdex.infra.errors import DataError
 
 MANIFEST_FORMAT = "mimdex-embeddings/1"
@@ -149,14 +151,18 @@ def build_manifest(entries: list[PartEntry], model: ModelRef, dtype: str, catalo
 
 # ---- part files -------------------------------------------------------------------------
 
-def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str) -> pa.Schema:
+def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos: bool = False) -> pa.Schema:
     # An image-only model has no text tower, so its parts have no text_emb column (an
     # all-null fixed_size_list column does not survive a Parquet round trip in pyarrow).
+    # A multi-photo catalog's parts have a row per photo, its position in ``photo``; a
+    # single-image catalog's parts are exactly what they were before photos existed.
     vec = pa.list_(PA_DTYPES[dtype], model.d)
-    fields = [("product_id", pa.string()), ("image_emb", vec)] + ([("text_emb", vec)] if model.has_text else [])
+    fields = ([("product_id", pa.string())] + ([("photo", pa.int32())] if photos else []) + [("image_emb", vec)]
+              + ([("text_emb", vec)] if model.has_text else []))
+    extra = [("photo_sha256", pa.string())] if photos else []  # the photo's bytes alone: reusable across titles
     meta = {"model_sha256": model.sha256, "variant": model.variant, "d": model.d, "dtype": dtype, "unit": unit,
             "fingerprint": fingerprint}
-    return pa.schema(fields + [("content_hash", pa.string())], metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
+    return pa.schema(fields + [("content_hash", pa.string())] + extra, metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
 
 
 def _vectors(emb: np.ndarray, d: int, dtype: str) -> pa.Array:
@@ -165,15 +171,25 @@ def _vectors(emb: np.ndarray, d: int, dtype: str) -> pa.Array:
 
 
 def part_table(model: ModelRef, dtype: str, unit: str, fingerprint: str, product_ids: list[str],
-               content_hashes: list[str], image_emb: np.ndarray, text_emb: np.ndarray | None) -> pa.Table:
+               content_hashes: list[str], image_emb: np.ndarray, text_emb: np.ndarray | None,
+               photos: list[int] | None = None, photo_sha256: list[str] | None = None) -> pa.Table:
     n = len(product_ids)
     if image_emb.shape != (n, model.d) or (model.has_text and (text_emb is None or text_emb.shape != (n, model.d))):
         raise ValueError(f"{unit}: embeddings of shape {image_emb.shape} for {n} products of d={model.d}")
-    cols = [pa.array(product_ids, pa.string()), _vectors(image_emb, model.d, dtype)]
+    cols = [pa.array(product_ids, pa.string())] + ([pa.array(photos, pa.int32())] if photos is not None else [])
+    cols.append(_vectors(image_emb, model.d, dtype))
     if model.has_text:
         cols.append(_vectors(text_emb, model.d, dtype))
-    return pa.table(cols + [pa.array(content_hashes, pa.string())],
-                    schema=part_schema(model, dtype, unit, fingerprint))
+    cols.append(pa.array(content_hashes, pa.string()))
+    if photos is not None:
+        cols.append(pa.array(photo_sha256, pa.string()))
+    return pa.table(cols, schema=part_schema(model, dtype, unit, fingerprint, photos is not None))
+
+
+def has_photos(table_or_schema) -> bool:
+    """A multi-photo part (a row per photo) rather than a row per product."""
+    return "photo" in table_or_schema.schema.names if isinstance(table_or_schema, pa.Table) \
+        else "photo" in table_or_schema.names
 
 
 def write_part(root: str, name: str, table: pa.Table, rejects: list[dict]) -> tuple[FileRef, FileRef | None, dict]:
@@ -184,7 +200,8 @@ def write_part(root: str, name: str, table: pa.Table, rejects: list[dict]) -> tu
         if storage.exists(stale):
             storage.delete(stale)  # an earlier run of this unit had rejects; this one has none
         return part, None, {}
-    rej = write_parquet(root, f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, REJECT_SCHEMA))
+    schema = PHOTO_REJECT_SCHEMA if has_photos(table) else REJECT_SCHEMA
+    rej = write_parquet(root, f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, schema))
     return part, rej, dict(Counter(r["reason"] for r in rejects))
 
 
@@ -217,21 +234,60 @@ def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
 
 
 def read_rejects(root: str, entry: PartEntry) -> pa.Table:
+    """A unit's live reject rows as PHOTO_REJECT_SCHEMA (photo null for a product's row)."""
     if entry.rejects is None:
-        return REJECT_SCHEMA.empty_table()
+        return PHOTO_REJECT_SCHEMA.empty_table()
     table = read_table_checked(root, entry.rejects, "embeddings rejects", RECORDED_IN)
-    if "content_hash" not in table.column_names:  # written before rejects remembered their state
-        table = table.append_column("content_hash", pa.nulls(table.num_rows, pa.string()))
-    return live_rows(table.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA), entry)
+    for name in ("content_hash", "photo"):  # written before rejects remembered state / photos existed
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, PHOTO_REJECT_SCHEMA.field(name).type))
+    return live_rows(table.select(PHOTO_REJECT_SCHEMA.names).cast(PHOTO_REJECT_SCHEMA), entry)
 
 
 def read_all(root: str, manifest: EmbeddingsManifest, which: str = "part") -> pa.Table:
     """Every live part row (or reject row) a manifest lists, in part order."""
     if which == "part":
         tables = [read_part(root, e, manifest.model, manifest.dtype) for e in manifest.parts]
-        return pa.concat_tables(tables) if tables else pa.table({"product_id": pa.array([], pa.string())})
+        return (pa.concat_tables(tables, promote_options="permissive") if tables
+                else pa.table({"product_id": pa.array([], pa.string())}))
     tables = [read_rejects(root, e) for e in manifest.parts]
-    return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else PHOTO_REJECT_SCHEMA.empty_table()
+
+
+def count_products(root: str, manifest: EmbeddingsManifest) -> int:
+    """Distinct live products of a multi-photo root (a product's photos share one part):
+    only the product_id column is read."""
+    total = 0
+    for entry in manifest.parts:
+        ids = read_table_checked(root, entry.part, "embeddings part", RECORDED_IN, columns=["product_id"])
+        total += pc.count_distinct(live_rows(ids, entry)["product_id"]).as_py()
+    return total
+
+
+def write_reuse(root: str, manifest: EmbeddingsManifest, where: dict[str, str], products: set[str],
+                out_root: str, name: str) -> str | None:
+    """The reuse table a multi-photo refresh hands its encode: the current image vectors of
+    ``products`` by (product_id, photo_sha256), sorted by product_id so a decode task reads
+    only its row groups (``read_reuse``). None for a single-image catalog or no such rows."""
+    wanted = pa.array(sorted(products), pa.string())
+    tables = []
+    for entry in (e for e in manifest.parts if e.name in {where[p] for p in products if p in where}):
+        part = read_part(root, entry, manifest.model, manifest.dtype)
+        if not has_photos(part):
+            return None
+        tables.append(part.filter(pc.is_in(part["product_id"], wanted)).select(["product_id", "photo_sha256",
+                                                                                 "image_emb"]))
+    if not tables:
+        return None
+    write_parquet(out_root, name, pa.concat_tables(tables).sort_by("product_id"), row_group_size=4096)
+    return storage.join(out_root, name)
+
+
+def read_reuse(uri: str, product_ids: list[str]) -> tuple[dict[tuple[str, str], int], pa.Table]:
+    """(product_id, photo_sha256) -> row, and the rows of the reuse table for these products."""
+    table = storage.parquet_dataset(uri).to_table(filter=pc.field("product_id").isin(product_ids))
+    keys = zip(table.column("product_id").to_pylist(), table.column("photo_sha256").to_pylist())
+    return {key: row for row, key in enumerate(keys)}, table
 
 
 @dataclass(frozen=True)
@@ -251,12 +307,27 @@ def previous_state(root: str, manifest: EmbeddingsManifest) -> PreviousState:
     for entry in manifest.parts:
         rej = read_rejects(root, entry)
         rej = rej.filter(pc.invert(pc.is_in(rej["reason"], pa.array(ROW_ONLY_REASONS, pa.string()))))
-        for pid, h in zip(rej.column("product_id").to_pylist(), rej.column("content_hash").to_pylist()):
-            if pid:
-                state[pid], where[pid] = h or "", entry.name
-        part = read_part(root, entry, manifest.model, manifest.dtype, ["product_id", "content_hash"])
+        part = read_part(root, entry, manifest.model, manifest.dtype)
+        multi = has_photos(part)
+        part = part.select(["product_id", "content_hash"] + (["photo"] if multi else []))
+        photos: dict[str, list[tuple[int, str]]] = {}
+        for pid, h, photo in zip(rej.column("product_id").to_pylist(), rej.column("content_hash").to_pylist(),
+                                 rej.column("photo").to_pylist()):
+            if not pid:
+                continue
+            where[pid] = entry.name
+            if photo is None:
+                state[pid] = h or ""
+            else:
+                photos.setdefault(pid, []).append((photo, h or ""))
         pids = part.column("product_id").to_pylist()
-        state.update(zip(pids, part.column("content_hash").to_pylist()))
+        if multi:
+            for pid, h, photo in zip(pids, part.column("content_hash").to_pylist(), part.column("photo").to_pylist()):
+                photos.setdefault(pid, []).append((photo, h))
+            # a multi-photo product's state covers every photo, encoded or rejected (contracts.photos)
+            state.update((pid, product_state([h for _, h in sorted(ps)])) for pid, ps in photos.items())
+        else:
+            state.update(zip(pids, part.column("content_hash").to_pylist()))
         where.update((p, entry.name) for p in pids)
         encoded.update(pids)
     return PreviousState(state, where, frozenset(encoded))

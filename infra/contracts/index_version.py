@@ -90,6 +90,7 @@ class IndexManifest:
     counts: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     parent: str | None = None
+    photos: str | None = None    # a multi-photo catalog: what each product contributes (contracts.photos)
 
     @property
     def factory(self) -> str:
@@ -105,7 +106,8 @@ class IndexManifest:
                 "training": self.training, "default_nprobe": self.default_nprobe,
                 "recall_target": self.recall_target, "shards": [s.to_json() for s in self.shards],
                 "trained": self.trained.to_json(), "embeddings": self.embeddings, "counts": self.counts,
-                "evaluation": self.evaluation, "parent": self.parent}
+                "evaluation": self.evaluation, "parent": self.parent,
+                **({"photos": self.photos} if self.photos else {})}
 
     @classmethod
     def from_json(cls, obj: dict, uri: str = "manifest") -> "IndexManifest":
@@ -116,7 +118,8 @@ class IndexManifest:
                        trained=FileRef.from_json(obj["trained"]), default_nprobe=int(obj.get("default_nprobe") or 1),
                        recall_target=float(obj.get("recall_target", 0.95)), training=dict(obj.get("training") or {}),
                        embeddings=dict(obj.get("embeddings") or {}), counts=dict(obj.get("counts") or {}),
-                       evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"))
+                       evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"),
+                       photos=obj.get("photos"))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{uri}: not a valid {INDEX_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
 

@@ -3,7 +3,9 @@
 One rule for build-index, refresh and evaluation: the vector kind (image, text, or the
 two fused as the model fuses a query), rows with NaN/inf or all-zero vectors skipped
 with a reason, and ids derived from product_id so the same product has the same id in
-every version.
+every version. A multi-photo part contributes per its photo mode (contracts.photos):
+each photo's id is derived from its product's and its position, and a product's
+vectors all go to the shard of its product id.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mimdex.infra.contracts import catalog
-from mimdex.infra.contracts.embeddings import PartEntry, read_part
+from mimdex.infra.contracts import catalog, photos
+from mimdex.infra.contracts.embeddings import PartEntry, has_photos, read_part
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError, UsageError
 
@@ -31,8 +33,14 @@ def ids_for(product_ids: list[str]) -> np.ndarray:
     return np.fromiter((product_id_to_int64(p) for p in product_ids), dtype=np.int64, count=len(product_ids))
 
 
+def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each vector from its product's int64 id: a product's photos stay together."""
+    return keys % shards
+
+
 def check_unique(ids: np.ndarray, product_ids: list[str], where: str) -> None:
-    """Refuse two products with one int64 id (a hash collision) or a repeated product_id."""
+    """Refuse two vectors with one int64 id (a hash collision) or a repeated product_id
+    (or product photo: ``product_ids`` then name the photo)."""
     order = np.argsort(ids, kind="stable")
     dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
     if not len(dup):
@@ -88,10 +96,24 @@ class UsableRows:
     rows: int
     skipped: dict
     skipped_ids: tuple[str, ...]
+    keys: np.ndarray | None = None   # each vector's product id (== ids for one vector per product)
+
+    @property
+    def product_keys(self) -> np.ndarray:
+        return self.ids if self.keys is None else self.keys
+
+
+def _photo_metadata(meta: pa.Table, positions: list[int | None]) -> pa.Table:
+    """A multi-photo id map row names its photo: the URI of that photo (image_uris)."""
+    if "image_uris" not in meta.column_names:
+        return meta
+    lists = meta.column("image_uris").to_pylist()
+    uris = [us[p] if us is not None and p is not None and p < len(us) else None for us, p in zip(lists, positions)]
+    return meta.drop_columns(["image_uris"]).append_column("image_uri", pa.array(uris, pa.string()))
 
 
 def usable_rows(root: str, entry: PartEntry, model: ModelRef, dtype: str, kind: str, fuse_alpha: float,
-                metadata: bool = False) -> UsableRows:
+                metadata: bool = False, photo_mode: str = photos.DEFAULT_MODE) -> UsableRows:
     """One part (checksum verified) -> what goes into an index; with ``metadata`` the id
     map rows carry the catalog's columns (title, image_uri, ...)."""
     table = read_part(root, entry, model, dtype)
@@ -99,17 +121,41 @@ def usable_rows(root: str, entry: PartEntry, model: ModelRef, dtype: str, kind: 
     reasons = invalid_reasons(vectors)
     keep = reasons == ""
     pids = table.column("product_id").to_pylist()
+    skipped = ({r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}},
+               tuple(p for p, r in zip(pids, reasons) if r))
     kept = [p for p, k in zip(pids, keep) if k]
-    ids = ids_for(kept)
-    idmap = None
-    if metadata:
-        idmap = pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept, pa.string())})
-        meta = catalog.metadata_rows(entry.source, list(entry.row_groups), kept) if entry.source else None
-        for name in (meta.column_names if meta is not None else []):
-            idmap = idmap.append_column(name, meta.column(name))
-    return UsableRows(np.ascontiguousarray(vectors[keep]), ids, tuple(kept), idmap, len(pids),
-                      {r: int((reasons == r).sum()) for r in set(reasons.tolist()) - {""}},
-                      tuple(p for p, r in zip(pids, reasons) if r))
+    vectors = np.ascontiguousarray(vectors[keep])
+    keys = ids_for(kept)
+    if not has_photos(table):
+        idmap = _idmap(pa.table({"id": pa.array(keys, pa.int64()), "product_id": pa.array(kept, pa.string())}),
+                       entry if metadata else None, kept, None)
+        return UsableRows(vectors, keys, tuple(kept), idmap, len(pids), *skipped)
+    positions = table.column("photo").to_numpy()[keep]
+    vectors, rows, pooled = photos.select(vectors, kept, positions, photo_mode)
+    kept, keys, positions = [kept[i] for i in rows], keys[rows], positions[rows]
+    ids = keys if photo_mode != "every" else photos.photo_ids(keys, positions)
+    shown = [None] * len(kept) if pooled else positions.tolist()
+    idmap = _idmap(pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept, pa.string()),
+                             "photo": pa.array(shown, pa.int32())}), entry if metadata else None, kept, shown)
+    return UsableRows(vectors, ids, tuple(kept), idmap, len(pids), *skipped, keys=keys)
+
+
+def _idmap(idmap: pa.Table, entry: PartEntry | None, kept: list[str], positions: list[int | None] | None) -> pa.Table:
+    """The id map rows, with the catalog's metadata columns when ``entry`` is given."""
+    meta = catalog.metadata_rows(entry.source, list(entry.row_groups), kept) if entry and entry.source else None
+    if meta is not None and positions is not None:
+        meta = _photo_metadata(meta, positions)
+    for name in (meta.column_names if meta is not None else []):
+        idmap = idmap.append_column(name, meta.column(name))
+    return idmap
+
+
+def labels(idmap: pa.Table) -> list[str]:
+    """What check_unique names a vector by: its product_id, and photo where there is one."""
+    pids = idmap.column("product_id").to_pylist()
+    if "photo" not in idmap.column_names:
+        return pids
+    return [f"{p} photo {ph}" for p, ph in zip(pids, idmap.column("photo").to_pylist())]
 
 
 def merge_skipped(parts) -> dict:

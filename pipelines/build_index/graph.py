@@ -18,7 +18,7 @@ from mimdex.infra import storage
 from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import PartEntry
-from mimdex.infra.contracts.vectors import check_unique, usable_rows
+from mimdex.infra.contracts.vectors import check_unique, labels, shard_of, usable_rows
 from mimdex.pipelines.build_index.spec import BUILD_DIR, BuildSpec
 
 _level = logging.root.manager.disable
@@ -59,11 +59,12 @@ class AddPart(beam.DoFn):
 
     def process(self, entry: PartEntry):
         spec = self.spec
-        part = usable_rows(spec.embeddings, entry, spec.model, spec.dtype, spec.vector, spec.fuse_alpha, spec.metadata)
+        part = usable_rows(spec.embeddings, entry, spec.model, spec.dtype, spec.vector, spec.fuse_alpha, spec.metadata,
+                           spec.photos)
         lists, codes = codec.encode(self._index, part.vectors)
-        shard_of = part.ids % spec.shards
-        for shard in np.unique(shard_of).tolist():
-            sel = np.flatnonzero(shard_of == shard)
+        shards = shard_of(part.product_keys, spec.shards)
+        for shard in np.unique(shards).tolist():
+            sel = np.flatnonzero(shards == shard)
             yield int(shard), {"part": entry.name, "ids": part.ids[sel], "lists": lists[sel], "codes": codes[sel],
                                "idmap": _ipc(part.idmap.take(pa.array(sel, pa.int64())))}
         storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry.name}.json"),
@@ -83,7 +84,7 @@ class MergeShard(beam.DoFn):
         nlist, code_size = codec.lists_shape(_trained(self.spec))
         idmap = pa.concat_tables([_from_ipc(p["idmap"]) for p in partials], promote_options="permissive")
         ids = np.concatenate([p["ids"] for p in partials])
-        check_unique(ids, idmap.column("product_id").to_pylist(), f"shard {iv.shard_name(shard)}")
+        check_unique(ids, labels(idmap), f"shard {iv.shard_name(shard)}")
         blob = codec.encoded_lists(nlist, code_size, ids, np.concatenate([p["lists"] for p in partials]),
                                    np.concatenate([p["codes"] for p in partials]))
         record = iv.write_shard(self.spec.version_dir, shard, blob, len(ids), idmap)

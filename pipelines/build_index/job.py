@@ -20,6 +20,7 @@ from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import parquet_metadata
+from mimdex.infra.contracts.photos import DEFAULT_MODE, MODES
 from mimdex.infra.contracts.vectors import check_kind, merge_skipped
 from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageError
 from mimdex.pipelines.build_index.spec import BUILD_DIR, BuildSpec
@@ -44,6 +45,7 @@ class BuildConfig:
     train_size: int | None = None
     seed: int = 0
     metadata: bool = True
+    photos: str = DEFAULT_MODE            # a multi-photo catalog: every photo, the main one, or pooled
     manifest_name: str = "manifest.json"  # refresh builds from a composite manifest beside it
     stall_timeout: float = 900.0          # exit 75 when the Beam job writes nothing for this long
 
@@ -56,19 +58,25 @@ def _check(cfg: BuildConfig) -> None:
     if cfg.shards < 1:
         raise UsageError("--shards must be at least 1")
     check_kind(cfg.vector)
+    if cfg.photos not in MODES:
+        raise UsageError(f"--photos must be one of {', '.join(MODES)}, not {cfg.photos!r}")
     for name in ("recall_target", "min_recall"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
 
 
-def validate_parts(root: str, manifest: emb.EmbeddingsManifest) -> None:
+def validate_parts(root: str, manifest: emb.EmbeddingsManifest) -> bool:
     """Refuse, before any work, parts that are not Parquet or whose d, dtype or model
-    differ from the manifest's (exit 65 naming the file)."""
+    differ from the manifest's (exit 65 naming the file). Returns whether the parts hold
+    a row per photo (a multi-photo catalog)."""
+    photos = False
     for entry in manifest.parts:
         uri = storage.join(root, entry.part.file)
         schema = parquet_metadata(uri, "embeddings part").schema.to_arrow_schema()
         emb.check_part_schema(uri, schema, manifest.model, manifest.dtype)
+        photos |= emb.has_photos(schema)
+    return photos
 
 
 def fuse_alpha(manifest: emb.EmbeddingsManifest) -> float:
@@ -171,12 +179,14 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     timer, retries = StageTimer(), storage.retry_count()
     with timer.stage("validate"):
         manifest = emb.read_manifest(cfg.embeddings, cfg.manifest_name)
-        validate_parts(cfg.embeddings, manifest)
+        photos = cfg.photos if validate_parts(cfg.embeddings, manifest) else None
         pointer, token = iv.read_latest(cfg.out)  # we publish only over what we started from
         alpha = fuse_alpha(manifest) if cfg.vector == "fused" else 0.5
         n, d = manifest.encoded, manifest.model.d
+        if photos in ("main", "pooled"):  # one vector per product, not per photo
+            n = emb.count_products(cfg.embeddings, manifest)
         params = choose(n, d, cfg.max_index_memory, cfg.factory, cfg.train_size)
-    src = release.Source(cfg.embeddings, manifest, cfg.vector, alpha)
+    src = release.Source(cfg.embeddings, manifest, cfg.vector, alpha, photos)
     version = iv.new_version()
     vdir = iv.version_uri(cfg.out, version)
     with timer.stage("sample"):
@@ -185,7 +195,8 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
         index, train_info = train_index(train, params, cfg.seed)
         trained = codec.serialize(index)
         storage.write_bytes(storage.join(vdir, "trained.index"), trained)
-    spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata)
+    spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
+                     photos or DEFAULT_MODE)
     with timer.stage("beam"):
         _run_beam(spec, manifest.parts, beam_args or [], cfg.stall_timeout)
     with timer.stage("collect"):

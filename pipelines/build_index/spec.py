@@ -18,3 +18,4 @@ class BuildSpec:
     model: ModelRef
     dtype: str
     metadata: bool = True
+    photos: str = "every"          # what a multi-photo product contributes (contracts.photos.MODES)

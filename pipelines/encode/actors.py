@@ -65,13 +65,27 @@ class EncoderActor:
         t_transfer = self.images.transfer_seconds - copied
         text = None
         if self.model.has_text:
-            n = len(tensors["pixels"])
+            n = len(tensors["ids"]) if "ids" in tensors else 0
             text = (embed_texts(self.model, tensors["ids"], tensors["mask"], self.batch_size * 4, self.device)
                     if n else np.zeros((0, self.model.cfg.embed_dim), np.float32))
             text = text.astype(self.dtype)
+        if "encode_rows" in tensors:  # a multi-photo unit: place encoded and reused photos, one text per product
+            image, text = self._photo_rows(tensors, image, text)
         import ray
 
+        if "encode_rows" in tensors:
+            late = [(int(tensors["encode_rows"][row]), reason, detail) for row, reason, detail in late]
         return {"image_emb": image.astype(self.dtype), "text_emb": text, "late_rejects": late,
                 "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
                 "gpu_decode_fallbacks": fallbacks, "seconds": time.perf_counter() - t0 - t_decode - t_transfer,
                 "device_decode_seconds": t_decode, "transfer_seconds": t_transfer}
+
+    def _photo_rows(self, tensors: dict, image: np.ndarray, text: np.ndarray | None):
+        rows, d = tensors["rows"], self.model.cfg.embed_dim
+        full = np.zeros((rows, d), np.float32)
+        full[tensors["encode_rows"]] = image
+        if len(tensors["reuse_rows"]):
+            full[tensors["reuse_rows"]] = tensors["reuse_image"]
+        if text is not None:
+            text = text[tensors["text_of_row"]] if rows else np.zeros((0, d), self.dtype)
+        return full, text

@@ -27,32 +27,39 @@ class Commit:
     seconds: dict
     nodes: dict = field(default_factory=dict)  # {"decode": node id, "encode": node id}
     retries: int = 0               # storage retries its decode and write tasks needed
+    photos: dict = field(default_factory=dict)  # a multi-photo unit: photos encoded, reused, cut
 
     def to_json(self) -> dict:
         return {**self.entry.to_json(), "model_sha256": self.model_sha256, "dtype": self.dtype,
-                "seconds": self.seconds, "nodes": self.nodes, "retries": self.retries}
+                "seconds": self.seconds, "nodes": self.nodes, "retries": self.retries,
+                **({"photos": self.photos} if self.photos else {})}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Commit":
         return cls(emb.PartEntry.from_json(obj), obj["model_sha256"], obj["dtype"], dict(obj.get("seconds", {})),
-                   dict(obj.get("nodes") or {}), int(obj.get("retries", 0)))
+                   dict(obj.get("nodes") or {}), int(obj.get("retries", 0)), dict(obj.get("photos") or {}))
 
 
 def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model: ModelRef, dtype: str) -> Commit:
     """Write one unit's part (and rejects) whole; return what its commit marker records."""
     t0, retries = time.perf_counter(), storage.retry_count()
+    multi = decoded.photos is not None  # a multi-photo catalog: rejects name the photo
     rejects = [{"product_id": r.product_id, "reason": r.problem.reason, "detail": r.problem.detail,
-                "source": unit.file, "row": r.row, "content_hash": r.state} for r in decoded.rejects]
+                "source": unit.file, "row": r.row, "content_hash": r.state, **({"photo": r.photo} if multi else {})}
+               for r in decoded.rejects]
     keep = np.ones(len(decoded.product_ids), bool)
     for pos, reason, detail in vectors.get("late_rejects", ()):  # images the encoder actor could not decode
         keep[pos] = False
         rejects.append({"product_id": decoded.product_ids[pos], "reason": reason, "detail": detail,
-                        "source": unit.file, "row": decoded.rows[pos], "content_hash": decoded.content_hashes[pos]})
-    rejects.sort(key=lambda r: r["row"])
+                        "source": unit.file, "row": decoded.rows[pos], "content_hash": decoded.content_hashes[pos],
+                        **({"photo": decoded.photos[pos]} if multi else {})})
+    rejects.sort(key=lambda r: (r["row"], -1 if r.get("photo") is None else r["photo"]))
     text = vectors["text_emb"][keep] if vectors["text_emb"] is not None else None
     table = emb.part_table(model, dtype, unit.name, unit.fingerprint,
                            [p for p, k in zip(decoded.product_ids, keep) if k],
-                           [h for h, k in zip(decoded.content_hashes, keep) if k], vectors["image_emb"][keep], text)
+                           [h for h, k in zip(decoded.content_hashes, keep) if k], vectors["image_emb"][keep], text,
+                           [p for p, k in zip(decoded.photos, keep) if k] if multi else None,
+                           [h for h, k in zip(decoded.photo_sha256, keep) if k] if multi else None)
     part, rej, reasons = emb.write_part(out, unit.name, table, rejects)
     entry = emb.PartEntry(name=unit.name, part=part, rejects=rej, reject_reasons=reasons, unit=unit.index,
                           fingerprint=unit.fingerprint, source=unit.file, row_groups=unit.row_groups,
@@ -61,7 +68,8 @@ def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model:
                "device_decode": vectors.get("device_decode_seconds", 0.0),
                "transfer": vectors.get("transfer_seconds", 0.0), "write": time.perf_counter() - t0}
     nodes = {k: v for k, v in (("decode", decoded.node), ("encode", vectors.get("node", ""))) if v}
-    return Commit(entry, model.sha256, dtype, seconds, nodes, decoded.retries + storage.retry_count() - retries)
+    return Commit(entry, model.sha256, dtype, seconds, nodes, decoded.retries + storage.retry_count() - retries,
+                  dict(decoded.stats or {}))
 
 
 def marker_uri(out: str, name: str) -> str:

@@ -26,6 +26,7 @@ class EncodeConfig:
     gpu_decode: bool = False        # decode JPEGs on the actors' GPUs (nvjpeg), CPU fallback per image
     stall_timeout: float = 900.0    # exit 75 when no unit is committed for this long
     progress: bool = True
+    reuse: str | None = None        # Parquet of earlier photo vectors (refresh): a photo found there is not re-encoded
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,11 @@ class DecodeSpec:
     context_length: int
     model_sha256: str
     catalog_root: str
-    image_column: str               # "image" (bytes) or "image_uri"
+    image_column: str               # "image" (bytes), "image_uri", or their lists (contracts.photos)
     fetch_threads: int = 16
     jpeg_draft: bool = False        # the bundle's preprocessing (images.load_pixels)
     gpu_jpeg: bool = False          # hand JPEG bytes to the encoder actor (nvjpeg) instead of decoding
+    reuse: str | None = None        # EncodeConfig.reuse
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RejectRow:
     problem: Problem
     row: int                        # row in the catalog file
     state: str                      # the row state the refresh diff compares (catalog.content_hash or rejected_state)
+    photo: int | None = None        # the photo's position (a multi-photo catalog), None for the whole row
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,6 @@ class DecodedUnit:
     seconds: dict
     node: str = ""                  # the Ray node that decoded it
     retries: int = 0                # storage retries the decode task needed
+    photos: tuple[int, ...] | None = None  # a multi-photo catalog: each output row's photo position ...
+    photo_sha256: tuple[str, ...] | None = None  # ... and the sha256 of its bytes
+    stats: dict | None = None       # a multi-photo catalog: photos encoded, reused and cut

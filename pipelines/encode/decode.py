@@ -9,6 +9,7 @@ would stick.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,9 @@ from mimdex.encoders.images import ImageDecodeError, gpu_decodable, load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra import storage
 from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts.embeddings import read_reuse
+from mimdex.infra.contracts.photos import LIST_COLUMNS, bounded
+from mimdex.infra.contracts.vectors import column_matrix
 from mimdex.infra.errors import DataError
 from mimdex.pipelines.encode.config import DecodedUnit, DecodeSpec, RejectRow, Unit
 
@@ -52,8 +56,9 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     duplicates = dict(unit.duplicates)
     rejects: list[RejectRow] = []
 
-    def reject(i: int, problem: catalog.Problem, state: str | None = None) -> None:
-        rejects.append(RejectRow(ids[i], problem, unit.first_row + i, state or catalog.rejected_state(problem.reason)))
+    def reject(i: int, problem: catalog.Problem, state: str | None = None, photo: int | None = None) -> None:
+        rejects.append(RejectRow(ids[i], problem, unit.first_row + i, state or catalog.rejected_state(problem.reason),
+                                 photo))
 
     keep: list[tuple[int, str]] = []  # (row in unit, title) that passed the row checks
     for i in range(unit.rows):
@@ -62,6 +67,8 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
             reject(i, problem)
         else:
             keep.append((i, titles[i].decode("utf-8")))
+    if spec.image_column in LIST_COLUMNS:
+        return _decode_photos(spec, unit, ids, images, keep, reject, rejects, t0, retries)
 
     if spec.image_column == "image_uri":
         uris = [catalog.resolve_uri(spec.catalog_root, images[i]) for i, _ in keep]
@@ -107,4 +114,68 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows), tuple(sorted(rejects, key=lambda r: r.row)),
                           {"read": t_read, "decode": t_decode, "tokenize": t_tokenize}, _node(),
                           storage.retry_count() - retries)
+    return decoded, tensors
+
+
+def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, rejects, t0, retries):
+    """A multi-photo unit: a row per usable photo, a reject row per unusable one (with its
+    position); a photo whose (product, bytes' sha256) the reuse table holds is copied, not
+    decoded or encoded again (a refresh of a product whose list or title changed: an image
+    vector depends on the photo's bytes and the model only)."""
+    photos, cut, cut_products = [], 0, 0
+    for i, title in keep:
+        listed, dropped = bounded(images[i])
+        cut, cut_products = cut + dropped, cut_products + (dropped > 0)
+        photos += [(i, title, pos, value) for pos, value in enumerate(listed)]
+    by_uri = spec.image_column == "image_uris"
+    with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(photos)) if by_uri else 1)) as pool:
+        got = list(pool.map(lambda p: catalog.photo_bytes(p[3], by_uri, spec.catalog_root), photos))
+    t_read = time.perf_counter() - t0
+    products = sorted({ids[i] for i, _, _, _ in photos})
+    reuse, table = read_reuse(spec.reuse, products) if spec.reuse and products else ({}, None)
+    size = spec.image_size
+    out_ids, hashes, rows, positions, shas, titles, pixels, encode_rows, reuse_rows, reuse_from = (
+        [] for _ in range(10))
+    for (i, title, pos, _), data in zip(photos, got):
+        state = catalog.photo_state(data, title, spec.model_sha256)
+        if isinstance(data, catalog.Problem):
+            reject(i, data, state, pos)
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        found = reuse.get((ids[i], sha))
+        if found is None:
+            try:
+                pixels.append(load_pixels(data, size, spec.jpeg_draft))
+            except ImageDecodeError as exc:
+                reject(i, catalog.Problem(exc.reason, str(exc)), state, pos)
+                continue
+            encode_rows.append(len(out_ids))
+        else:
+            reuse_rows.append(len(out_ids))
+            reuse_from.append(found)
+        out_ids.append(ids[i])
+        hashes.append(state)
+        rows.append(unit.first_row + i)
+        positions.append(pos)
+        shas.append(sha)
+        titles.append(title)
+    t_decode = time.perf_counter() - t0 - t_read
+    tensors = {"pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
+               "rows": len(out_ids), "encode_rows": np.array(encode_rows, np.int64),
+               "reuse_rows": np.array(reuse_rows, np.int64)}
+    if reuse_from:
+        tensors["reuse_image"] = column_matrix(table.take(reuse_from), "image_emb")
+    if spec.has_text and titles:
+        distinct = list(dict.fromkeys(titles))  # a product's title is tokenised and encoded once
+        of = {t: j for j, t in enumerate(distinct)}
+        tensors["text_of_row"] = np.array([of[t] for t in titles], np.int64)
+        tensors["ids"], tensors["mask"] = tokenize_arrays(_tokenizer(spec.tokenizer_json, spec.context_length),
+                                                          distinct)
+    t_tokenize = time.perf_counter() - t0 - t_read - t_decode
+    stats = {"photos_encoded": len(encode_rows), "photos_reused": len(reuse_rows), "photos_cut": cut,
+             "products_cut": cut_products}
+    decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows),
+                          tuple(sorted(rejects, key=lambda r: (r.row, -1 if r.photo is None else r.photo))),
+                          {"read": t_read, "decode": t_decode, "tokenize": t_tokenize}, _node(),
+                          storage.retry_count() - retries, tuple(positions), tuple(shas), stats)
     return decoded, tensors

@@ -168,7 +168,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
                       tokenizer_json=encoder.tokenizer.to_str(), context_length=encoder.cfg.text.token_limit,
                       model_sha256=model.sha256, catalog_root=facts["root"],
                       image_column=facts["image_column"], fetch_threads=cfg.fetch_threads,
-                      jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode)
+                      jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode, reuse=cfg.reuse)
     del encoder
     records, failures, sizing, device, flow = dict(done), [], None, None, None
     seconds: Counter[str] = Counter()
@@ -251,7 +251,7 @@ def stage_rates(rows: int, seconds: dict, sizing: dict) -> dict:
 def _counts(units, todo, records, failures) -> dict:
     ran = [records[u.name].entry for u in todo if u.name in records]
     skipped = [u for u in units if u not in todo]
-    return {
+    out = {
         "units": len(units), "units_skipped": len(skipped), "units_encoded": len(ran), "units_failed": len(failures),
         "read": sum(e.input_rows for e in ran),
         "encoded": sum(e.part.rows for e in ran),
@@ -259,3 +259,9 @@ def _counts(units, todo, records, failures) -> dict:
         "skipped": sum(u.rows for u in skipped),
         "rejects_by_reason": dict(sum((Counter(e.reject_reasons) for e in ran), Counter())),
     }
+    photos: Counter[str] = Counter()
+    for u in todo:
+        photos.update(records[u.name].photos if u.name in records else {})  # update keeps zero counts
+    if photos:  # a multi-photo catalog: photos encoded, copied from --reuse, and cut beyond the bound
+        out["photos"] = dict(photos)
+    return out

@@ -5,6 +5,9 @@ its image bytes, title and model when encode could try it, or ``reject:<reason>`
 the row itself breaks a rule (contracts.catalog judges both, as encode does). The
 embeddings remember the state of every product they encoded and of every product encode
 rejected, so an unchanged bad row stays rejected instead of counting as new each night.
+A multi-photo product's state covers its photos in order (contracts.photos): a changed,
+added, removed or moved photo makes the product changed, and its re-encode then copies
+the vectors of the photos it still has (refresh job, ``reuse``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 from mimdex.infra.contracts import catalog
 from mimdex.infra.contracts.embeddings import PreviousState
+from mimdex.infra.contracts.photos import bounded, product_state
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,16 @@ class Diff:
                 "row_only_rejects": self.row_only_rejects}
 
 
-def _state(pid: str, title: bytes | None, image, image_column: str, root: str, model_sha: str) -> str:
+def _state(pid: str, title: bytes | None, image, cols: catalog.Columns, root: str, model_sha: str) -> str:
     problem = catalog.row_problem(pid, title, image)
     if problem:
         return catalog.rejected_state(problem.reason)
-    if image_column == "image_uri":
+    if cols.photos:
+        listed, _ = bounded(image)
+        text = title.decode("utf-8")
+        return product_state([catalog.photo_state(catalog.photo_bytes(v, cols.by_uri, root), text, model_sha)
+                              for v in listed])
+    if cols.image == "image_uri":
         image = catalog.fetch_image(catalog.resolve_uri(root, image))
         if isinstance(image, catalog.Problem):
             return catalog.rejected_state(image.reason)
@@ -81,7 +90,7 @@ def catalog_state(catalog_uri: str, model_sha: str, threads: int = 16) -> Catalo
             images = table.column(cols.image).to_pylist()
             rows = [i for i, pid in enumerate(ids) if pid and (fi, i) not in dups]
             row_only += sum(1 for pid in ids if not pid)
-            got = pool.map(lambda i: _state(ids[i], titles[i], images[i], cols.image, root, model_sha), rows)
+            got = pool.map(lambda i: _state(ids[i], titles[i], images[i], cols, root, model_sha), rows)
             states.update((ids[i], s) for i, s in zip(rows, got))
     return CatalogState(states, row_only)
 

@@ -41,6 +41,7 @@ class RefreshConfig:
     ids_file: str | None = None      # backfill: encode and index exactly these products
     shards: int = 4                  # for a first build; later versions keep the previous count
     vector: str = "image"
+    photos: str = "every"            # for a first build of a multi-photo catalog; later versions keep theirs
     max_drift: float = 1.25          # retrain when new vectors' coarse MSE > this x the training MSE
     max_change: float = 0.25         # ... or when this share of the catalog was added/changed/deleted
     max_recall_drop: float = 0.05    # ... or when new vectors find themselves this much less often than old ones
@@ -140,10 +141,15 @@ def run(cfg: RefreshConfig) -> dict:
                 source = storage.join(run_dir, "input", "catalog.parquet")
                 if d.to_encode and not storage.exists(source):  # a resumed run keeps its input
                     write_subset(cfg.catalog, d.to_encode, source)
+            reuse = None
+            if d.changed and not full_reason and not cfg.ids_file:
+                reuse = _reuse_photos(cfg.embeddings, prev_emb, previous.where, set(d.changed), run_dir)
             enc = _encode(cfg, source, run_dir, model_sha, bool(d.to_encode) or bool(full_reason),
-                          prev_emb.dtype if prev_emb else "float16")
+                          prev_emb.dtype if prev_emb else "float16", reuse)
         report["encode"] = {"run": run_id, "rows": enc.rows, "encoded": enc.encoded, "rejected": enc.rejected,
                             "units": enc.units, "units_resumed": enc.units_skipped,
+                            **({"photos": enc.report["counts"]["photos"]}
+                               if "photos" in enc.report.get("counts", {}) else {}),
                             "rows_encoded_by_this_attempt": enc.rows_read,
                             "storage_retries_of_workers": enc.report.get("storage_retries", {}).get("workers", 0)}
         delta = emb.read_manifest(run_dir)
@@ -166,8 +172,20 @@ def run(cfg: RefreshConfig) -> dict:
     return report
 
 
+def _reuse_photos(root: str, manifest: emb.EmbeddingsManifest, where: dict[str, str], changed: set[str],
+                  run_dir: str) -> str | None:
+    """The current image vectors of changed multi-photo products, by (product_id, photo
+    sha256): their re-encode copies the photos they still have instead of encoding them
+    again (a reordered list or a new title costs no image encoding). None for a
+    single-image catalog."""
+    name = "input/reuse.parquet"
+    if storage.exists(out := storage.join(run_dir, name)):  # a resumed run keeps its input
+        return out
+    return emb.write_reuse(root, manifest, where, changed, run_dir, name)
+
+
 def _encode(cfg: RefreshConfig, source: str, run_dir: str, model_sha: str, needed: bool,
-            dtype: str) -> encode.EncodeResult:
+            dtype: str, reuse: str | None = None) -> encode.EncodeResult:
     if not needed:  # only deletions: an empty delta run
         model = load_bundle(cfg.model)
         ref = ModelRef(cfg.model, model_sha, model.cfg.variant, model.cfg.embed_dim, model.model.has_text)
@@ -175,7 +193,7 @@ def _encode(cfg: RefreshConfig, source: str, run_dir: str, model_sha: str, neede
         return encode.EncodeResult(True, 0, 0, 0, 0, 0, 0, (), {})
     enc = encode.run(encode.EncodeConfig(model=cfg.model, catalog=source, out=run_dir, ray_address=cfg.ray_address,
                                          runtime_env=cfg.runtime_env, unit_rows=cfg.unit_rows, dtype=dtype,
-                                         progress=cfg.progress))
+                                         progress=cfg.progress, reuse=reuse))
     if not enc.complete:
         raise TransientError(f"delta encode into {run_dir} left {len(enc.failed_units)} units failed; "
                              "re-run the refresh to finish")
@@ -183,9 +201,12 @@ def _encode(cfg: RefreshConfig, source: str, run_dir: str, model_sha: str, neede
 
 
 def _now_rejected(run_dir: str, delta: emb.EmbeddingsManifest, changed: set[str]) -> list[dict]:
-    """Indexed products that this run's encode rejected: removed from the index, and said so."""
+    """Indexed products that this run's encode rejected: removed from the index, and said so.
+    (A multi-photo product with a photo rejected but others encoded is still indexed.)"""
     rejects = emb.read_all(run_dir, delta, "rejects")
-    rows = [r for r in rejects.select(["product_id", "reason", "detail"]).to_pylist() if r["product_id"] in changed]
+    still = set(emb.read_all(run_dir, delta, "part").column("product_id").to_pylist())
+    rows = [r for r in rejects.select(["product_id", "reason", "detail"]).to_pylist()
+            if r["product_id"] in changed and r["product_id"] not in still]
     return rows[:100]
 
 
@@ -193,15 +214,16 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
                   run_id, previous_count) -> release.Released:
     vector = prev_index.vector if prev_index else cfg.vector
     n_shards = len(prev_index.shards) if prev_index else cfg.shards
+    photos = (prev_index.photos if prev_index else None) or cfg.photos
     bcfg = build_index.BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=n_shards, vector=vector,
                                    recall_target=cfg.recall_target, min_recall=cfg.min_recall,
-                                   eval_queries=cfg.eval_queries, manifest_name=manifest_name)
+                                   eval_queries=cfg.eval_queries, manifest_name=manifest_name, photos=photos)
     decision = full_reason
     if not decision:
         alpha = prev_index.fuse_alpha
         delta_entries = [e for e in composite.parts if e.name.startswith(run_id + "-")]
         with timer.stage("drift"):
-            delta = update.new_vectors(cfg.embeddings, composite, delta_entries, vector, alpha)
+            delta = update.new_vectors(cfg.embeddings, composite, delta_entries, vector, alpha, prev_index.photos)
             prev_dir = iv.version_uri(cfg.index, prev_index.version)
             trained = iv.read_trained(prev_dir, prev_index.trained)
             drift = update.drift(trained, delta.vectors, prev_index.training)
@@ -222,7 +244,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         vdir = iv.version_uri(cfg.index, version)
         storage.write_bytes(storage.join(vdir, "trained.index"), trained)
         records = update.update_shards(vdir, prev_dir, prev_index, trained, d.removed_from_index, delta)
-    src = release.Source(cfg.embeddings, composite, vector, alpha)
+    src = release.Source(cfg.embeddings, composite, vector, alpha, prev_index.photos)
     draft = release.VersionDraft(out=cfg.index, version=version, parent=pointer.version, token=token,
                                  params=prev_index.params, trained=trained, training=prev_index.training,
                                  shards=records, counts={})

@@ -19,7 +19,7 @@ from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest, PartEntry
 from mimdex.infra.contracts.recall import hits
-from mimdex.infra.contracts.vectors import check_unique, ids_for, merge_skipped, usable_rows
+from mimdex.infra.contracts.vectors import check_unique, labels, merge_skipped, shard_of, usable_rows
 from mimdex.infra.errors import DataError
 
 
@@ -29,16 +29,21 @@ class Delta:
     ids: np.ndarray
     idmap: pa.Table | None
     skipped: dict
+    keys: np.ndarray | None = None   # each vector's product id (its shard)
 
 
-def new_vectors(root: str, manifest: EmbeddingsManifest, entries: list[PartEntry], kind: str, alpha: float) -> Delta:
+def new_vectors(root: str, manifest: EmbeddingsManifest, entries: list[PartEntry], kind: str, alpha: float,
+                photo_mode: str | None = None) -> Delta:
     """Vectors, ids and id-map rows (with catalog metadata) of the delta parts."""
-    parts = [usable_rows(root, e, manifest.model, manifest.dtype, kind, alpha, metadata=True) for e in entries]
+    parts = [usable_rows(root, e, manifest.model, manifest.dtype, kind, alpha, metadata=True,
+                         photo_mode=photo_mode or "every") for e in entries]
     skipped = merge_skipped(p.skipped for p in parts)
     if not parts:
-        return Delta(np.zeros((0, manifest.model.d), np.float32), np.zeros(0, np.int64), None, skipped)
+        empty = np.zeros(0, np.int64)
+        return Delta(np.zeros((0, manifest.model.d), np.float32), empty, None, skipped, empty)
     idmap = pa.concat_tables([p.idmap for p in parts], promote_options="permissive")
-    return Delta(np.concatenate([p.vectors for p in parts]), idmap.column("id").to_numpy(), idmap, skipped)
+    return Delta(np.concatenate([p.vectors for p in parts]), idmap.column("id").to_numpy(), idmap, skipped,
+                 np.concatenate([p.product_keys for p in parts]))
 
 
 def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:
@@ -63,22 +68,23 @@ def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, train
     in faiss-cpu 1.15.1; see docs/operations.md.)
     """
     nlist, code_size = codec.lists_shape(trained)
-    remove_ids = ids_for(sorted(remove))
+    removed = pa.array(sorted(remove), pa.string())
     new_lists, new_codes = codec.encode(codec.deserialize(trained), delta.vectors)
-    shard_of = delta.ids % len(prev.shards)
+    shards = shard_of(delta.ids if delta.keys is None else delta.keys, len(prev.shards))
     records = []
     for entry in prev.shards:
         lists_blob, ids_table = iv.read_shard(prev_dir, entry)
         old_ids, old_lists, old_codes = codec.decoded_lists(lists_blob)
-        keep = ~np.isin(old_ids, remove_ids)
-        ids_table = ids_table.filter(pc.invert(pc.is_in(ids_table["id"], pa.array(remove_ids, pa.int64()))))
-        sel = np.flatnonzero(shard_of == entry.shard)
+        # every vector of a removed product (all its photos) goes, found by product_id in the id map
+        gone = pc.fill_null(pc.is_in(ids_table["product_id"], removed), False)
+        keep = ~np.isin(old_ids, ids_table.filter(gone).column("id").to_numpy())
+        ids_table = ids_table.filter(pc.invert(gone))
+        sel = np.flatnonzero(shards == entry.shard)
         all_ids = np.concatenate([old_ids[keep], delta.ids[sel]])
         if len(sel):
             ids_table = pa.concat_tables([ids_table, delta.idmap.take(pa.array(sel, pa.int64()))],
                                          promote_options="permissive")
-        check_unique(ids_table.column("id").to_numpy(), ids_table.column("product_id").to_pylist(),
-                     f"shard {entry.name}")
+        check_unique(ids_table.column("id").to_numpy(), labels(ids_table), f"shard {entry.name}")
         if len(all_ids) != ids_table.num_rows:
             raise DataError(f"shard {entry.name}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
                             "after the update (the previous version's id map and index disagree)")

@@ -11,7 +11,6 @@ The same config gives byte-identical files.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -47,7 +46,7 @@ def _materialize(spec: dict) -> dict:
 
 def _table_specs(plan: Plan, cfg: SynthConfig) -> dict[str, tuple[list[dict], pa.Schema]]:
     return {
-        "catalog": (list(rows.catalog_specs(plan, cfg)), rows.CATALOG_SCHEMA),
+        "catalog": (list(rows.catalog_specs(plan, cfg)), rows.catalog_schema(cfg.views)),
         "train_pairs": (list(rows.train_pair_specs(plan, cfg)), rows.QUERY_SCHEMA),
         "queries": (list(rows.query_specs(plan, cfg)), rows.QUERY_SCHEMA),
     }
@@ -56,7 +55,7 @@ def _table_specs(plan: Plan, cfg: SynthConfig) -> dict[str, tuple[list[dict], pa
 def _write_table(out: str, name: str, schema: pa.Schema, rows_iter: Iterable[dict],
                  cfg: SynthConfig, on_row: Callable[[], None]) -> list[dict]:
     """Stream rows into part files of ``cfg.rows_per_file``; returns the file entries."""
-    schema = schema.with_metadata({"mimdex.synth": json.dumps(dataclasses.asdict(cfg), sort_keys=True)})
+    schema = schema.with_metadata({"mimdex.synth": json.dumps(cfg.as_dict(), sort_keys=True)})
     files: list[dict] = []
     it = iter(rows_iter)
     exhausted = False
@@ -101,7 +100,7 @@ def run(cfg: SynthConfig, out: str, *, workers: int | None = None, progress: boo
     manifest_uri = storage.join(out, MANIFEST)
     if storage.exists(manifest_uri):
         existing = storage.read_json(manifest_uri)
-        if existing.get("config") == dataclasses.asdict(cfg):
+        if existing.get("config") == cfg.as_dict():
             return {"out": out, "skipped": True, "reason": "dataset with this config already complete",
                     "counts": existing["counts"], "manifest": manifest_uri}
         raise UsageError(f"{out} already holds a dataset made with other settings "
@@ -130,10 +129,10 @@ def run(cfg: SynthConfig, out: str, *, workers: int | None = None, progress: boo
         "train_pairs": manifest_tables["train_pairs"]["rows"],
         "queries": manifest_tables["queries"]["rows"],
     }
-    manifest = {"kind": DATASET_KIND, "config": dataclasses.asdict(cfg), "counts": counts,
+    manifest = {"kind": DATASET_KIND, "config": cfg.as_dict(), "counts": counts,
                 "tables": manifest_tables}
     storage.write_json(manifest_uri, manifest)
     seconds = timer.total
     return {"out": out, "skipped": False, "counts": counts, "manifest": manifest_uri,
             "timings_s": timer.seconds, "images_per_s": round(total / max(seconds, 1e-9), 1),
-            "workers": workers, "config": dataclasses.asdict(cfg)}
+            "workers": workers, "config": cfg.as_dict()}

@@ -5,6 +5,7 @@ memory); images are rendered later, row by row, while streaming to Parquet.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,15 @@ class SynthConfig:
     image_size: int = 160
     rows_per_file: int = 4096
     row_group_rows: int = 256
+    views: int = 1              # photos per product: 1, or 1 to this many (main + pose/crop/background/lighting)
+
+    def as_dict(self) -> dict:
+        """The config as recorded in the dataset; ``views`` only when used, so a one-photo
+        dataset is byte for byte what it was before views existed."""
+        out = dataclasses.asdict(self)
+        if self.views == 1:
+            del out["views"]
+        return out
 
     def validate(self) -> None:
         if self.products < 20:
@@ -35,6 +45,9 @@ class SynthConfig:
             raise UsageError(f"--heldout-frac must be in [0.05, 0.5], got {self.heldout_frac}")
         if self.pairs_per_product < 1:
             raise UsageError("--pairs-per-product must be at least 1")
+        if not 1 <= self.views <= 4:
+            raise UsageError(f"--views must be in [1, 4] (the main photo, then pose, crop, background or "
+                             f"lighting views), got {self.views}")
         if not 32 <= self.image_size <= 1024:
             raise UsageError(f"--image-size must be in [32, 1024], got {self.image_size}")
 

@@ -15,6 +15,7 @@ from PIL import Image
 from mimdex.pipelines.synth.attributes import Product, reformulation, short_query
 from mimdex.pipelines.synth.plan import Plan, SynthConfig
 from mimdex.pipelines.synth.render import look_of, render_product, render_street
+from mimdex.pipelines.synth.views import render_view, view_kinds
 
 CATALOG_SCHEMA = pa.schema([
     ("product_id", pa.string()), ("title", pa.string()), ("image", pa.binary()),
@@ -30,7 +31,16 @@ QUERY_SCHEMA = pa.schema([
     ("source_product_id", pa.string()), ("distractor_product_id", pa.string()),
 ])
 
-_TABLE_TRAIN, _TABLE_QUERIES, _TABLE_REFORM = 11, 12, 13
+_TABLE_TRAIN, _TABLE_QUERIES, _TABLE_REFORM, _TABLE_VIEWS = 11, 12, 13, 14
+
+
+def catalog_schema(views: int) -> pa.Schema:
+    """One ``image`` per product, or (--views > 1) a list of photos and the kind of each."""
+    if views <= 1:
+        return CATALOG_SCHEMA
+    i = CATALOG_SCHEMA.get_field_index("image")
+    return (CATALOG_SCHEMA.set(i, pa.field("images", pa.list_(pa.binary())))
+            .insert(i + 1, pa.field("views", pa.list_(pa.string()))))
 LARGE_IMAGE_SIZE = 1600
 
 
@@ -81,7 +91,16 @@ def materialize(spec: dict, products: list[Product], by_id: dict[str, int], size
     """Render the image a row spec describes; pure function of its arguments."""
     if "_catalog" in spec:
         index = spec.pop("_catalog")
-        spec["image"] = catalog_image(products[index], index, size)
+        main = catalog_image(products[index], index, size)
+        if "_views" not in spec:
+            spec["image"] = main
+            return spec
+        seed, max_views = spec.pop("_views")
+        rng = np.random.default_rng([seed, _TABLE_VIEWS, index])
+        kinds = view_kinds(rng, max_views)
+        look = look_of(products[index])
+        spec["images"] = [main] + [_encode(render_view(look, k, rng, size), "JPEG") for k in kinds[1:]]
+        spec["views"] = kinds
         return spec
     seed_key = spec.pop("_shoot")
     source = products[by_id[spec["source_product_id"]]]
@@ -94,6 +113,7 @@ def catalog_specs(plan: Plan, cfg: SynthConfig) -> Iterator[dict]:
     for i, p in enumerate(plan.products):
         yield {
             "product_id": p.product_id, "title": p.title, "_catalog": i,
+            **({"_views": (cfg.seed, cfg.views)} if cfg.views > 1 else {}),
             "category": p.category, "colour": p.colour, "pattern": p.pattern, "ink": p.ink,
             "brand": p.brand, "family": p.family,
             "split": "heldout" if p.product_id in plan.heldout else "train",

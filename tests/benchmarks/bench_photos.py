@@ -151,8 +151,9 @@ def _run(work: str, args) -> None:
     root = storage.join(work, "emb")
     enc_report = encode(EncodeConfig(model=model, catalog=storage.join(data, "catalog"), out=root,
                                      progress=False)).report
-    photos = enc_report["counts"]["encoded"]
-    print(f"encode: {photos} photos of {args.products} products, {enc_report['seconds']['encode']:.0f} s", flush=True)
+    photos = emb.read_manifest(root).counts["encoded"]
+    print(f"encode: {photos} photos of {args.products} products, {enc_report['seconds'].get('encode', 0):.0f} s "
+          "(0: encoded by an earlier run)", flush=True)
 
     enc = load_bundle(model)
     queries = read_dataset(storage.join(data, "queries"), "queries", required=("query_image", "product_id"))

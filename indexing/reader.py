@@ -117,10 +117,9 @@ class IndexReader:
     def search_distinct(self, vectors: np.ndarray, k: int = 10,
                         nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, ids, product ids), each queries x k: k distinct products per query, each
-        with its best-scoring vector (photo). Photos are over-fetched by the index's mean
-        photos per product (rounded up); a query still short of k products is searched again with twice
-        the fetch (and twice the nprobe when its probed lists ran out), so it gets k
-        whenever the index holds k products."""
+        with its best-scoring vector (photo). Photos are over-fetched; a query still short
+        of k products is searched again with twice the fetch (and twice the nprobe when its
+        probed lists ran out), so it gets k whenever the index holds k products."""
         if self._product_of is None:
             scores, ids = self.search(vectors, k, nprobe)
             return scores, ids, ids
@@ -150,7 +149,7 @@ class IndexReader:
     def _collapse(self, scores: np.ndarray, ids: np.ndarray, k: int):
         """collapse() of a batch, in row blocks on threads for large batches: the id lookups
         and sorts release the GIL, and on a small index they cost as much as the search."""
-        blocks = min(_pool()._max_workers, len(ids) // 1024)
+        blocks = min(_WORKERS, len(ids) // 1024)
         if blocks < 2:
             return collapse(scores, ids, self.product_keys(ids), k)
         cuts = np.linspace(0, len(ids), blocks + 1).astype(int)
@@ -178,6 +177,9 @@ class IndexReader:
         return out
 
 
+_WORKERS = min(4, os.cpu_count() or 1)
+
+
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="mimdex-collapse")
+    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="mimdex-collapse")

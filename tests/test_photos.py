@@ -4,6 +4,7 @@ photos, indexes that hold every photo, and searches that return distinct product
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -22,6 +23,7 @@ from mimdex.infra.contracts import catalog, photos
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts.vectors import column_matrix, ids_for
 from mimdex.infra.errors import DataError
+from mimdex.pipelines import cli
 from mimdex.pipelines import synth as synth_job
 from mimdex.pipelines.build_index import BuildConfig
 from mimdex.pipelines.build_index import run as build
@@ -167,13 +169,14 @@ def _photo_rows(root: str) -> dict:
     return out
 
 
-def test_a_mixed_catalog_through_encode_build_refresh_and_search(tmp_path, views, local_ray):
+def test_a_mixed_catalog_through_encode_build_refresh_and_search(tmp_path, views, local_ray, capsys):
     rows, s = _mixed(views)
     cat = str(tmp_path / "cat")
     _write(cat, rows)
     random_bundle(str(tmp_path / "model"), [r["title"] for r in rows], "3-tower")
-    cfg = RefreshConfig(catalog=cat + "/catalog.parquet", model=str(tmp_path / "model"), embeddings=str(tmp_path / "emb"),
-                        index=str(tmp_path / "index"), shards=3, unit_rows=16, eval_queries=20, progress=False)
+    cfg = RefreshConfig(catalog=cat + "/catalog.parquet", model=str(tmp_path / "model"),
+                        embeddings=str(tmp_path / "emb"), index=str(tmp_path / "index"), shards=3, unit_rows=16,
+                        eval_queries=20, progress=False)
     first = encode(EncodeConfig(model=cfg.model, catalog=cfg.catalog, out=cfg.embeddings, unit_rows=16,
                                 progress=False)).report
     build(BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=3, eval_queries=20))
@@ -226,6 +229,14 @@ def test_a_mixed_catalog_through_encode_build_refresh_and_search(tmp_path, views
     assert sorted(photos_of[s["B"]]) == list(range(len(old[s["B"]]) - 1))
     assert sorted(photos_of[s["A"]]) == list(range(len(old[s["A"]]) + 1))
     _assert_distinct(reader, cfg.embeddings)
+
+    # mimdex search --json: distinct products, each with the photo (and its URI) that matched
+    photo = os.path.join(cat, "photos", sorted(os.listdir(os.path.join(cat, "photos")))[0])
+    capsys.readouterr()
+    assert cli.main(["search", "--index", cfg.index, "--image", photo, "-k", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.splitlines()[0])["results"]
+    assert len({r["product_id"] for r in results}) == len(results) == 5
+    assert all(isinstance(r["photo"], int) and r["image_uri"].endswith(".jpg") for r in results)
 
     # unchanged since: nothing to do (the corrupt, null and missing photos stay rejected)
     assert run(cfg).get("nothing_to_do") is True

@@ -162,7 +162,8 @@ def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos
     extra = [("photo_sha256", pa.string())] if photos else []  # the photo's bytes alone: reusable across titles
     meta = {"model_sha256": model.sha256, "variant": model.variant, "d": model.d, "dtype": dtype, "unit": unit,
             "fingerprint": fingerprint}
-    return pa.schema(fields + [("content_hash", pa.string())] + extra, metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
+    return pa.schema(fields + [("content_hash", pa.string())] + extra,
+                     metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
 
 
 def _vectors(emb: np.ndarray, d: int, dtype: str) -> pa.Array:

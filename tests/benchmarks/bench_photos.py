@@ -129,7 +129,8 @@ def _large(work: str, args) -> None:
     out = storage.join(work, "index-large")
     t0 = time.perf_counter()
     build(BuildConfig(embeddings=root, out=out, shards=args.shards, eval_queries=500, seed=args.seed))
-    print(f"\nsynthetic: {n} products, {len(x)} photo vectors, build-index {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\nsynthetic: {n} products, {len(x)} photo vectors, build-index {time.perf_counter() - t0:.0f} s",
+          flush=True)
     picks = rng.integers(0, len(x), 1024)
     queries = x[picks] + 0.2 * rng.standard_normal((1024, d)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -187,7 +188,8 @@ def _run(work: str, args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         print(f"| --photos {mode} | {r['vectors']} | {r['factory']} | {r['nprobe']} | {r['recall@1']:.3f} | "
-              f"{r['recall@10']:.3f} | {r['recall@100']:.3f} | {r['all_lists@10']:.3f} | {r['bytes_per_product']:.0f} | "
+              f"{r['recall@10']:.3f} | {r['recall@100']:.3f} | {r['all_lists@10']:.3f} | "
+              f"{r['bytes_per_product']:.0f} | "
               f"{sum(r['build_s'].values()):.0f} |")
     gain = every["recall@10"] - rows["main"]["recall@10"]
     print(f"\nevery photo vs main only: recall@10 {every['recall@10']:.3f} vs {rows['main']['recall@10']:.3f} "

@@ -84,7 +84,7 @@ def blocks(src: Source):
     """(vectors, ids) of every usable row, part by part (checksums verified)."""
     for entry in src.manifest.parts:
         rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
-                           photo_mode=src.photos or "every")
+                           photo_mode=src.photos or "every", idmap=False)
         yield rows.vectors, rows.ids
 
 

@@ -113,9 +113,10 @@ def _photo_metadata(meta: pa.Table, positions: list[int | None]) -> pa.Table:
 
 
 def usable_rows(root: str, entry: PartEntry, model: ModelRef, dtype: str, kind: str, fuse_alpha: float,
-                metadata: bool = False, photo_mode: str = photos.DEFAULT_MODE) -> UsableRows:
+                metadata: bool = False, photo_mode: str = photos.DEFAULT_MODE, idmap: bool = True) -> UsableRows:
     """One part (checksum verified) -> what goes into an index; with ``metadata`` the id
-    map rows carry the catalog's columns (title, image_uri, ...)."""
+    map rows carry the catalog's columns (title, image_uri, ...); ``idmap=False`` (sampling,
+    evaluation: vectors and ids only) builds no id map at all."""
     table = read_part(root, entry, model, dtype)
     vectors = index_vectors(table, kind, fuse_alpha)
     reasons = invalid_reasons(vectors)
@@ -127,17 +128,18 @@ def usable_rows(root: str, entry: PartEntry, model: ModelRef, dtype: str, kind: 
     vectors = np.ascontiguousarray(vectors[keep])
     keys = ids_for(kept)
     if not has_photos(table):
-        idmap = _idmap(pa.table({"id": pa.array(keys, pa.int64()), "product_id": pa.array(kept, pa.string())}),
-                       entry if metadata else None, kept, None)
-        return UsableRows(vectors, keys, tuple(kept), idmap, len(pids), *skipped)
+        mapped = (_idmap(pa.table({"id": pa.array(keys, pa.int64()), "product_id": pa.array(kept, pa.string())}),
+                         entry if metadata else None, kept, None) if idmap else None)
+        return UsableRows(vectors, keys, tuple(kept), mapped, len(pids), *skipped)
     positions = table.column("photo").to_numpy()[keep]
     vectors, rows, pooled = photos.select(vectors, kept, positions, photo_mode)
     kept, keys, positions = [kept[i] for i in rows], keys[rows], positions[rows]
     ids = keys if photo_mode != "every" else photos.photo_ids(keys, positions)
     shown = [None] * len(kept) if pooled else positions.tolist()
-    idmap = _idmap(pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept, pa.string()),
-                             "photo": pa.array(shown, pa.int32())}), entry if metadata else None, kept, shown)
-    return UsableRows(vectors, ids, tuple(kept), idmap, len(pids), *skipped, keys=keys)
+    mapped = (_idmap(pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array(kept, pa.string()),
+                               "photo": pa.array(shown, pa.int32())}), entry if metadata else None, kept, shown)
+              if idmap else None)
+    return UsableRows(vectors, ids, tuple(kept), mapped, len(pids), *skipped, keys=keys)
 
 
 def _idmap(idmap: pa.Table, entry: PartEntry | None, kept: list[str], positions: list[int | None] | None) -> pa.Table:

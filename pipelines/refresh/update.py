@@ -29,7 +29,7 @@ class Delta:
     ids: np.ndarray
     idmap: pa.Table | None
     skipped: dict
-    keys: np.ndarray | None = None   # each vector's product id (its shard)
+    keys: np.ndarray                 # each vector's product id (its shard)
 
 
 def new_vectors(root: str, manifest: EmbeddingsManifest, entries: list[PartEntry], kind: str, alpha: float,
@@ -70,7 +70,7 @@ def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, train
     nlist, code_size = codec.lists_shape(trained)
     removed = pa.array(sorted(remove), pa.string())
     new_lists, new_codes = codec.encode(codec.deserialize(trained), delta.vectors)
-    shards = shard_of(delta.ids if delta.keys is None else delta.keys, len(prev.shards))
+    shards = shard_of(delta.keys, len(prev.shards))
     records = []
     for entry in prev.shards:
         lists_blob, ids_table = iv.read_shard(prev_dir, entry)

@@ -4,7 +4,9 @@ All shards share one trained quantizer, so their inverted lists can be searched 
 side and the top-k merged exactly, or consolidated into one IVF at load time (faiss
 ``merge_from``, exact as well): the default, because fast-scan PQ computes its look-up
 tables per query and probed list, and separate shards would compute them once per shard.
-Every shard and id map is checked against the manifest's sha256 when loaded.
+Every shard and id map is checked against the manifest's sha256 when loaded. A version
+with delta segments (refreshes since its base shards) is read as base + deltas minus
+deletions (contracts.index_delta.combine), the same vectors compaction would write.
 
 An index of a multi-photo catalog (its id map has a ``photo`` column) holds several
 vectors per product: ``search_distinct`` over-fetches and collapses them (collapse.py),
@@ -25,17 +27,21 @@ import pyarrow.compute as pc
 from mimdex.indexing.collapse import ProductOf, collapse
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
-from mimdex.infra.contracts.index_codec import shard_index
+from mimdex.infra.contracts import index_delta as delta
+from mimdex.infra.contracts.index_codec import lists_shape, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
 
 class IndexReader:
     def __init__(self, uri: str, params: dict, shards: tuple[iv.ShardEntry, ...], trained: FileRef,
-                 default_nprobe: int = 1, manifest: iv.IndexManifest | None = None, consolidate: bool = True):
+                 default_nprobe: int = 1, manifest: iv.IndexManifest | None = None, consolidate: bool = True,
+                 deltas: tuple[iv.DeltaSegment, ...] = ()):
         self.uri, self.manifest, self.params = uri, manifest, params
         self.default_nprobe = int(default_nprobe or 1)
         self._trained = iv.read_trained(uri, trained)
+        self._deltas = tuple(deltas)
+        self._deletions = delta.later_deletions(uri, self._deltas) if self._deltas else None
         with ThreadPoolExecutor(4) as pool:
             loaded = list(pool.map(self._load_shard, shards))
         self.shards = [index for index, _ in loaded]
@@ -64,14 +70,20 @@ class IndexReader:
             if version is None:
                 raise DataError(f"index {root}: no LATEST (nothing has been published here)")
         m = iv.read_manifest(root, version)
-        return cls(iv.version_uri(root, version), m.params, m.shards, m.trained, m.default_nprobe, m, consolidate)
+        return cls(iv.version_uri(root, version), m.params, m.shards, m.trained, m.default_nprobe, m, consolidate,
+                   m.deltas)
 
     @property
     def version(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
     def _load_shard(self, entry: iv.ShardEntry) -> tuple[faiss.Index, pa.Table]:
-        lists, ids = iv.read_shard(self.uri, entry)
+        if self._deltas:  # base + delta segments - deletions, exactly as compaction would write them
+            nlist, code_size = lists_shape(self._trained)
+            lists, ids, _ = delta.combine(delta.shard_pieces(self.uri, entry, self._deltas, self._deletions),
+                                          nlist, code_size)
+        else:
+            lists, ids = iv.read_shard(self.uri, entry)
         try:
             index = shard_index(self._trained, lists)
         except ValueError as exc:

@@ -60,14 +60,16 @@ class VersionDraft:
     training: dict
     shards: tuple[iv.ShardEntry, ...]
     counts: dict
+    deltas: tuple[iv.DeltaSegment, ...] = ()
+    trained_file: str = "trained.index"    # "../<version>/trained.index": the codebooks a refresh reuses
 
     @property
     def trained_ref(self) -> FileRef:
-        return FileRef("trained.index", hashlib.sha256(self.trained).hexdigest(), len(self.trained))
+        return FileRef(self.trained_file, hashlib.sha256(self.trained).hexdigest(), len(self.trained))
 
     def reader(self, default_nprobe: int = 1) -> IndexReader:
         return IndexReader(iv.version_uri(self.out, self.version), self.params, self.shards, self.trained_ref,
-                           default_nprobe)
+                           default_nprobe, deltas=self.deltas)
 
 
 @dataclass(frozen=True)
@@ -156,11 +158,23 @@ def evaluate(src: Source, gate: Gate, reader: IndexReader, held: np.ndarray, hel
     return out
 
 
+def version_bytes(draft: VersionDraft) -> dict:
+    """index_bytes: the codes and codebooks (what serving holds); files_bytes: every file
+    the version uses; written_bytes: those it wrote itself (a refresh that references its
+    parent's files writes only its delta)."""
+    shards = list(draft.shards) + [s for seg in draft.deltas for s in seg.shards]
+    refs = [draft.trained_ref] + [r for s in shards for r in (s.index, s.ids)]
+    refs += [seg.deleted for seg in draft.deltas if seg.deleted]
+    return {"index_bytes": sum(s.index.bytes for s in shards) + len(draft.trained),
+            "files_bytes": sum(r.bytes for r in refs),
+            "written_bytes": sum(r.bytes for r in refs if not r.file.startswith("../"))}
+
+
 def finish_version(draft: VersionDraft, src: Source, gate: Gate, held: np.ndarray, held_ids: np.ndarray,
-                   timer, extra: dict | None = None) -> Released:
+                   timer, extra: dict | None = None, reader: IndexReader | None = None) -> Released:
     vdir = iv.version_uri(draft.out, draft.version)
     with timer.stage("evaluate"):
-        evaluation = evaluate(src, gate, draft.reader(), held, held_ids, draft.params["nlist"])
+        evaluation = evaluate(src, gate, reader or draft.reader(), held, held_ids, draft.params["nlist"])
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model
@@ -169,8 +183,9 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, held: np.ndarra
         "embeddings": src.root, "index_root": draft.out, "version": draft.version, "parent": draft.parent,
         "vector": src.vector, "model": model.to_json(), "params": draft.params, "training": draft.training,
         "counts": counts, "evaluation": evaluation, "default_nprobe": default_nprobe, "seconds": timer.seconds,
-        "index_bytes": sum(s.index.bytes for s in draft.shards) + len(draft.trained), **(extra or {}),
+        **(extra or {}),
     }
+    report.update(version_bytes(draft))
     report["bytes_per_vector"] = round(report["index_bytes"] / max(draft.counts["indexed"], 1), 2)
     if gate.min_recall is not None and at_default.get("recall@10", 0.0) < gate.min_recall:
         report["published"] = False
@@ -185,7 +200,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, held: np.ndarra
         shards=draft.shards, trained=draft.trained_ref, default_nprobe=default_nprobe,
         recall_target=gate.recall_target, training=draft.training,
         embeddings={"uri": src.root, "manifest_created_at": src.manifest.created_at, "parts": len(src.manifest.parts)},
-        counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos))
+        counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos, deltas=draft.deltas))
     with timer.stage("publish"):
         try:
             iv.point_latest(draft.out, draft.version, draft.token, draft.parent)

@@ -3,7 +3,9 @@
 Retention never deletes what a reader may be using: the version LATEST names, the one
 it named before (a reader that opened just before the switch is still on it), and any
 version younger than the grace period (a build that has not published yet, a reader
-that opened a named version). A version is deleted manifest first, so that a reader
+that opened a named version), nor a file that a kept version references (a refresh's
+delta segment uses its parent's shards and codebooks): a deleted version whose files are
+still used keeps exactly those, and loses its manifest. A version is deleted manifest first, so that a reader
 that races the deletion finds an incomplete version and says so, not half a version.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import datetime as dt
 
 from mimdex.indexing.evaluate import held_out_at
 from mimdex.infra import storage
+from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.errors import UsageError
 
@@ -65,14 +68,27 @@ def prune(root: str, keep: int, grace_hours: float = 24.0, now: dt.datetime | No
     for r in rows:
         created = iv.created(r["version"])
         young = created is None or (now - created).total_seconds() < grace_hours * 3600
-        if r["version"] in protected or young:
-            kept.append(r["version"])
-            continue
-        vdir = iv.version_uri(root, r["version"])
+        (kept if r["version"] in protected or young else deleted).append(r["version"])
+    # a kept version may use files of older ones (delta segments reference their parent's
+    # shards and codebooks): those files stay, whatever happens to their own version
+    used: set[tuple[str, str]] = set()
+    for version in kept:
+        if iv.is_complete(root, version):
+            used |= index_delta.files_of(iv.read_manifest(root, version))
+    still_used = {}
+    for version in deleted:
+        vdir = iv.version_uri(root, version)
         manifest = storage.join(vdir, "manifest.json")
         if storage.exists(manifest):
             storage.delete(manifest)
-        storage.delete(vdir, recursive=True)
-        deleted.append(r["version"])
+        keep_files = {name for home, name in used if home == version}
+        if not keep_files:
+            storage.delete(vdir, recursive=True)
+            continue
+        fs, path = storage.resolve(vdir)
+        for entry in fs.find(path):
+            if entry[len(path):].lstrip("/") not in keep_files:
+                fs.rm(entry)
+        still_used[version] = sorted(keep_files)
     return {"index_root": root, "keep": keep, "grace_hours": grace_hours, "deleted": deleted, "kept": kept,
-            "protected": sorted(protected)}
+            "protected": sorted(protected), "files_kept_for_newer_versions": still_used}

@@ -17,17 +17,21 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import posixpath
 import tempfile
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO as BinaryIO, Any, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mimdex.infra.errors import DataError, TransientError
+from mimdex.infra import io_counts
+from mimdex.infra.io_counts import IO, CountingReader
+
+# storage's API for reports and tests (counted in io_counts)
+io_since, trace_reads, retry_count = io_counts.io_since, io_counts.trace_reads, io_counts.retry_count
 from mimdex.infra.redact import redact
 
 # Per-protocol options handed to fsspec. A table, not branches: a new scheme needs an
@@ -47,38 +51,6 @@ STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
         "use_listings_cache": False,
     },
 }
-
-
-class _RetryCounter(logging.Handler):
-    """Counts the retries botocore (adaptive mode) and s3fs's own loop make, from the debug
-    records they log, so that job reports can say how many a job needed. Records of
-    WARNING and above go on to the root logger as before; debug records stop here."""
-
-    MARKERS = {"botocore.retries.standard": "Retry needed, retrying", "s3fs": "Retryable error"}
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        marker = self.MARKERS.get(record.name)
-        if marker and isinstance(record.msg, str) and record.msg.startswith(marker):
-            self.count += 1
-        if record.levelno >= logging.WARNING:
-            logging.getLogger().handle(record)
-
-
-_RETRIES = _RetryCounter()
-for _name in _RetryCounter.MARKERS:
-    _logger = logging.getLogger(_name)
-    _logger.setLevel(logging.DEBUG)
-    _logger.propagate = False
-    _logger.addHandler(_RETRIES)
-
-
-def retry_count() -> int:
-    """Storage retries this process has made so far (botocore and s3fs)."""
-    return _RETRIES.count
 
 
 class ObjectNotFound(DataError):
@@ -101,9 +73,16 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path segments onto a URI with ``/`` whatever the platform."""
+    """Join path segments onto a URI with ``/`` whatever the platform. A ``..`` segment
+    is resolved here (an index version's manifest names a file of an older version as
+    ``../<version>/<file>``): object stores take keys literally."""
     base = str(base)
-    return posixpath.join(base.rstrip("/") if base not in ("/",) else base, *parts)
+    out = posixpath.join(base.rstrip("/") if base not in ("/",) else base, *parts)
+    if "/../" not in out and not out.endswith("/.."):
+        return out
+    protocol, path = fsspec.core.split_protocol(out)
+    path = posixpath.normpath(path)
+    return f"{protocol}://{path}" if protocol else path
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -170,7 +149,7 @@ def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_onl
 class HashingWriter(io.RawIOBase):
     """A write-only binary file that keeps the sha256 and size of what passed through."""
 
-    def __init__(self, raw: IO[bytes]):
+    def __init__(self, raw: BinaryIO[bytes]):
         self._raw = raw
         self._hash = hashlib.sha256()
         self.bytes_written = 0
@@ -211,8 +190,10 @@ def open_write(uri: str, *, create_only: bool = False) -> Iterator[HashingWriter
     try:
         with os.fdopen(fd, "wb") as raw:
             yield HashingWriter(raw)
+        nbytes = os.path.getsize(local_tmp)
         with _translate_errors(uri, "write"):
             _commit(fs, local_tmp, path, create_only)
+        IO.wrote(nbytes)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(local_tmp)
@@ -227,7 +208,9 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with _translate_errors(uri, "read"):
-        return fs.cat_file(path)
+        data = fs.cat_file(path)
+    IO.read(uri, len(data))
+    return data
 
 
 def read_verified(uri: str, sha256: str, recorded_in: str) -> bytes:
@@ -239,12 +222,12 @@ def read_verified(uri: str, sha256: str, recorded_in: str) -> bytes:
 
 
 @contextlib.contextmanager
-def open_read(uri: str) -> Iterator[IO[bytes]]:
+def open_read(uri: str) -> Iterator[BinaryIO[bytes]]:
     fs, path = resolve(uri)
     with _translate_errors(uri, "read"):
         f = fs.open(path, "rb")
     with f:
-        yield f
+        yield CountingReader(f, uri)
 
 
 def write_json(uri: str, obj: Any, *, create_only: bool = False) -> None:
@@ -357,19 +340,46 @@ def delete(uri: str, *, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
+def head(uri: str) -> dict:
+    """An object's metadata (size, ETag or mtime, VersionId where versioned) without its
+    bytes: one HEAD on an object store, a stat on a disk."""
+    fs, path = resolve(uri)
+    IO.head()
+    with _translate_errors(uri, "head"):
+        return fs.info(path)
+
+
+def list_info(uri: str) -> dict[str, dict]:
+    """name -> metadata (size, ETag or mtime) of every object directly under a
+    directory/prefix, from its listing (one LIST per 1,000 keys on S3); {} if absent."""
+    fs, path = resolve(uri)
+    IO.listed()
+    with _translate_errors(uri, "list"):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in entries}
+
+
 def size(uri: str) -> int:
     fs, path = resolve(uri)
     with _translate_errors(uri, "stat"):
         return int(fs.size(path))
 
 
-def parquet_dataset(uri: str, **kwargs: Any):
-    """A ``pyarrow.dataset`` over a Parquet file or directory at any fsspec URI.
+def parquet_dataset(uri: str | list[str], **kwargs: Any):
+    """A ``pyarrow.dataset`` over a Parquet file or directory at any fsspec URI, or over a
+    list of file URIs.
 
     pyarrow's discovery skips names starting with '.' or '_' (our spool files, reports).
     """
     import pyarrow.dataset as ds
 
+    if isinstance(uri, (list, tuple)):  # these files exactly (on one filesystem)
+        fs = resolve(uri[0])[0]
+        with _translate_errors(uri[0], "open dataset"):
+            return ds.dataset([resolve(u)[1] for u in uri], filesystem=fs, format="parquet", **kwargs)
     fs, path = resolve(uri)
     with _translate_errors(uri, "open dataset"):
         if not fs.exists(path):

@@ -1,5 +1,5 @@
 """`mimdex` subcommands around the published index: build-index, search, eval, refresh,
-backfill, versions, rollback (cli.py holds the parser, the dataset/model/encode commands
+backfill, compact, versions, rollback (cli.py holds the parser, the dataset/model/encode commands
 and the exit-code contract)."""
 from __future__ import annotations
 
@@ -64,8 +64,43 @@ def beam_args(args: argparse.Namespace) -> list[str]:
 
 
 def add_commands(sub) -> None:
-    for add in (_add_build_index, _add_search, _add_eval, _add_refresh, _add_backfill, _add_versions, _add_rollback):
+    for add in (_add_build_index, _add_search, _add_eval, _add_refresh, _add_backfill, _add_compact, _add_versions,
+                _add_rollback):
         add(sub)
+
+
+def _add_compact(sub) -> None:
+    p = sub.add_parser("compact", help="fold LATEST's delta segments into new base shards (Beam)",
+                       description="Write the version LATEST names with its refreshes' delta segments folded into "
+                                   "new base shards, and publish it (same vectors, same search results). Exit 99 "
+                                   "when there is nothing to compact. Unrecognised --flags are Beam options.")
+    p.add_argument("--index", required=True, help="index root")
+    _beam_job_flags(p, _run_compact)
+
+
+def _beam_job_flags(p, handler, stall_help: str = "exit 75 when the Beam job writes no output for this many "
+                                                    "seconds (default 900)") -> None:
+    """What every command that runs a Beam job takes: the stall timeout, Beam's options,
+    the job flags, and its handler."""
+    p.add_argument("--stall-timeout", type=float, default=900.0, help=stall_help)
+    add_beam_flags(p)
+    add_job_flags(p)
+    p.set_defaults(handler=handler)
+
+
+def _run_compact(args: argparse.Namespace) -> int:
+    from mimdex.pipelines.compact import CompactConfig, run
+    from mimdex.pipelines.report import write_report
+
+    report = args.job_report = run(CompactConfig(args.index, args.stall_timeout), beam_args(args))
+    if report.get("nothing_to_do"):
+        print(f"compact: {report['from']} has no delta segments: nothing to compact")
+        print(write_report(args.index, "compact", report))
+        raise NothingToDo("nothing to compact")
+    print(f"compact: {report['from']} + {report['delta_segments']} delta segments -> {report['version']} "
+          f"({report['vectors']} vectors, {report['written_bytes']} bytes written); published")
+    print(write_report(args.index, "compact", report))
+    return 0
 
 
 def _add_build_index(sub) -> None:
@@ -91,11 +126,7 @@ def _add_build_index(sub) -> None:
     p.add_argument("--photos", choices=["every", "main", "pooled"], default="every",
                    help="a multi-photo catalog: index every photo (default; search returns distinct products), "
                         "the main (first usable) photo only, or one pooled vector per product")
-    p.add_argument("--stall-timeout", type=float, default=900.0,
-                   help="exit 75 when the Beam job writes no output for this many seconds (default 900)")
-    add_beam_flags(p)
-    add_job_flags(p)
-    p.set_defaults(handler=_run_build_index)
+    _beam_job_flags(p, _run_build_index)
 
 
 def _run_build_index(args: argparse.Namespace) -> int:
@@ -276,6 +307,8 @@ def _refresh_args(p, backfill: bool) -> None:
                    help="retrain when more than this share of the catalog was added, changed or deleted")
     p.add_argument("--max-recall-drop", type=float, default=0.05,
                    help="retrain when new vectors find themselves (top 10) this much less often than old ones")
+    p.add_argument("--max-delta-share", type=float, default=0.10,
+                   help="compact when the delta segments hold more than this share of the index's vectors")
     p.add_argument("--keep", type=int, default=5, help="index versions retention keeps")
     p.add_argument("--grace-hours", type=float, default=24.0, help="retention never deletes younger versions")
     p.add_argument("--lock-ttl-hours", type=float, default=6.0, help="break a lock older than this")
@@ -285,17 +318,17 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--runtime-env", help="Ray runtime env file (e.g. infra/ray/runtime_env.yaml)")
     p.add_argument("--unit-rows", type=int, default=2048)
     p.add_argument("--no-progress", action="store_true")
-    add_beam_flags(p)
-    add_job_flags(p)
-    p.set_defaults(handler=_run_refresh)
+    _beam_job_flags(p, _run_refresh, "exit 75 when a Beam job (the diff, compaction, a rebuild) writes nothing "
+                                     "for this many seconds (default 900)")
 
 
 def _add_refresh(sub) -> None:
     p = sub.add_parser("refresh", help="nightly refresh: re-encode changed products, publish a new version",
-                       description="Diff the catalog against the current embeddings by content_hash, encode only "
-                                   "new and changed products, drop deleted ones, and publish the next index version "
-                                   "(reusing the trained quantizer unless drift says retrain). Exit 99 when "
-                                   "nothing changed.")
+                       description="Diff the catalog against the current embeddings (a bucketed Beam join of "
+                                   "change fingerprints: no image behind a URI is read), encode only new and "
+                                   "changed products, and publish the next index version as a delta segment over "
+                                   "the previous one (reusing the trained quantizer unless drift says retrain; "
+                                   "compacting past --max-delta-share). Exit 99 when nothing changed.")
     _refresh_args(p, backfill=False)
 
 
@@ -317,7 +350,8 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
                         eval_queries=args.eval_queries, ray_address=args.ray_address, runtime_env=args.runtime_env,
-                        unit_rows=args.unit_rows,
+                        unit_rows=args.unit_rows, max_delta_share=args.max_delta_share,
+                        stall_timeout=args.stall_timeout,
                         progress=not args.no_progress, beam_args=tuple(beam_args(args)))
     check(cfg)
     report = args.job_report = run(cfg)

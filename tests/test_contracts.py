@@ -26,7 +26,8 @@ from mimdex.pipelines.encode.commits import write_unit
 from mimdex.pipelines.encode.config import DecodeSpec
 from mimdex.pipelines.encode.decode import decode_unit
 from mimdex.pipelines.encode.plan import plan_units
-from mimdex.pipelines.refresh.diff import catalog_state, diff
+from mimdex.pipelines.refresh import diff as diffs
+from mimdex.pipelines.refresh.diff_graph import run_diff
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelRef("model", "ab" * 32, "image-only", 4, False)
@@ -72,11 +73,21 @@ def _expected_reason(kind: str) -> str | None:
     return dc.BAD.get(kind)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _diff(root: str, out: str, tmp: str, buckets: int) -> diffs.Diff:
+    """The refresh's diff (Beam, DirectRunner) of the catalog against the embeddings at ``out``."""
+    d, _ = run_diff(root + "/catalog.parquet", MODEL.sha256, out, emb.read_manifest(out),
+                    f"{tmp}/diff-{len(storage.list_files(tmp))}-{buckets}", buckets=buckets)
+    return d
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=24),
-       edits=st.lists(st.tuples(st.sampled_from(["retitle", "break_image", "delete", "fix_title"]),
-                                st.integers(0, 23)), max_size=6))
-def test_encode_and_the_refresh_diff_judge_every_row_alike(kinds, edits):
+       edits=st.lists(st.tuples(st.sampled_from(["retitle", "break_image", "delete", "fix_title", "add"]),
+                                st.integers(0, 23)), max_size=6),
+       buckets=st.integers(1, 5))
+def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits, buckets):
+    """The diff's bucketed join on Beam's DirectRunner against a brute-force diff of the
+    states encode itself records (a dict per product, before and after the edits)."""
     with tempfile.TemporaryDirectory() as tmp:
         root, out = tmp + "/cat", tmp + "/emb"
         rows, objects = _catalog(root, kinds)
@@ -89,9 +100,9 @@ def test_encode_and_the_refresh_diff_judge_every_row_alike(kinds, edits):
         assert {p: reason for p, (_, reason) in judged.items()} == {p: _expected_reason(k) for p, k in first.items()}
 
         # an unchanged catalog: nothing to do, whatever it holds
-        manifest = emb.read_manifest(out)
-        previous = emb.previous_state(out, manifest)
-        assert diff(catalog_state(root + "/catalog.parquet", MODEL.sha256), previous).empty
+        unchanged = _diff(root, out, tmp, buckets)
+        assert unchanged.empty, unchanged.counts
+        assert unchanged.counts["unchanged"] == sum(1 for _, r in judged.values() if r is None)
 
         # edits: the diff re-processes exactly the products whose state encode would change
         for op, i in edits:
@@ -105,12 +116,16 @@ def test_encode_and_the_refresh_diff_judge_every_row_alike(kinds, edits):
                 storage.write_bytes(storage.join(root, rows[i]["image_uri"]), b"broken")
             elif op == "delete":
                 rows[i] = {**rows[i], "product_id": ""}
+            elif op == "add":
+                rows.append({**rows[i], "product_id": f"ADDED-{i}"})
         dc.write(root, rows, {}, row_group_size=7)
         now = _encode(root, tmp + "/emb-after")
-        d = diff(catalog_state(root + "/catalog.parquet", MODEL.sha256), previous)
-        assert d.to_encode == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
-        assert set(d.deleted) | set(d.forgotten) == set(judged) - set(now)
-        assert set(d.changed) | set(d.deleted) == {p for p in d.superseded if judged[p][1] is None}
+        d = _diff(root, out, tmp, buckets)
+        got = lambda *kinds: set(d.ids(*kinds).to_pylist())  # noqa: E731
+        assert got(*diffs.TO_ENCODE) == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
+        assert got(diffs.NEW) == set(now) - set(judged)
+        assert got(diffs.DELETED, diffs.FORGOTTEN) == set(judged) - set(now)
+        assert got(diffs.CHANGED, diffs.DELETED) == {p for p in got(*diffs.SUPERSEDED) if judged[p][1] is None}
 
 
 def test_duplicate_rows_the_first_occurrence_wins_across_files():

@@ -20,7 +20,7 @@ from mimdex.infra.contracts.embeddings import PartEntry
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.pipelines.build_index.graph import build_pipeline
-from mimdex.pipelines.build_index.job import beam_pipeline
+from mimdex.pipelines.beam_runner import beam_pipeline
 from mimdex.pipelines.build_index.spec import BuildSpec
 from mimdex.pipelines.encode.job import load_runtime_env
 

@@ -127,7 +127,10 @@ def _write(root: str, rows: list[dict]) -> None:
                     uris.append(data)  # a null, or a URI given as is (a missing file)
                     continue
                 name = f"photos/{r['product_id']}-{k}-{len(data)}.jpg"
-                storage.write_bytes(os.path.join(root, name), data)
+                path = os.path.join(root, name)
+                # an unchanged photo is not written again: on a disk its mtime is its fingerprint
+                if not (os.path.exists(path) and open(path, "rb").read() == data):
+                    storage.write_bytes(path, data)
                 uris.append(name)
         out.append({"product_id": r["product_id"], "title": r["title"], "image_uris": uris})
     schema = pa.schema([("product_id", pa.string()), ("title", pa.string()), ("image_uris", pa.list_(pa.string()))])

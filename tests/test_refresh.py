@@ -212,3 +212,30 @@ def test_a_sigkilled_refresh_leaves_latest_valid_and_the_next_run_finishes(world
     report = json.loads(storage.read_bytes(done.stdout.strip().splitlines()[-1]))
     assert report["broken_stale_lock"] is not None and report["encode"]["units_resumed"] >= 1
     assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
+
+
+@pytest.mark.slow
+def test_a_refresh_killed_at_random_points_never_breaks_latest_and_the_next_run_completes(world, catalog_rows):
+    """SIGKILL at seeded random moments (the diff, the encode, the delta write, publishing):
+    after each kill LATEST names a complete version whose products are the old catalog's or
+    the new one's, never a mix; then an uninterrupted run finishes the change."""
+    cfg, first = world
+    rows, *_ = _mutate(catalog_rows, seed=5)
+    old_ids = _index_ids(cfg.index)
+    new_ids = sorted(r["product_id"] for r in rows)
+    _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
+    rng = np.random.default_rng(11)
+    for delay in rng.uniform(2.0, 30.0, 4):
+        proc = subprocess.Popen(_refresh_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        assert _index_ids(cfg.index) in (old_ids, new_ids)
+        if proc.returncode == 0:
+            break
+    done = subprocess.run(_refresh_cmd(cfg) + ["--lock-ttl-hours", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode in (0, 99), done.stderr[-2000:]
+    assert _index_ids(cfg.index) == new_ids

@@ -45,6 +45,9 @@ REJECT_SCHEMA = pa.schema([
 # A multi-photo catalog's rejects also say which photo (its position; null for the product)
 PHOTO_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("photo", pa.int32()))
 
+# Optional columns that say an image_uri's version without reading it (contracts.fingerprint)
+FINGERPRINT_COLUMNS = ("image_sha256", "image_version")
+
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary)
 
@@ -93,6 +96,9 @@ def check_schema(uri: str, schema: pa.Schema) -> Columns:
         return Columns("image", title)
     if "image_uri" in names:
         need("image_uri", _STRING, "string: an fsspec URI, relative to the catalog root")
+        for col in FINGERPRINT_COLUMNS:
+            if col in names:
+                need(col, _STRING, "string: the image's sha256 or version, a change fingerprint")
         return Columns("image_uri", title)
     for col, item, expected in (("images", _BINARY, "list<binary>: encoded photos, the main one first"),
                                 ("image_uris", _STRING, "list<string>: photo URIs, the main one first")):
@@ -132,10 +138,13 @@ def open_file(uri: str) -> Iterator[pq.ParquetFile]:
 
 
 def read_columns(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Table, Columns]:
-    """product_id, title and the image column of a file (or of some of its row groups)."""
+    """product_id, title and the image column of a file (or of some of its row groups),
+    and an image_uri catalog's fingerprint columns where it has them."""
     with open_file(uri) as pf:
         cols = check_schema(uri, pf.schema_arrow)
         names = ["product_id", "title", cols.image]
+        if cols.image == "image_uri":
+            names += [c for c in FINGERPRINT_COLUMNS if c in pf.schema_arrow.names]
         table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
     return table, cols
 
@@ -274,33 +283,49 @@ def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) ->
     return pa.table(out) if out else None
 
 
-def write_subset(catalog: str, wanted: set[str], out: str) -> int:
+def write_subset(catalog: str, wanted: pa.Array, out: str) -> int:
     """The first catalog row of each wanted product_id, as one Parquet file at ``out``
-    (relative image_uris made absolute so they resolve from there). Returns its rows."""
+    (relative image_uris made absolute so they resolve from there). Returns its rows.
+    The catalog is streamed a row group at a time: memory follows the wanted set, not
+    the catalog."""
     files, root = catalog_files(catalog)
-    tables, seen = [], set()
-    for uri in files:
-        with open_file(uri) as pf:
-            cols = check_schema(uri, pf.schema_arrow)
-            t = pf.read()
-        t = t.filter(pc.fill_null(pc.is_in(t["product_id"], pa.array(sorted(wanted - seen), pa.string())), False))
-        first = first_rows(t.column("product_id").to_pylist())
-        if not first:
-            continue
-        t = t.take(pa.array(sorted(first.values()), pa.int64()))
-        seen |= set(first)
-        if cols.image == "image_uri":
-            uris = [resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]
-            t = t.set_column(t.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
-        elif cols.image == "image_uris":
-            lists = [[resolve_uri(root, u) if u else u for u in us] if us is not None else None
-                     for us in t.column("image_uris").to_pylist()]
-            t = t.set_column(t.schema.get_field_index("image_uris"), "image_uris",
-                             pa.array(lists, t.schema.field("image_uris").type))
-        tables.append(t)
-    if not tables:
-        raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids to encode is in it any more")
-    table = pa.concat_tables(tables, promote_options="permissive")
+    wanted = pa.array(wanted, pa.string()) if not isinstance(wanted, (pa.Array, pa.ChunkedArray)) else wanted
+    seen: set[str] = set()
     with storage.open_write(out) as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=2048)
-    return table.num_rows
+        writer, rows = None, 0
+        for uri in files:
+            with open_file(uri) as pf:
+                cols = check_schema(uri, pf.schema_arrow)
+                for rg in range(pf.metadata.num_row_groups):
+                    t = pf.read_row_group(rg)
+                    t = t.filter(pc.fill_null(pc.is_in(t["product_id"], wanted), False))
+                    first = {p: i for p, i in first_rows(t.column("product_id").to_pylist()).items() if p not in seen}
+                    if not first:
+                        continue
+                    t = _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root)
+                    seen |= set(first)
+                    if writer is None:
+                        writer = pq.ParquetWriter(f, t.schema, compression="zstd")
+                    try:
+                        t = t.cast(writer.schema)
+                    except (pa.ArrowInvalid, ValueError) as exc:
+                        raise DataError(f"catalog {uri}: its columns differ from the catalog's first file's: {exc}") \
+                            from exc
+                    writer.write_table(t, row_group_size=2048)
+                    rows += t.num_rows
+        if writer is None:
+            raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids to encode is in it any more")
+        writer.close()
+    return rows
+
+
+def _absolute_uris(t: pa.Table, cols: Columns, root: str) -> pa.Table:
+    if cols.image == "image_uri":
+        uris = [resolve_uri(root, u) if u else u for u in t.column("image_uri").to_pylist()]
+        return t.set_column(t.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
+    if cols.image == "image_uris":
+        lists = [[resolve_uri(root, u) if u else u for u in us] if us is not None else None
+                 for us in t.column("image_uris").to_pylist()]
+        return t.set_column(t.schema.get_field_index("image_uris"), "image_uris",
+                            pa.array(lists, t.schema.field("image_uris").type))
+    return t

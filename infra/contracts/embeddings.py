@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mimdex.infra import storage
 from mimdex.infra.contracts.catalog import PHOTO_REJECT_SCHEMA, REJECT_SCHEMA, ROW_ONLY_REASONS
@@ -151,7 +152,8 @@ def build_manifest(entries: list[PartEntry], model: ModelRef, dtype: str, catalo
 
 # ---- part files -------------------------------------------------------------------------
 
-def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos: bool = False) -> pa.Schema:
+def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos: bool = False,
+                sources: bool = False) -> pa.Schema:
     # An image-only model has no text tower, so its parts have no text_emb column (an
     # all-null fixed_size_list column does not survive a Parquet round trip in pyarrow).
     # A multi-photo catalog's parts have a row per photo, its position in ``photo``; a
@@ -160,6 +162,8 @@ def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos
     fields = ([("product_id", pa.string())] + ([("photo", pa.int32())] if photos else []) + [("image_emb", vec)]
               + ([("text_emb", vec)] if model.has_text else []))
     extra = [("photo_sha256", pa.string())] if photos else []  # the photo's bytes alone: reusable across titles
+    if sources:  # a by-URI catalog: the fingerprint the image was read at, and the state the diff compares
+        extra += [("image_fingerprint", pa.string()), ("source_state", pa.string())]
     meta = {"model_sha256": model.sha256, "variant": model.variant, "d": model.d, "dtype": dtype, "unit": unit,
             "fingerprint": fingerprint}
     return pa.schema(fields + [("content_hash", pa.string())] + extra,
@@ -173,7 +177,8 @@ def _vectors(emb: np.ndarray, d: int, dtype: str) -> pa.Array:
 
 def part_table(model: ModelRef, dtype: str, unit: str, fingerprint: str, product_ids: list[str],
                content_hashes: list[str], image_emb: np.ndarray, text_emb: np.ndarray | None,
-               photos: list[int] | None = None, photo_sha256: list[str] | None = None) -> pa.Table:
+               photos: list[int] | None = None, photo_sha256: list[str] | None = None,
+               sources: tuple[list[str], list[str]] | None = None) -> pa.Table:
     n = len(product_ids)
     if image_emb.shape != (n, model.d) or (model.has_text and (text_emb is None or text_emb.shape != (n, model.d))):
         raise ValueError(f"{unit}: embeddings of shape {image_emb.shape} for {n} products of d={model.d}")
@@ -184,7 +189,9 @@ def part_table(model: ModelRef, dtype: str, unit: str, fingerprint: str, product
     cols.append(pa.array(content_hashes, pa.string()))
     if photos is not None:
         cols.append(pa.array(photo_sha256, pa.string()))
-    return pa.table(cols, schema=part_schema(model, dtype, unit, fingerprint, photos is not None))
+    if sources is not None:
+        cols += [pa.array(list(col), pa.string()) for col in sources]
+    return pa.table(cols, schema=part_schema(model, dtype, unit, fingerprint, photos is not None, sources is not None))
 
 
 def has_photos(table_or_schema) -> bool:
@@ -232,6 +239,24 @@ def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
     table = read_table_checked(root, entry.part, "embeddings part", RECORDED_IN)
     check_part_schema(storage.join(root, entry.part.file), table.schema, model, dtype)
     return live_rows(table.select(columns) if columns else table, entry)
+
+
+def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns) -> pa.Table:
+    """Some columns of a part's live rows, reading only their column chunks (the diff reads
+    states, not vectors). The whole-file sha256 cannot be checked without reading it all:
+    the size and the schema are (exit 65, named). ``columns``: names -> the columns wanted."""
+    uri = storage.join(root, entry.part.file)
+    with storage.open_read(uri) as f:
+        try:
+            pf = pq.ParquetFile(f)
+            check_part_schema(uri, pf.schema_arrow, model, dtype)
+            if entry.part.bytes and f.size != entry.part.bytes:
+                raise DataError(f"embeddings part {uri}: {f.size} bytes, {RECORDED_IN} says {entry.part.bytes}; "
+                                "refusing a replaced or truncated file")
+            table = pf.read(columns=columns(pf.schema_arrow.names))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"embeddings part {uri}: not a readable Parquet file: {exc}") from exc
+    return live_rows(table, entry)
 
 
 def read_rejects(root: str, entry: PartEntry) -> pa.Table:
@@ -291,47 +316,44 @@ def read_reuse(uri: str, product_ids: list[str]) -> tuple[dict[tuple[str, str], 
     return {key: row for row, key in enumerate(keys)}, table
 
 
-@dataclass(frozen=True)
-class PreviousState:
-    """What the current embeddings say about each product_id: the state it was encoded
-    or rejected in, and the part entry that holds it (for exclusion)."""
-
-    state: dict[str, str]
-    where: dict[str, str]
-    encoded: frozenset[str]
+PREVIOUS_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("encoded", pa.bool_()),
+                             ("part", pa.string())])
 
 
-def previous_state(root: str, manifest: EmbeddingsManifest) -> PreviousState:
+def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -> pa.Table:
+    """What one part says about each of its products (PREVIOUS_SCHEMA): the state it was
+    encoded or rejected in (``source_state`` where the part has it, the fingerprint state
+    of a by-URI catalog; else the content hash), whether it is indexed, and the part.
+    A product's rows all live in one part, so a part answers for its products alone."""
+    rej = read_rejects(root, entry)
+    rej = rej.filter(pc.invert(pc.is_in(rej["reason"], pa.array(ROW_ONLY_REASONS, pa.string()))))
+    part = read_part_columns(root, entry, manifest.model, manifest.dtype,
+                             lambda names: ["product_id", "source_state" if "source_state" in names else "content_hash"]
+                             + (["photo"] if "photo" in names else []))
+    column, multi = part.column_names[1], "photo" in part.column_names
+    photos: dict[str, list[tuple[int, str]]] = {}
     state: dict[str, str] = {}
-    where: dict[str, str] = {}
-    encoded: set[str] = set()
-    for entry in manifest.parts:
-        rej = read_rejects(root, entry)
-        rej = rej.filter(pc.invert(pc.is_in(rej["reason"], pa.array(ROW_ONLY_REASONS, pa.string()))))
-        part = read_part(root, entry, manifest.model, manifest.dtype)
-        multi = has_photos(part)
-        part = part.select(["product_id", "content_hash"] + (["photo"] if multi else []))
-        photos: dict[str, list[tuple[int, str]]] = {}
-        for pid, h, photo in zip(rej.column("product_id").to_pylist(), rej.column("content_hash").to_pylist(),
-                                 rej.column("photo").to_pylist()):
-            if not pid:
-                continue
-            where[pid] = entry.name
-            if photo is None:
-                state[pid] = h or ""
-            else:
-                photos.setdefault(pid, []).append((photo, h or ""))
-        pids = part.column("product_id").to_pylist()
-        if multi:
-            for pid, h, photo in zip(pids, part.column("content_hash").to_pylist(), part.column("photo").to_pylist()):
-                photos.setdefault(pid, []).append((photo, h))
-            # a multi-photo product's state covers every photo, encoded or rejected (contracts.photos)
-            state.update((pid, product_state([h for _, h in sorted(ps)])) for pid, ps in photos.items())
+    for pid, h, photo in zip(rej.column("product_id").to_pylist(), rej.column("content_hash").to_pylist(),
+                             rej.column("photo").to_pylist()):
+        if not pid:
+            continue
+        if photo is None:
+            state[pid] = h or ""
         else:
-            state.update(zip(pids, part.column("content_hash").to_pylist()))
-        where.update((p, entry.name) for p in pids)
-        encoded.update(pids)
-    return PreviousState(state, where, frozenset(encoded))
+            photos.setdefault(pid, []).append((photo, h or ""))
+    pids = part.column("product_id").to_pylist()
+    if multi:
+        for pid, h, photo in zip(pids, part.column(column).to_pylist(), part.column("photo").to_pylist()):
+            photos.setdefault(pid, []).append((photo, h))
+        # a multi-photo product's state covers every photo, encoded or rejected (contracts.photos)
+        state.update((pid, product_state([h for _, h in sorted(ps)])) for pid, ps in photos.items())
+    else:
+        state.update(zip(pids, part.column(column).to_pylist()))
+    encoded = set(pids)
+    keys = sorted(state)
+    return pa.table([pa.array(keys, pa.string()), pa.array([state[k] for k in keys], pa.string()),
+                     pa.array([k in encoded for k in keys], pa.bool_()), pa.array([entry.name] * len(keys), pa.string())],
+                    schema=PREVIOUS_SCHEMA)
 
 
 def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model: ModelRef, dtype: str = "float16",

@@ -68,6 +68,15 @@ def parquet_metadata(uri: str, what: str) -> pq.FileMetaData:
             raise DataError(f"{what} {uri}: not a readable Parquet file: {exc}") from exc
 
 
+def column_bytes(meta: pq.FileMetaData, row_groups, columns) -> int:
+    """The stored (compressed) bytes of some columns in some row groups: what a reader of
+    just those asks the store for (jobs report it; pyarrow reads on its own IO threads,
+    where a per-task count of the bytes cannot follow)."""
+    wanted = set(columns)
+    return sum(meta.row_group(rg).column(c).total_compressed_size for rg in row_groups
+               for c in range(meta.num_columns) if meta.row_group(rg).column(c).path_in_schema in wanted)
+
+
 def read_dataset(uri: str, what: str, required: tuple[str, ...] = (), columns: list[str] | None = None) -> pa.Table:
     """A Parquet file or directory as one table (or some of its columns); exit 65 naming
     it if unreadable or if a required column is missing."""

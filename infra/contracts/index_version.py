@@ -3,7 +3,10 @@
     <root>/versions/<version>/trained.index          the empty trained IVF-PQ, once
     <root>/versions/<version>/shard-00003.index      the shard's inverted lists (index_codec)
     <root>/versions/<version>/shard-00003.ids.parquet  id (sorted), product_id, catalog metadata
-    <root>/versions/<version>/manifest.json          written last, create-only: the version is complete
+    <root>/versions/<version>/delta-00003.index, .ids.parquet, deleted.parquet   a refresh's delta
+                                                     segment (contracts.index_delta)
+    <root>/versions/<version>/manifest.json          written last, create-only: the version is complete;
+                                                     it may name files of older versions as ../<version>/<file>
     <root>/LATEST                                    {"version", "previous", "published_at"}
 
 A publisher reads LATEST when it starts (its parent) and replaces it only if it still
@@ -75,6 +78,26 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class DeltaSegment:
+    version: str                          # the refresh that wrote it
+    shards: tuple[ShardEntry, ...]     # its new vectors, per shard that got any
+    deleted: FileRef | None               # product keys whose earlier vectors it removes
+    added: int = 0
+    removed_products: int = 0
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "shards": [s.to_json() for s in self.shards],
+                "deleted": self.deleted.to_json() if self.deleted else None, "added": self.added,
+                "removed_products": self.removed_products}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "DeltaSegment":
+        return cls(obj["version"], tuple(ShardEntry.from_json(s) for s in obj["shards"]),
+                   FileRef.from_json(obj.get("deleted")), int(obj.get("added", 0)),
+                   int(obj.get("removed_products", 0)))
+
+
+@dataclass(frozen=True)
 class IndexManifest:
     version: str
     model: ModelRef
@@ -91,6 +114,7 @@ class IndexManifest:
     evaluation: dict = field(default_factory=dict)
     parent: str | None = None
     photos: str | None = None    # a multi-photo catalog: what each product contributes (contracts.photos)
+    deltas: tuple[DeltaSegment, ...] = ()   # refreshes since the base shards (contracts.index_delta)
 
     @property
     def factory(self) -> str:
@@ -98,6 +122,8 @@ class IndexManifest:
 
     @property
     def ntotal(self) -> int:
+        if self.deltas and "indexed" in self.counts:  # base + deltas - deletions, as counted when written
+            return int(self.counts["indexed"])
         return sum(s.ntotal for s in self.shards)
 
     def to_json(self) -> dict:
@@ -107,7 +133,8 @@ class IndexManifest:
                 "recall_target": self.recall_target, "shards": [s.to_json() for s in self.shards],
                 "trained": self.trained.to_json(), "embeddings": self.embeddings, "counts": self.counts,
                 "evaluation": self.evaluation, "parent": self.parent,
-                **({"photos": self.photos} if self.photos else {})}
+                **({"photos": self.photos} if self.photos else {}),
+                **({"deltas": [d.to_json() for d in self.deltas]} if self.deltas else {})}
 
     @classmethod
     def from_json(cls, obj: dict, uri: str = "manifest") -> "IndexManifest":
@@ -119,7 +146,8 @@ class IndexManifest:
                        recall_target=float(obj.get("recall_target", 0.95)), training=dict(obj.get("training") or {}),
                        embeddings=dict(obj.get("embeddings") or {}), counts=dict(obj.get("counts") or {}),
                        evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"),
-                       photos=obj.get("photos"))
+                       photos=obj.get("photos"),
+                       deltas=tuple(DeltaSegment.from_json(d) for d in obj.get("deltas") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{uri}: not a valid {INDEX_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
 
@@ -186,9 +214,11 @@ def empty_idmap() -> pa.Table:
     return pa.table({"id": pa.array([], pa.int64()), "product_id": pa.array([], pa.string())})
 
 
-def write_shard(version_dir: str, shard: int, lists: bytes, ntotal: int, idmap: pa.Table) -> ShardEntry:
-    """A shard's inverted lists and its id map (sorted by id), each written whole."""
-    name = shard_name(shard)
+def write_shard(version_dir: str, shard: int, lists: bytes, ntotal: int, idmap: pa.Table,
+                prefix: str = "shard") -> ShardEntry:
+    """A shard's inverted lists and its id map (sorted by id), each written whole
+    (``prefix`` "delta": a delta segment's part of the shard)."""
+    name = f"{prefix}-{shard:05d}"
     with storage.open_write(storage.join(version_dir, f"{name}.index")) as f:
         f.write(lists)
     index_ref = FileRef(f"{name}.index", f.sha256(), f.bytes_written)

@@ -5,12 +5,9 @@ version's manifest and report.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 
 from mimdex.indexing import release
 from mimdex.indexing.params import choose
@@ -22,12 +19,12 @@ from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import parquet_metadata
 from mimdex.infra.contracts.photos import DEFAULT_MODE, MODES
 from mimdex.infra.contracts.vectors import check_kind, merge_skipped
-from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageError
+from mimdex.infra.errors import UsageError
+from mimdex.pipelines import beam_runner
 from mimdex.pipelines.build_index.spec import BUILD_DIR, BuildSpec
 from mimdex.pipelines.report import StageTimer
 
 log = logging.getLogger(__name__)
-STALL_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,79 +81,6 @@ def fuse_alpha(manifest: emb.EmbeddingsManifest) -> float:
     return float(config["model"].get("fuse_alpha", 0.5))
 
 
-def beam_pipeline(beam_args: list[str]):
-    """A Beam pipeline for these options (DirectRunner when none). Runners that check
-    their options when the pipeline is made (Dataflow: project, gs:// temp/staging)
-    fail here, before any work, as a usage error."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        return beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"]))
-    except (ValueError, SystemExit) as exc:  # argparse inside Beam exits on a bad value
-        why = "rejected by Beam's option parser (its message is above)" if isinstance(exc, SystemExit) else exc
-        raise UsageError(f"Beam pipeline options {' '.join(beam_args)}: {why}") from exc
-
-
-def _run_beam(spec: BuildSpec, parts: tuple[emb.PartEntry, ...], beam_args: list[str],
-              stall_timeout: float) -> None:
-    """Run the graph; if it writes nothing for ``stall_timeout`` seconds (a lost worker of
-    a multi-process or remote runner can leave it waiting forever), stop with exit 75."""
-    from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
-
-    pipeline = beam_pipeline(beam_args)
-    outcome: dict = {}
-
-    def work() -> None:
-        try:
-            with pipeline as p:
-                build_pipeline(p, spec, list(parts))
-        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
-            outcome["error"] = exc
-
-    # a daemon thread: a stalled runner cannot keep the process alive after we give up on it
-    thread = threading.Thread(target=work, name="beam-job", daemon=True)
-    thread.start()
-    build, outputs, last = storage.join(spec.version_dir, BUILD_DIR), -1, time.monotonic()
-    while thread.is_alive():
-        thread.join(STALL_POLL_SECONDS)
-        done = len(storage.list_files(build, ".json")) if storage.exists(build) else 0
-        if done != outputs:
-            outputs, last = done, time.monotonic()
-        elif thread.is_alive() and time.monotonic() - last > stall_timeout:
-            _stop_beam_workers()
-            raise TransientError(
-                f"the Beam job wrote nothing for {stall_timeout:g} s (--stall-timeout): {outputs} of "
-                f"{len(parts) + spec.shards} part and shard outputs are done (a worker may have died); version "
-                f"{spec.version_dir} is incomplete and unpublished, re-run to build it again")
-    exc = outcome.get("error")
-    if exc is None:
-        return
-    if isinstance(exc, MimdexError):
-        raise exc
-    cause = exc  # a DoFn's error comes back wrapped by the runner
-    while cause is not None and not isinstance(cause, MimdexError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        raise type(cause)(str(cause)) from exc
-    for marker, cls in (("DataError", DataError), ("ObjectNotFound", DataError),
-                        ("StorageFailure", TransientError)):
-        if marker in str(exc):
-            raise cls(f"build-index Beam job failed: {str(exc).strip().splitlines()[-1]}") from exc
-    raise exc
-
-
-def _stop_beam_workers() -> None:
-    """The SDK worker processes a multi-process DirectRunner started for this job."""
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "apache_beam.runners.worker" in " ".join(child.cmdline()):
-                child.kill()
-        except psutil.Error:
-            pass
-
-
 def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...], dict]:
     build = storage.join(spec.version_dir, BUILD_DIR)
     docs = [(u.rsplit("/", 1)[-1], storage.read_json(u)) for u in storage.list_files(build, ".json")]
@@ -198,7 +122,11 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
                      photos or DEFAULT_MODE)
     with timer.stage("beam"):
-        _run_beam(spec, manifest.parts, beam_args or [], cfg.stall_timeout)
+        from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
+
+        beam_runner.run(lambda p: build_pipeline(p, spec, list(manifest.parts)), beam_args or [],
+                        storage.join(vdir, BUILD_DIR), len(manifest.parts) + spec.shards, cfg.stall_timeout,
+                        f"version {vdir} is incomplete and unpublished, re-run to build it again")
     with timer.stage("collect"):
         shard_records, counts = _collect(spec, trained)
     draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,

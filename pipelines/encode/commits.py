@@ -51,7 +51,8 @@ def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model:
     for pos, reason, detail in vectors.get("late_rejects", ()):  # images the encoder actor could not decode
         keep[pos] = False
         rejects.append({"product_id": decoded.product_ids[pos], "reason": reason, "detail": detail,
-                        "source": unit.file, "row": decoded.rows[pos], "content_hash": decoded.content_hashes[pos],
+                        "source": unit.file, "row": decoded.rows[pos],
+                        "content_hash": (decoded.sources[1] if decoded.sources else decoded.content_hashes)[pos],
                         **({"photo": decoded.photos[pos]} if multi else {})})
     rejects.sort(key=lambda r: (r["row"], -1 if r.get("photo") is None else r["photo"]))
     text = vectors["text_emb"][keep] if vectors["text_emb"] is not None else None
@@ -59,7 +60,9 @@ def write_unit(out: str, unit: Unit, decoded: DecodedUnit, vectors: dict, model:
                            [p for p, k in zip(decoded.product_ids, keep) if k],
                            [h for h, k in zip(decoded.content_hashes, keep) if k], vectors["image_emb"][keep], text,
                            [p for p, k in zip(decoded.photos, keep) if k] if multi else None,
-                           [h for h, k in zip(decoded.photo_sha256, keep) if k] if multi else None)
+                           [h for h, k in zip(decoded.photo_sha256, keep) if k] if multi else None,
+                           tuple([v for v, k in zip(col, keep) if k] for col in decoded.sources)
+                           if decoded.sources else None)
     part, rej, reasons = emb.write_part(out, unit.name, table, rejects)
     entry = emb.PartEntry(name=unit.name, part=part, rejects=rej, reject_reasons=reasons, unit=unit.index,
                           fingerprint=unit.fingerprint, source=unit.file, row_groups=unit.row_groups,

@@ -87,3 +87,5 @@ class DecodedUnit:
     photos: tuple[int, ...] | None = None  # a multi-photo catalog: each output row's photo position ...
     photo_sha256: tuple[str, ...] | None = None  # ... and the sha256 of its bytes
     stats: dict | None = None       # a multi-photo catalog: photos encoded, reused and cut
+    # a by-URI catalog: each output row's image fingerprint and source state (contracts.fingerprint)
+    sources: tuple[tuple[str, ...], tuple[str, ...]] | None = None

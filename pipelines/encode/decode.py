@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from mimdex.encoders.images import ImageDecodeError, gpu_decodable, load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra import storage
-from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts import catalog, fingerprint
 from mimdex.infra.contracts.embeddings import read_reuse
 from mimdex.infra.contracts.photos import LIST_COLUMNS, bounded
 from mimdex.infra.contracts.vectors import column_matrix
@@ -70,25 +70,36 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     if spec.image_column in LIST_COLUMNS:
         return _decode_photos(spec, unit, ids, images, keep, reject, rejects, t0, retries)
 
+    sources: dict[int, str] = {}  # image_uri rows: the fingerprint each was read at
     if spec.image_column == "image_uri":
-        uris = [catalog.resolve_uri(spec.catalog_root, images[i]) for i, _ in keep]
-        with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(uris)))) as pool:
-            fetched = list(pool.map(catalog.fetch_image, uris))
+        fp_col = fingerprint.column_of(table.column_names)
+        given = table.column(fp_col).to_pylist() if fp_col else [None] * unit.rows
+
+        def fetch(i: int):
+            # the fingerprint before the bytes: a replace in between leaves an older
+            # fingerprint than the bytes, which the next night sees as a change
+            uri = catalog.resolve_uri(spec.catalog_root, images[i])
+            fp = fingerprint.of_row(uri, given[i], fp_col)
+            return fp, (fp if isinstance(fp, catalog.Problem) else catalog.fetch_image(uri))
+
+        with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(keep)))) as pool:
+            fetched = list(pool.map(fetch, [i for i, _ in keep]))
         good = []
-        for (i, title), got in zip(keep, fetched):
+        for (i, title), (fp, got) in zip(keep, fetched):
             if isinstance(got, catalog.Problem):
                 reject(i, got)
             else:
-                images[i] = got
+                images[i], sources[i] = got, fp
                 good.append((i, title))
         keep = good
     t_read = time.perf_counter() - t0
 
     size = spec.image_size
     blank = np.zeros((size, size, 3), np.uint8)
-    pixels, out_ids, hashes, texts, rows, jpeg, jpeg_rows = [], [], [], [], [], [], []
+    pixels, out_ids, hashes, texts, rows, jpeg, jpeg_rows, fps = [], [], [], [], [], [], [], []
     for i, title in keep:
         state = catalog.content_hash(images[i], title, spec.model_sha256)
+        source = fingerprint.source_state(sources[i], title, spec.model_sha256) if sources else state
         if spec.gpu_jpeg and gpu_decodable(images[i]):
             jpeg_rows.append(len(pixels))  # the actor decodes it (its rejects come back late)
             jpeg.append(images[i])
@@ -97,12 +108,13 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
             try:
                 pixels.append(load_pixels(images[i], size, spec.jpeg_draft))
             except ImageDecodeError as exc:
-                reject(i, catalog.Problem(exc.reason, str(exc)), state)
+                reject(i, catalog.Problem(exc.reason, str(exc)), source)
                 continue
         out_ids.append(ids[i])
         texts.append(title)
         hashes.append(state)
         rows.append(unit.first_row + i)
+        fps.append((sources[i], source) if sources else None)
     t_decode = time.perf_counter() - t0 - t_read
 
     tensors = {"pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)}
@@ -113,8 +125,14 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     t_tokenize = time.perf_counter() - t0 - t_read - t_decode
     decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows), tuple(sorted(rejects, key=lambda r: r.row)),
                           {"read": t_read, "decode": t_decode, "tokenize": t_tokenize}, _node(),
-                          storage.retry_count() - retries)
+                          storage.retry_count() - retries,
+                          sources=_sources(fps) if spec.image_column == "image_uri" else None)
     return decoded, tensors
+
+
+def _sources(fps: list[tuple[str, str] | None]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(image fingerprints, source states) of a by-URI unit's output rows."""
+    return tuple(f for f, _ in fps), tuple(s for _, s in fps)
 
 
 def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, rejects, t0, retries):
@@ -128,18 +146,27 @@ def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, reje
         cut, cut_products = cut + dropped, cut_products + (dropped > 0)
         photos += [(i, title, pos, value) for pos, value in enumerate(listed)]
     by_uri = spec.image_column == "image_uris"
+
+    def fetch(p):
+        if not by_uri or p[3] is None:
+            return None, catalog.photo_bytes(p[3], by_uri, spec.catalog_root)
+        uri = catalog.resolve_uri(spec.catalog_root, p[3])
+        fp = fingerprint.of_object(uri)  # before the bytes, as for image_uri rows
+        return fp, (fp if isinstance(fp, catalog.Problem) else catalog.fetch_image(uri))
+
     with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(photos)) if by_uri else 1)) as pool:
-        got = list(pool.map(lambda p: catalog.photo_bytes(p[3], by_uri, spec.catalog_root), photos))
+        fetched = list(pool.map(fetch, photos))
     t_read = time.perf_counter() - t0
     products = sorted({ids[i] for i, _, _, _ in photos})
     reuse, table = read_reuse(spec.reuse, products) if spec.reuse and products else ({}, None)
     size = spec.image_size
-    out_ids, hashes, rows, positions, shas, titles, pixels, encode_rows, reuse_rows, reuse_from = (
-        [] for _ in range(10))
-    for (i, title, pos, _), data in zip(photos, got):
+    out_ids, hashes, rows, positions, shas, titles, pixels, encode_rows, reuse_rows, reuse_from, fps = (
+        [] for _ in range(11))
+    for (i, title, pos, _), (fp, data) in zip(photos, fetched):
         state = catalog.photo_state(data, title, spec.model_sha256)
+        source = fingerprint.state_of(fp, title, spec.model_sha256) if fp is not None else state
         if isinstance(data, catalog.Problem):
-            reject(i, data, state, pos)
+            reject(i, data, source if fp is not None else state, pos)
             continue
         sha = hashlib.sha256(data).hexdigest()
         found = reuse.get((ids[i], sha))
@@ -147,7 +174,7 @@ def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, reje
             try:
                 pixels.append(load_pixels(data, size, spec.jpeg_draft))
             except ImageDecodeError as exc:
-                reject(i, catalog.Problem(exc.reason, str(exc)), state, pos)
+                reject(i, catalog.Problem(exc.reason, str(exc)), source, pos)
                 continue
             encode_rows.append(len(out_ids))
         else:
@@ -159,6 +186,7 @@ def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, reje
         positions.append(pos)
         shas.append(sha)
         titles.append(title)
+        fps.append((fp, source) if by_uri else None)
     t_decode = time.perf_counter() - t0 - t_read
     tensors = {"pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
                "rows": len(out_ids), "encode_rows": np.array(encode_rows, np.int64),
@@ -177,5 +205,6 @@ def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, reje
     decoded = DecodedUnit(tuple(out_ids), tuple(hashes), tuple(rows),
                           tuple(sorted(rejects, key=lambda r: (r.row, -1 if r.photo is None else r.photo))),
                           {"read": t_read, "decode": t_decode, "tokenize": t_tokenize}, _node(),
-                          storage.retry_count() - retries, tuple(positions), tuple(shas), stats)
+                          storage.retry_count() - retries, tuple(positions), tuple(shas), stats,
+                          sources=_sources(fps) if by_uri else None)
     return decoded, tensors

@@ -1,117 +1,155 @@
-"""What changed between the catalog and the current embeddings.
+"""What changed between the catalog and the current embeddings, bucket by bucket.
 
-Each product (the first catalog row of a product_id) has a state: the content hash of
-its image bytes, title and model when encode could try it, or ``reject:<reason>`` when
-the row itself breaks a rule (contracts.catalog judges both, as encode does). The
+Each product (the first catalog row of a product_id) has a state (contracts.fingerprint:
+the content hash of inline bytes, or the fingerprint of an image behind a URI, with the
+title and model), or ``reject:<reason>`` when the row itself breaks a rule. The
 embeddings remember the state of every product they encoded and of every product encode
-rejected, so an unchanged bad row stays rejected instead of counting as new each night.
-A multi-photo product's state covers its photos in order (contracts.photos): a changed,
-added, removed or moved photo makes the product changed, and its re-encode then copies
-the vectors of the photos it still has (refresh job, ``reuse``).
+rejected (contracts.embeddings.previous_states), so an unchanged bad row stays rejected.
+
+The diff is a Beam job (diff_graph.py): both sides are cut into buckets by a hash of the
+product_id, and each bucket is joined on its own with pyarrow (``classify``, pure). Its
+output, under ``<embeddings>/diffs/<id>/``, is the delta and nothing else:
+
+    bucket-00007.parquet   product_id, change, part, state   (sorted by product_id)
+    bucket-00007.json      the bucket's counts
+
+so no process ever holds more than a bucket, and the refresh reads only the changes.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import math
 from dataclasses import dataclass
 
-from mimdex.infra.contracts import catalog
-from mimdex.infra.contracts.embeddings import PreviousState
-from mimdex.infra.contracts.photos import bounded, product_state
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mimdex.infra import storage
+from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.contracts.vectors import ids_for
+
+NEW, CHANGED, REJUDGED, DELETED, FORGOTTEN = "new", "changed", "rejudged", "deleted", "forgotten"
+CHANGES = (NEW, CHANGED, REJUDGED, DELETED, FORGOTTEN)
+TO_ENCODE = (NEW, CHANGED, REJUDGED)
+SUPERSEDED = (CHANGED, REJUDGED, DELETED, FORGOTTEN)   # their earlier part or reject row no longer stands
+REMOVED_FROM_INDEX = (CHANGED, DELETED)
+OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()),
+                        ("state", pa.string())])
+ROWS_PER_BUCKET = 250_000   # what one join holds: ~60 MB of ids and states, whatever the catalog size
+WORK_DIR = "_work"          # each side's sorted runs, deleted when the diff is done
 
 
 @dataclass(frozen=True)
-class CatalogState:
-    states: dict[str, str]     # product_id -> state, first occurrence in catalog order
-    row_only_rejects: int      # rows with no product_id, and repeats of one
+class DiffSpec:
+    """What the diff's DoFns are handed (pickled once per worker)."""
+
+    catalog_root: str                 # image_uris resolve against it
+    model_sha256: str
+    embeddings: str                   # the embeddings root (its parts' entries are the elements)
+    model: ModelRef | None            # the current embeddings' model and dtype (None: a first run)
+    dtype: str
+    out: str                          # <embeddings>/diffs/<id>
+    buckets: int
+    forced: tuple[str, ...] = ()      # a backfill: exactly these products, whatever their state
+    fetch_threads: int = 16
+
+
+def bucket_count(catalog_rows: int, previous_rows: int) -> int:
+    return max(1, math.ceil(max(catalog_rows, previous_rows) / ROWS_PER_BUCKET))
+
+
+def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:
+    """The bucket of each product_id: its int64 id (contracts.vectors) modulo the count."""
+    return ids_for(product_ids) % buckets
+
+
+def first_occurrences(cat: pa.Table) -> tuple[pa.Table, int]:
+    """(product_id, state) of each product's first row in catalog order (``order``), and
+    how many later rows repeat a product_id (rejected as duplicate_product_id)."""
+    if not cat.num_rows:
+        return cat.select(["product_id", "state"]), 0
+    cat = cat.sort_by([("product_id", "ascending"), ("order", "ascending")])
+    ids = cat["product_id"].combine_chunks()
+    first = np.ones(len(ids), bool)
+    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return cat.filter(pa.array(first)).select(["product_id", "state"]), int((~first).sum())
+
+
+def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> tuple[pa.Table, dict]:
+    """One bucket's join: catalog (product_id, state), one row per product, against the
+    embeddings' PREVIOUS_SCHEMA rows -> (OUT_SCHEMA rows of the changes, counts).
+
+    A backfill (``forced``) re-encodes exactly the forced products found in the catalog
+    (new, changed or rejudged by what the embeddings say of them) and nothing else."""
+    prev = prev.rename_columns(["product_id", "prev_state", "encoded", "part"])
+    j = cat.join(prev, "product_id", join_type="full outer").sort_by("product_id")
+    state, prev_state = j["state"], j["prev_state"]
+    in_cat = pc.is_valid(state).to_numpy(zero_copy_only=False)
+    in_prev = pc.is_valid(prev_state).to_numpy(zero_copy_only=False)
+    encoded = pc.fill_null(j["encoded"], False).to_numpy(zero_copy_only=False)
+    same = pc.fill_null(pc.equal(state, prev_state), False).to_numpy(zero_copy_only=False)
+    change = np.full(j.num_rows, "", dtype=object)
+    if forced is None:
+        change[in_cat & ~in_prev] = NEW
+        change[in_cat & in_prev & ~same] = np.where(encoded, CHANGED, REJUDGED)[in_cat & in_prev & ~same]
+        change[~in_cat & in_prev] = np.where(encoded, DELETED, FORGOTTEN)[~in_cat & in_prev]
+        counts = {"unchanged": int((in_cat & same & encoded).sum()),
+                  "still_rejected": int((in_cat & same & ~encoded).sum())}
+    else:
+        pick = in_cat & pc.is_in(j["product_id"], pa.array(sorted(forced), pa.string())).to_numpy(
+            zero_copy_only=False)
+        change[pick & ~in_prev] = NEW
+        change[pick & in_prev] = np.where(encoded, CHANGED, REJUDGED)[pick & in_prev]
+        counts = {"unchanged": int((encoded & ~pick).sum()), "still_rejected": 0}
+    for name in CHANGES:
+        counts[name] = int((change == name).sum())
+    keep = pa.array(change != "")
+    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state],
+                   schema=OUT_SCHEMA).filter(keep)
+    return out, counts
 
 
 @dataclass(frozen=True)
 class Diff:
-    new: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()       # indexed before, row changed: re-encode (or reject) it
-    rejudged: tuple[str, ...] = ()      # rejected before, row changed: try it again
-    deleted: tuple[str, ...] = ()       # indexed before, gone from the catalog
-    forgotten: tuple[str, ...] = ()     # rejected before, gone from the catalog
-    unchanged: int = 0
-    still_rejected: int = 0
-    row_only_rejects: int = 0
+    """The diff's output directory and its summed counts; the changes themselves stay
+    on storage and are read by kind, as Arrow (never a Python object per product)."""
+
+    out: str
+    counts: dict
 
     @property
     def empty(self) -> bool:
-        return not (self.new or self.changed or self.rejudged or self.deleted or self.forgotten)
+        return not any(self.counts.get(c, 0) for c in CHANGES)
 
-    @property
-    def to_encode(self) -> set[str]:
-        return set(self.new) | set(self.changed) | set(self.rejudged)
+    def n(self, *changes: str) -> int:
+        return sum(self.counts.get(c, 0) for c in changes)
 
-    @property
-    def superseded(self) -> set[str]:
-        """product_ids whose earlier part or reject row no longer stands."""
-        return set(self.changed) | set(self.rejudged) | set(self.deleted) | set(self.forgotten)
+    def table(self, changes: tuple[str, ...], columns=("product_id",)) -> pa.Table:
+        files = storage.list_files(self.out, ".parquet")
+        if not files:
+            return OUT_SCHEMA.empty_table().select(list(columns))
+        return storage.parquet_dataset(files, schema=OUT_SCHEMA).to_table(
+            columns=list(columns), filter=pc.field("change").isin(list(changes)))
 
-    @property
-    def removed_from_index(self) -> set[str]:
-        return set(self.changed) | set(self.deleted)
+    def ids(self, *changes: str) -> pa.Array:
+        return self.table(changes).column("product_id").combine_chunks()
 
-    def counts(self) -> dict:
-        return {"new": len(self.new), "changed": len(self.changed), "rejudged": len(self.rejudged),
-                "deleted": len(self.deleted), "forgotten_rejects": len(self.forgotten),
-                "unchanged": self.unchanged, "still_rejected": self.still_rejected,
-                "row_only_rejects": self.row_only_rejects}
+    def summary(self) -> dict:
+        """The report's view: new, changed, rejudged, deleted, forgotten_rejects, unchanged, ..."""
+        out = {c: self.counts.get(c, 0) for c in (NEW, CHANGED, REJUDGED, DELETED)}
+        out["forgotten_rejects"] = self.counts.get(FORGOTTEN, 0)
+        for name in ("unchanged", "still_rejected", "row_only_rejects"):
+            out[name] = self.counts.get(name, 0)
+        return out
 
-
-def _state(pid: str, title: bytes | None, image, cols: catalog.Columns, root: str, model_sha: str) -> str:
-    problem = catalog.row_problem(pid, title, image)
-    if problem:
-        return catalog.rejected_state(problem.reason)
-    if cols.photos:
-        listed, _ = bounded(image)
-        text = title.decode("utf-8")
-        return product_state([catalog.photo_state(catalog.photo_bytes(v, cols.by_uri, root), text, model_sha)
-                              for v in listed])
-    if cols.image == "image_uri":
-        image = catalog.fetch_image(catalog.resolve_uri(root, image))
-        if isinstance(image, catalog.Problem):
-            return catalog.rejected_state(image.reason)
-    return catalog.content_hash(image, title.decode("utf-8"), model_sha)
-
-
-def catalog_state(catalog_uri: str, model_sha: str, threads: int = 16) -> CatalogState:
-    """The state of every product in the catalog (image_uris are fetched to hash them)."""
-    files, root = catalog.catalog_files(catalog_uri)
-    tables = [catalog.read_columns(uri) for uri in files]
-    dups = catalog.duplicate_rows(files, [t.column("product_id").combine_chunks() for t, _ in tables])
-    states: dict[str, str] = {}
-    row_only = len(dups)
-    with ThreadPoolExecutor(threads) as pool:
-        for fi, (table, cols) in enumerate(tables):
-            ids = table.column("product_id").to_pylist()
-            titles = catalog.titles_as_bytes(table)
-            images = table.column(cols.image).to_pylist()
-            rows = [i for i, pid in enumerate(ids) if pid and (fi, i) not in dups]
-            row_only += sum(1 for pid in ids if not pid)
-            got = pool.map(lambda i: _state(ids[i], titles[i], images[i], cols, root, model_sha), rows)
-            states.update((ids[i], s) for i, s in zip(rows, got))
-    return CatalogState(states, row_only)
-
-
-def diff(current: CatalogState, previous: PreviousState) -> Diff:
-    new, changed, rejudged = [], [], []
-    unchanged = still_rejected = 0
-    for pid, state in current.states.items():
-        old = previous.state.get(pid)
-        if old is None:
-            new.append(pid)
-        elif old == state:
-            if pid in previous.encoded:
-                unchanged += 1
-            else:
-                still_rejected += 1
-        elif pid in previous.encoded:
-            changed.append(pid)
-        else:
-            rejudged.append(pid)
-    gone = set(previous.state) - set(current.states)
-    return Diff(new=tuple(sorted(new)), changed=tuple(sorted(changed)), rejudged=tuple(sorted(rejudged)),
-                deleted=tuple(sorted(gone & previous.encoded)), forgotten=tuple(sorted(gone - previous.encoded)),
-                unchanged=unchanged, still_rejected=still_rejected, row_only_rejects=current.row_only_rejects)
+    def digest(self, model_sha: str) -> str:
+        """A hash of what is to be encoded (product and state), bucket by bucket: the name
+        of the refresh run, so a re-run of the same change resumes the same run."""
+        h = hashlib.sha256(model_sha.encode())
+        for uri in storage.list_files(self.out, ".parquet"):
+            t = storage.parquet_dataset(uri).to_table(columns=["product_id", "state"],
+                                                      filter=pc.field("change").isin(list(TO_ENCODE)))
+            for pid, st in zip(t["product_id"].to_pylist(), t["state"].to_pylist()):
+                h.update(f"{pid}\t{st}\n".encode())
+        return h.hexdigest()[:12]

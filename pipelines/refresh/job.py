@@ -12,7 +12,6 @@ units, and re-applying a change to an index that already has it is a no-op.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,12 +20,13 @@ from mimdex.encoders.bundle import load_bundle
 from mimdex.indexing import release, versions
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.catalog import write_subset
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError, TransientError, UsageError
 from mimdex.infra.lock import Lease
-from mimdex.pipelines import build_index, encode
+from mimdex.pipelines import build_index, compact, encode
 from mimdex.pipelines.refresh import diff as diffs
 from mimdex.pipelines.refresh import update
 from mimdex.pipelines.report import StageTimer
@@ -55,7 +55,9 @@ class RefreshConfig:
     runtime_env: str | None = None
     unit_rows: int = 2048
     progress: bool = True
-    beam_args: tuple[str, ...] = ()  # pipeline options for a full rebuild (--runner=FlinkRunner ...)
+    beam_args: tuple[str, ...] = ()  # pipeline options for the diff and a rebuild (--runner=FlinkRunner ...)
+    stall_timeout: float = 900.0     # exit 75 when a Beam job writes nothing for this long
+    max_delta_share: float = 0.10    # compact when the delta segments hold more than this share of the vectors
 
 
 def _read_ids(uri: str) -> list[str]:
@@ -69,43 +71,25 @@ def _read_ids(uri: str) -> list[str]:
     return ids
 
 
-def _backfill_diff(cfg: RefreshConfig, current: diffs.CatalogState, previous: emb.PreviousState,
-                   report: dict) -> diffs.Diff:
-    """Backfill: exactly the given products, (re-)encoded whatever their state."""
-    wanted = _read_ids(cfg.ids_file)
-    report["ids_not_in_catalog"] = sorted(set(wanted) - set(current.states))[:100]
-    picked = sorted(set(p for p in wanted if p in current.states))
-    if not picked:
-        raise DataError(f"--ids {cfg.ids_file}: none of its {len(wanted)} product ids is a product of {cfg.catalog}")
-    was_rejected = set(previous.state) - previous.encoded
-    return diffs.Diff(new=tuple(p for p in picked if p not in previous.state),
-                      changed=tuple(p for p in picked if p in previous.encoded),
-                      rejudged=tuple(p for p in picked if p in was_rejected),
-                      unchanged=len(previous.encoded) - len([p for p in picked if p in previous.encoded]))
-
-
-def _run_id(model_sha: str, d: diffs.Diff, states: dict[str, str], full: bool) -> str:
-    h = hashlib.sha256(model_sha.encode())
-    h.update(b"full" if full else json.dumps([(p, states[p]) for p in sorted(d.to_encode)]).encode())
-    return "r-" + h.hexdigest()[:12]
-
-
-def _composite(prev: emb.EmbeddingsManifest | None, where: dict[str, str], delta: emb.EmbeddingsManifest,
-               run: str, superseded: set[str], removed: int) -> emb.EmbeddingsManifest:
-    """The next embeddings manifest: previous parts (minus ``superseded``, by exclusion) + delta parts."""
-    by_part: dict[str, set[str]] = {}
-    for pid in superseded:
-        if pid in where:
-            by_part.setdefault(where[pid], set()).add(pid)
-    parts = [replace(e, exclude=tuple(sorted(set(e.exclude) | by_part[e.name]))) if e.name in by_part else e
+def _composite(prev: emb.EmbeddingsManifest | None, d: diffs.Diff | None, delta: emb.EmbeddingsManifest,
+               run: str) -> emb.EmbeddingsManifest:
+    """The next embeddings manifest: previous parts (minus the products the diff
+    superseded, by exclusion) + delta parts."""
+    by_part: dict[str, list[str]] = {}
+    if prev is not None and d is not None:
+        gone = d.table(diffs.SUPERSEDED, ("product_id", "part"))
+        for pid, part in zip(gone["product_id"].to_pylist(), gone["part"].to_pylist()):
+            by_part.setdefault(part, []).append(pid)
+    parts = [replace(e, exclude=tuple(sorted(set(e.exclude) | set(by_part[e.name])))) if e.name in by_part else e
              for e in (prev.parts if prev else ())]
     parts += [e.moved(f"{run}-{e.name}", f"runs/{run}") for e in delta.parts]
+    removed = d.n(*diffs.REMOVED_FROM_INDEX) if d is not None else 0
     encoded = (prev.encoded - removed if prev else 0) + delta.encoded
     return emb.build_manifest(parts, delta.model, delta.dtype, delta.catalog, delta.unit_rows, encoded, run)
 
 
 def run(cfg: RefreshConfig) -> dict:
-    timer, retries = StageTimer(), storage.retry_count()
+    timer, retries, io0 = StageTimer(), storage.retry_count(), storage.IO.snapshot()
     report: dict = {"catalog": cfg.catalog, "embeddings": cfg.embeddings, "index_root": cfg.index,
                     "mode": "backfill" if cfg.ids_file else "refresh"}
     lease = Lease(storage.join(cfg.index, "_locks", "refresh.json"), cfg.lock_ttl_hours, "refresh")
@@ -122,29 +106,43 @@ def run(cfg: RefreshConfig) -> dict:
             elif prev_emb.model.sha256 != model_sha:
                 full_reason = (f"model changed ({prev_emb.model.sha256[:12]} -> {model_sha[:12]}): "
                                "full re-encode and retrain")
-            current = diffs.catalog_state(cfg.catalog, model_sha)
-            previous = (emb.previous_state(cfg.embeddings, prev_emb) if not full_reason
-                        else emb.PreviousState({}, {}, frozenset()))
-            d = (_backfill_diff(cfg, current, previous, report) if cfg.ids_file
-                 else diffs.diff(current, previous))
-        report["diff"] = d.counts()
+            d = None
+            if not full_reason or cfg.ids_file:
+                forced = tuple(_read_ids(cfg.ids_file)) if cfg.ids_file else ()
+                from mimdex.pipelines.refresh import diff_graph  # Beam is imported only to diff
+
+                diff_dir = storage.join(cfg.embeddings, "diffs", iv.new_version())
+                d, report["read"] = diff_graph.run_diff(cfg.catalog, model_sha, cfg.embeddings,
+                                                        None if full_reason else prev_emb, diff_dir, forced,
+                                                        list(cfg.beam_args), cfg.stall_timeout)
+                if forced:
+                    found = set(d.ids(*diffs.TO_ENCODE).to_pylist())
+                    report["ids_not_in_catalog"] = sorted(set(forced) - found)[:100]
+                    if not found:
+                        raise DataError(f"--ids {cfg.ids_file}: none of its {len(forced)} product ids is a "
+                                        f"product of {cfg.catalog}")
+        # a full run encodes the whole catalog: every product counts as new (filled in below)
+        report["diff"] = d.summary() if d is not None else {**diffs.Diff("", {}).summary(), "full": full_reason}
         if not full_reason and d.empty:
+            _forget_diffs(cfg.embeddings)
             report.update(nothing_to_do=True, decision="no change: nothing encoded, no new version",
-                          seconds=timer.seconds, storage_retries={"driver": storage.retry_count() - retries})
+                          seconds=timer.seconds, io=_io(io0, None, None),
+                          storage_retries={"driver": storage.retry_count() - retries})
             return report
-        run_id = _run_id(model_sha, d, current.states, bool(full_reason))
+        run_id = "r-" + (hashlib.sha256(f"full {model_sha}".encode()).hexdigest()[:12] if d is None
+                         else d.digest(model_sha))
         run_dir = storage.join(cfg.embeddings, "runs", run_id)
         with timer.stage("encode"):
-            if full_reason and not cfg.ids_file:
+            if d is None:
                 source = cfg.catalog
             else:
                 source = storage.join(run_dir, "input", "catalog.parquet")
-                if d.to_encode and not storage.exists(source):  # a resumed run keeps its input
-                    write_subset(cfg.catalog, d.to_encode, source)
+                if d.n(*diffs.TO_ENCODE) and not storage.exists(source):  # a resumed run keeps its input
+                    write_subset(cfg.catalog, d.ids(*diffs.TO_ENCODE), source)
             reuse = None
-            if d.changed and not full_reason and not cfg.ids_file:
-                reuse = _reuse_photos(cfg.embeddings, prev_emb, previous.where, set(d.changed), run_dir)
-            enc = _encode(cfg, source, run_dir, model_sha, bool(d.to_encode) or bool(full_reason),
+            if d is not None and d.n(diffs.CHANGED) and not full_reason and not cfg.ids_file:
+                reuse = _reuse_photos(cfg.embeddings, prev_emb, d, run_dir)
+            enc = _encode(cfg, source, run_dir, model_sha, d is None or bool(d.n(*diffs.TO_ENCODE)),
                           prev_emb.dtype if prev_emb else "float16", reuse)
         report["encode"] = {"run": run_id, "rows": enc.rows, "encoded": enc.encoded, "rejected": enc.rejected,
                             "units": enc.units, "units_resumed": enc.units_skipped,
@@ -152,28 +150,60 @@ def run(cfg: RefreshConfig) -> dict:
                                if "photos" in enc.report.get("counts", {}) else {}),
                             "rows_encoded_by_this_attempt": enc.rows_read,
                             "storage_retries_of_workers": enc.report.get("storage_retries", {}).get("workers", 0)}
+        if d is None:
+            report["diff"]["new"] = enc.encoded + enc.rejected
         delta = emb.read_manifest(run_dir)
         if not full_reason:
-            report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.changed))
+            report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.ids(diffs.CHANGED).to_pylist()))
         base = None if full_reason else prev_emb
-        composite = _composite(base, previous.where, delta, run_id, d.superseded,
-                               len(d.removed_from_index & previous.encoded))
+        composite = _composite(base, d, delta, run_id)
         manifest_name = f"manifests/{run_id}.json"
         emb.write_manifest(cfg.embeddings, composite, manifest_name)
         released = _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token, composite,
-                                 manifest_name, run_id, len(previous.encoded))
+                                 manifest_name, run_id, prev_emb.encoded if prev_emb and not full_reason else 0)
         emb.write_manifest(cfg.embeddings, composite)  # now the current embeddings
+        _forget_diffs(cfg.embeddings)
+        segments, share = released.counts.get("delta_segments", 0), _delta_share(released.counts)
+        if segments and share > cfg.max_delta_share:
+            with timer.stage("compact"):
+                report["compaction"] = compact.run(compact.CompactConfig(cfg.index, cfg.stall_timeout),
+                                                   list(cfg.beam_args))
+                report["compaction"]["why"] = (f"the delta segments hold {share:.1%} of the vectors "
+                                               f"(> --max-delta-share {cfg.max_delta_share:.0%})")
         with timer.stage("retention"):
             report["retention"] = versions.prune(cfg.index, cfg.keep, cfg.grace_hours)
-    report.update(version=released.version, published=True, evaluation=released.evaluation,
+    report.update(version=report.get("compaction", {}).get("version", released.version), published=True, evaluation=released.evaluation,
                   index_counts=released.counts, default_nprobe=released.default_nprobe, seconds=timer.seconds,
+                  io=_io(io0, delta, released.report),
                   storage_retries={"driver": storage.retry_count() - retries,
                                    "workers": report["encode"]["storage_retries_of_workers"]})
     return report
 
 
-def _reuse_photos(root: str, manifest: emb.EmbeddingsManifest, where: dict[str, str], changed: set[str],
-                  run_dir: str) -> str | None:
+def _delta_share(counts: dict) -> float:
+    return counts.get("delta_vectors", 0) / max(counts.get("indexed", 0), 1)
+
+
+def _io(before: dict, delta: emb.EmbeddingsManifest | None, version: dict | None) -> dict:
+    """What the refresh read and wrote: this process's storage traffic (the diff, the update,
+    the evaluation), and what the encode workers wrote (its parts)."""
+    out = storage.io_since(before)
+    if delta is not None:
+        out["encode_written_bytes"] = sum(e.part.bytes + (e.rejects.bytes if e.rejects else 0) for e in delta.parts)
+    if version is not None:
+        out["index_written_bytes"] = version.get("written_bytes")
+        out["index_files_bytes"] = version.get("files_bytes")
+    return out
+
+
+def _forget_diffs(root: str) -> None:
+    """The diff's output has served its run (the run's own input holds what it needs)."""
+    where = storage.join(root, "diffs")
+    if storage.exists(where):
+        storage.delete(where, recursive=True)
+
+
+def _reuse_photos(root: str, manifest: emb.EmbeddingsManifest, d: diffs.Diff, run_dir: str) -> str | None:
     """The current image vectors of changed multi-photo products, by (product_id, photo
     sha256): their re-encode copies the photos they still have instead of encoding them
     again (a reordered list or a new title costs no image encoding). None for a
@@ -181,7 +211,9 @@ def _reuse_photos(root: str, manifest: emb.EmbeddingsManifest, where: dict[str, 
     name = "input/reuse.parquet"
     if storage.exists(out := storage.join(run_dir, name)):  # a resumed run keeps its input
         return out
-    return emb.write_reuse(root, manifest, where, changed, run_dir, name)
+    changed = d.table((diffs.CHANGED,), ("product_id", "part"))
+    where = dict(zip(changed["product_id"].to_pylist(), changed["part"].to_pylist()))
+    return emb.write_reuse(root, manifest, where, set(where), run_dir, name)
 
 
 def _encode(cfg: RefreshConfig, source: str, run_dir: str, model_sha: str, needed: bool,
@@ -227,7 +259,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
             prev_dir = iv.version_uri(cfg.index, prev_index.version)
             trained = iv.read_trained(prev_dir, prev_index.trained)
             drift = update.drift(trained, delta.vectors, prev_index.training)
-            change = (len(d.new) + len(d.changed) + len(d.deleted)) / max(previous_count, 1)
+            change = d.n(diffs.NEW, diffs.CHANGED, diffs.DELETED) / max(previous_count, 1)
             drift["changed_fraction"] = round(change, 4)
             drift["thresholds"] = {"max_drift": cfg.max_drift, "max_change": cfg.max_change}
         report["drift"] = drift
@@ -242,12 +274,16 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     with timer.stage("update"):
         version = iv.new_version()
         vdir = iv.version_uri(cfg.index, version)
-        storage.write_bytes(storage.join(vdir, "trained.index"), trained)
-        records = update.update_shards(vdir, prev_dir, prev_index, trained, d.removed_from_index, delta)
+        segment = update.write_delta(vdir, version, trained, n_shards, d.ids(*diffs.REMOVED_FROM_INDEX).to_pylist(),
+                                     delta)
     src = release.Source(cfg.embeddings, composite, vector, alpha, prev_index.photos)
-    draft = release.VersionDraft(out=cfg.index, version=version, parent=pointer.version, token=token,
-                                 params=prev_index.params, trained=trained, training=prev_index.training,
-                                 shards=records, counts={})
+    home = prev_index.version  # the previous version's files are referenced, not copied
+    draft = release.VersionDraft(
+        out=cfg.index, version=version, parent=pointer.version, token=token, params=prev_index.params,
+        trained=trained, training=prev_index.training,
+        shards=tuple(index_delta.rebase_shard(s, home) for s in prev_index.shards), counts={},
+        deltas=tuple(index_delta.rebase_segment(g, home) for g in prev_index.deltas) + (segment,),
+        trained_file=index_delta.rebased(prev_index.trained, home).file)
     with timer.stage("drift"):
         # Do the reused codebooks represent the new vectors as well as the old ones?
         # (A coarse MSE can look fine while the PQ codes of out-of-distribution vectors are poor.)
@@ -270,13 +306,16 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         storage.delete(vdir, recursive=True)
         with timer.stage("build"):
             return build_index.run(bcfg, list(cfg.beam_args))
-    report["decision"] = "incremental: previous quantizer reused, changed/deleted ids removed, new vectors added"
-    draft = replace(draft, counts={"rows": n, "indexed": sum(r.ntotal for r in records), "skipped": delta.skipped})
-    return release.finish_version(draft, src, bcfg.gate, held, held_ids, timer)
+    report["decision"] = ("incremental: previous quantizer reused; a delta segment adds the new vectors and "
+                          "deletes the changed and deleted products")
+    draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
+                                   "delta_segments": len(draft.deltas),
+                                   "delta_vectors": sum(g.added for g in draft.deltas)})
+    return release.finish_version(draft, src, bcfg.gate, held, held_ids, timer, reader=draft_reader)
 
 
 def check(cfg: RefreshConfig) -> None:
-    for name in ("max_drift", "max_change"):
+    for name in ("max_drift", "max_change", "max_delta_share"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if cfg.keep < 1:

@@ -1,10 +1,11 @@
 """The next index version from the previous one: its trained quantizer and codebooks are
-reused, ids of changed and deleted products removed, the new vectors added.
+reused, and a delta segment holds the new vectors and the products removed
+(contracts.index_delta); the previous version's files are referenced, not rewritten.
 
 Drift decides whether that is good enough: the mean coarse-quantisation error of the new
 vectors against the error the quantizer was trained to (and the share of the catalog
 that changed). Past either threshold the caller retrains with a full build. No Beam here:
-the update works on the stored inverted lists directly.
+the update touches only the change.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mimdex.infra.contracts import index_codec as codec
+from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest, PartEntry
 from mimdex.infra.contracts.recall import hits
 from mimdex.infra.contracts.vectors import check_unique, labels, merge_skipped, shard_of, usable_rows
-from mimdex.infra.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -58,40 +58,23 @@ def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:
             "ratio": round(mse / base, 4) if base else None}
 
 
-def update_shards(version_dir: str, prev_dir: str, prev: iv.IndexManifest, trained: bytes, remove: set[str],
-                  delta: Delta) -> tuple[iv.ShardEntry, ...]:
-    """Write the new version's shards: previous minus ``remove`` (product_ids) plus the delta.
-
-    Works on the stored (flat) inverted lists: rows are filtered and the new vectors'
-    codes (faiss ``sa_encode`` with the reused trained index) appended. (Removing from
-    faiss's in-memory fast-scan blocks and adding after it corrupted the re-added codes
-    in faiss-cpu 1.15.1; see docs/operations.md.)
-    """
+def write_delta(version_dir: str, version: str, trained: bytes, shards: int, removed: list[str],
+                delta: Delta) -> iv.DeltaSegment:
+    """The new version's delta segment (contracts.index_delta): the new vectors' codes (faiss
+    ``sa_encode`` with the reused trained index) per shard, and the deletion list of the
+    ``removed`` product_ids (changed or deleted: all their earlier vectors go). Nothing of
+    the previous version is read or rewritten."""
     nlist, code_size = codec.lists_shape(trained)
-    removed = pa.array(sorted(remove), pa.string())
-    new_lists, new_codes = codec.encode(codec.deserialize(trained), delta.vectors)
-    shards = shard_of(delta.keys, len(prev.shards))
-    records = []
-    for entry in prev.shards:
-        lists_blob, ids_table = iv.read_shard(prev_dir, entry)
-        old_ids, old_lists, old_codes = codec.decoded_lists(lists_blob)
-        # every vector of a removed product (all its photos) goes, found by product_id in the id map
-        gone = pc.fill_null(pc.is_in(ids_table["product_id"], removed), False)
-        keep = ~np.isin(old_ids, ids_table.filter(gone).column("id").to_numpy())
-        ids_table = ids_table.filter(pc.invert(gone))
-        sel = np.flatnonzero(shards == entry.shard)
-        all_ids = np.concatenate([old_ids[keep], delta.ids[sel]])
-        if len(sel):
-            ids_table = pa.concat_tables([ids_table, delta.idmap.take(pa.array(sel, pa.int64()))],
-                                         promote_options="permissive")
-        check_unique(ids_table.column("id").to_numpy(), labels(ids_table), f"shard {entry.name}")
-        if len(all_ids) != ids_table.num_rows:
-            raise DataError(f"shard {entry.name}: {len(all_ids)} vectors but {ids_table.num_rows} id map rows "
-                            "after the update (the previous version's id map and index disagree)")
-        blob = codec.encoded_lists(nlist, code_size, all_ids, np.concatenate([old_lists[keep], new_lists[sel]]),
-                                   np.concatenate([old_codes[keep], new_codes[sel]]))
-        records.append(iv.write_shard(version_dir, entry.shard, blob, len(all_ids), ids_table))
-    return tuple(records)
+    lists, codes = codec.encode(codec.deserialize(trained), delta.vectors)
+    shard_of_row = shard_of(delta.keys, shards)
+    out = {}
+    for shard in np.unique(shard_of_row).tolist():
+        sel = np.flatnonzero(shard_of_row == shard)
+        idmap = delta.idmap.take(pa.array(sel, pa.int64()))
+        check_unique(delta.ids[sel], labels(idmap), f"delta of shard {shard}")
+        out[int(shard)] = (codec.encoded_lists(nlist, code_size, delta.ids[sel], lists[sel], codes[sel]), len(sel),
+                           idmap)
+    return index_delta.write_segment(version_dir, version, out, removed)
 
 
 def self_recall(reader, vectors: np.ndarray, ids: np.ndarray, nprobe: int, k: int = 10) -> float | None:

@@ -1,0 +1,156 @@
+"""A product's state without reading its image: the change fingerprint.
+
+The refresh diff compares each product's *state* in the catalog with the state its
+embeddings were made from (docs/contracts.md, "Change fingerprints"):
+
+- an inline ``image`` / ``images`` row: the content hash of the bytes, title and model
+  (catalog.content_hash): the bytes are in the catalog file anyway;
+- an ``image_uri`` / ``image_uris`` row: the hash of the image's *fingerprint*, title and
+  model, where the fingerprint is the catalog's ``image_sha256`` or ``image_version``
+  column when it has one (and the row's value is not null), else what a HEAD or a
+  listing says of the object: ETag and size (size and mtime on a disk). No image byte is
+  read to know that an image did not change.
+
+Encode records both the fingerprint state it encoded from (part column ``source_state``,
+and ``image_fingerprint``) and the exact ``content_hash`` of the bytes it read. An image
+replaced between the HEAD and the read has an older fingerprint than its bytes: the next
+night sees a new fingerprint and encodes it again (never the reverse).
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+from mimdex.infra import storage
+from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts.photos import bounded, product_state
+from mimdex.infra.redact import redact
+
+def column_of(names) -> str | None:
+    """The fingerprint column a catalog provides (for ``image_uri`` rows), most exact
+    first (catalog.FINGERPRINT_COLUMNS), or None."""
+    return next((c for c in catalog.FINGERPRINT_COLUMNS if c in set(names)), None)
+
+
+def from_info(info: dict) -> str | catalog.Problem:
+    """An object's fingerprint from what a HEAD or a listing says of it: the same fields
+    from either (ETag and size on an object store, size and mtime on a disk), so an object
+    listed one night and HEADed the next keeps its fingerprint. (A VersionId is not in a
+    listing; the ETag changes with the content anyway.)"""
+    if info.get("type") == "directory":
+        return catalog.Problem("image_uri_unreachable", f"{redact(str(info.get('name')))} is a directory")
+    etag = info.get("ETag") or info.get("etag")
+    facts = [("etag", etag), ("size", info.get("size"))]
+    if not etag:  # a local disk: no ETag, the modification time stands in for it
+        facts.append(("mtime", info.get("mtime") or info.get("LastModified")))
+    return "object:" + ";".join(f"{k}={v}" for k, v in facts if v is not None)
+
+
+def of_object(uri: str) -> str | catalog.Problem:
+    """The fingerprint of the object at ``uri`` from one HEAD, or why it cannot be used
+    (the same reasons a fetch gives)."""
+    try:
+        info = storage.head(uri)
+    except storage.ObjectNotFound as exc:
+        return catalog.Problem("image_uri_unreachable", redact(str(exc)))
+    except storage.StorageFailure as exc:
+        if isinstance(exc.__cause__, (PermissionError, IsADirectoryError)):
+            return catalog.Problem("image_uri_unreachable", redact(str(exc)))
+        raise
+    except (ValueError, ImportError) as exc:
+        return catalog.Problem("image_uri_unreachable", redact(f"{uri}: {exc}"))
+    return from_info(info)
+
+
+LIST_MIN = 256   # a directory holding at least this many of the wanted objects is listed, not HEADed
+
+
+def of_objects(uris: list[str], threads: int = 16, io: dict | None = None) -> dict[str, str | catalog.Problem]:
+    """Fingerprints of many objects: a directory (prefix) that holds at least LIST_MIN of
+    them is listed (one LIST per 1,000 keys on S3, instead of a HEAD each), the rest are
+    HEADed on ``threads`` threads, in blocks (no per-object task). ``io`` (if given) gets
+    the storage traffic of the helper threads added (HEADs, and any bytes read)."""
+    by_dir: dict[str, list[str]] = {}
+    for uri in dict.fromkeys(uris):
+        by_dir.setdefault(uri.rsplit("/", 1)[0], []).append(uri)
+    out: dict[str, str | catalog.Problem] = {}
+    heads = []
+    for directory, wanted in by_dir.items():
+        listed = storage.list_info(directory) if len(wanted) >= LIST_MIN else None
+        if listed is not None and io is not None:
+            io["lists"] = io.get("lists", 0) + 1
+        if listed is None:
+            heads += wanted
+            continue
+        for uri in wanted:
+            info = listed.get(uri.rsplit("/", 1)[1])
+            out[uri] = from_info(info) if info is not None else catalog.Problem(
+                "image_uri_unreachable", f"read: no such object or directory: {redact(uri)}")
+    def head_block(block: list[str]):
+        mark = storage.IO.thread_snapshot()
+        return [of_object(u) for u in block], storage.IO.thread_since(mark)
+
+    blocks = [heads[i::threads] for i in range(min(threads, len(heads)))]
+    with ThreadPoolExecutor(max(1, len(blocks))) as pool:
+        for block, (got, used) in zip(blocks, pool.map(head_block, blocks)):
+            out.update(zip(block, got))
+            for k, v in used.items():
+                if io is not None:
+                    io[k] = io.get(k, 0) + v
+    return out
+
+
+def of_row(uri: str, given: str | None, column: str | None) -> str | catalog.Problem:
+    """An ``image_uri`` row's fingerprint: the catalog's column value, else the object's."""
+    if column and given:
+        return f"{column}:{given}"
+    return of_object(uri)
+
+
+def source_state(fingerprint: str, title: str, model_sha256: str) -> str:
+    """What the diff compares for an image known by fingerprint (cf. catalog.content_hash,
+    which hashes the bytes themselves)."""
+    h = hashlib.sha256(b"fingerprint\n")
+    for part in (fingerprint.encode("utf-8"), title.encode("utf-8"), model_sha256.encode("ascii")):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return "fp:" + h.hexdigest()
+
+
+def state_of(got: str | catalog.Problem, title: str, model_sha256: str) -> str:
+    return catalog.rejected_state(got.reason) if isinstance(got, catalog.Problem) \
+        else source_state(got, title, model_sha256)
+
+
+def row_states(ids: list, titles: list, images: list, given: list, cols: catalog.Columns, fp_column: str | None,
+               root: str, model_sha256: str, threads: int = 16, io: dict | None = None) -> list[str]:
+    """Each catalog row's state as the diff sees it, reading no image behind a URI: the
+    rules encode records the same state by (catalog.row_problem first, then the image).
+    The fingerprints a row needs are taken in bulk first (``of_objects``)."""
+    problems = [catalog.row_problem(p, t, im) for p, t, im in zip(ids, titles, images)]
+    wanted = []
+    for i, problem in enumerate(problems):
+        if problem is None and cols.image == "image_uri" and not (fp_column and given[i]):
+            wanted.append(catalog.resolve_uri(root, images[i]))
+        elif problem is None and cols.image == "image_uris":
+            wanted += [catalog.resolve_uri(root, v) for v in bounded(images[i])[0] if v is not None]
+    fps = of_objects(wanted, threads, io) if wanted else {}
+    out = []
+    for i, problem in enumerate(problems):
+        if problem:
+            out.append(catalog.rejected_state(problem.reason))
+            continue
+        text, image = titles[i].decode("utf-8"), images[i]
+        if cols.image == "image":
+            out.append(catalog.content_hash(image, text, model_sha256))
+        elif cols.image == "image_uri":
+            got = f"{fp_column}:{given[i]}" if fp_column and given[i] else fps[catalog.resolve_uri(root, image)]
+            out.append(state_of(got, text, model_sha256))
+        elif cols.image == "images":
+            out.append(product_state([catalog.photo_state(catalog.photo_bytes(v, False, root), text, model_sha256)
+                                      for v in bounded(image)[0]]))
+        else:
+            out.append(product_state([state_of(fps[catalog.resolve_uri(root, v)] if v is not None
+                                               else catalog.Problem("image_missing", "the photo is null"),
+                                               text, model_sha256) for v in bounded(image)[0]]))
+    return out

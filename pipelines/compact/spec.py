@@ -1,0 +1,16 @@
+"""What compaction's DoFns are handed, and where they write."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mimdex.infra.contracts import index_version as iv
+
+PROGRESS_DIR = "_compact"
+TRAINED_SPOOL = "_compact/trained.index"
+
+
+@dataclass(frozen=True)
+class CompactSpec:
+    source_dir: str          # the version being compacted
+    out_dir: str             # the new version
+    deltas: tuple[iv.DeltaSegment, ...]

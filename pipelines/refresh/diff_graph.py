@@ -1,0 +1,224 @@
+"""The Beam graph of the refresh diff: a bucketed join of catalog states with the
+embeddings' states by product_id (diff.py says what comes out).
+
+    catalog units (row groups) --CatalogStates--> a sorted run per unit  --\
+                                                                            GroupByKey(bucket) --JoinBucket--> bucket-N
+    embeddings parts           --PreviousStates-> a sorted run per part --/
+
+Each side writes its rows to a Parquet *run* with one row group per bucket and passes
+on only (bucket, run, row group) references: the rows never go through the runner's
+shuffle, so the DirectRunner holds references, not the catalog, and a join reads exactly
+its bucket's row groups. Every output is written whole, with a JSON record under the
+diff's directory that the driver counts (progress) and sums (report).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mimdex.infra import storage
+from mimdex.infra.contracts import catalog, fingerprint
+from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts.files import column_bytes, parquet_metadata
+from mimdex.infra.errors import DataError
+from mimdex.pipelines import beam_runner
+from mimdex.pipelines.refresh.diff import (CHANGES, WORK_DIR, Diff, DiffSpec, bucket_count, bucket_of, classify,
+                                           first_occurrences)
+
+_level = logging.root.manager.disable
+logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
+import apache_beam as beam  # noqa: E402
+logging.disable(_level)
+
+CAT_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("order", pa.int64())])
+
+
+@dataclass(frozen=True)
+class CatalogUnit:
+    index: int
+    uri: str
+    file_index: int
+    row_groups: tuple[int, ...]
+    first_row: int
+
+
+@dataclass(frozen=True)
+class RunRef:
+    side: str        # "cat" or "prev"
+    uri: str
+    row_group: int
+
+
+def _write_run(spec: DiffSpec, name: str, side: str, table: pa.Table) -> list[tuple[int, RunRef]]:
+    """``table`` as a run sorted by bucket, one row group per bucket present."""
+    if not table.num_rows:
+        return []
+    buckets = bucket_of(table.column("product_id").to_pylist(), spec.buckets)
+    order = np.argsort(buckets, kind="stable")
+    table, buckets = table.take(pa.array(order)), buckets[order]
+    cuts = np.flatnonzero(np.diff(buckets)) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(buckets)]])
+    uri = storage.join(spec.out, WORK_DIR, f"{side}-{name}.parquet")
+    with storage.open_write(uri) as f, pq.ParquetWriter(f, table.schema, compression="zstd") as w:
+        for a, b in zip(starts, ends):
+            w.write_table(table.slice(a, b - a), row_group_size=b - a)
+    return [(int(buckets[a]), RunRef(side, uri, rg)) for rg, a in enumerate(starts)]
+
+
+def _record(spec: DiffSpec, name: str, obj: dict) -> None:
+    storage.write_json(storage.join(spec.out, WORK_DIR, f"{name}.json"), obj)
+
+
+class CatalogStates(beam.DoFn):
+    """One catalog unit -> each row's product state (no image byte behind a URI is read)."""
+
+    def __init__(self, spec: DiffSpec):
+        self.spec = spec
+
+    def process(self, unit: CatalogUnit):
+        spec = self.spec
+        table, cols = catalog.read_columns(unit.uri, list(unit.row_groups))
+        read = column_bytes(parquet_metadata(unit.uri, "catalog"), unit.row_groups, table.column_names)
+        fp_col = fingerprint.column_of(table.column_names) if cols.image == "image_uri" else None
+        ids = table.column("product_id").to_pylist()
+        titles = catalog.titles_as_bytes(table)
+        images = table.column(cols.image).to_pylist()
+        given = table.column(fp_col).to_pylist() if fp_col else [None] * len(ids)
+        rows = [i for i, pid in enumerate(ids) if pid]
+        helper: dict = {}  # the HEADs run on helper threads, which count their own
+        states = fingerprint.row_states([ids[i] for i in rows], [titles[i] for i in rows],
+                                        [images[i] for i in rows], [given[i] for i in rows], cols, fp_col,
+                                        spec.catalog_root, spec.model_sha256, spec.fetch_threads, helper)
+        order = (np.int64(unit.file_index) << 40) + unit.first_row + np.asarray(rows, np.int64)
+        out = pa.table([pa.array([ids[i] for i in rows], pa.string()), pa.array(states, pa.string()),
+                        pa.array(order, pa.int64())], schema=CAT_SCHEMA)
+        refs = _write_run(spec, f"{unit.index:06d}", "cat", out)
+        _record(spec, f"cat-{unit.index:06d}", {"rows": len(ids), "empty_product_id": len(ids) - len(rows),
+                                                "read_bytes": read, "image_read_bytes": helper.get("read_bytes", 0),
+                                                "heads": helper.get("heads", 0), "lists": helper.get("lists", 0)})
+        yield from refs
+
+
+class PreviousStates(beam.DoFn):
+    """One embeddings part -> its products' states (state columns only, no vectors)."""
+
+    def __init__(self, spec: DiffSpec):
+        self.spec = spec
+
+    def process(self, entry: emb.PartEntry):
+        spec = self.spec
+        manifest = emb.EmbeddingsManifest(spec.model, spec.dtype, ())
+        table = emb.previous_states(spec.embeddings, manifest, entry)
+        meta = parquet_metadata(storage.join(spec.embeddings, entry.part.file), "embeddings part")
+        read = column_bytes(meta, range(meta.num_row_groups), ("product_id", "source_state", "content_hash", "photo"))
+        read += entry.rejects.bytes if entry.rejects else 0
+        refs = _write_run(spec, entry.name, "prev", table)
+        _record(spec, f"prev-{entry.name}", {"rows": table.num_rows, "read_bytes": read})
+        yield from refs
+
+
+class JoinBucket(beam.DoFn):
+    def __init__(self, spec: DiffSpec):
+        self.spec = spec
+
+    def process(self, element):
+        bucket, refs = element
+        spec, read = self.spec, 0
+        sides: dict[str, list[pa.Table]] = {"cat": [], "prev": []}
+        for ref in sorted(refs, key=lambda r: (r.side, r.uri, r.row_group)):
+            with storage.open_read(ref.uri) as f:
+                pf = pq.ParquetFile(f)
+                sides[ref.side].append(pf.read_row_group(ref.row_group))
+                read += column_bytes(pf.metadata, [ref.row_group], pf.schema_arrow.names)
+        cat = pa.concat_tables(sides["cat"]) if sides["cat"] else CAT_SCHEMA.empty_table()
+        prev = pa.concat_tables(sides["prev"]) if sides["prev"] else emb.PREVIOUS_SCHEMA.empty_table()
+        cat, duplicates = first_occurrences(cat)
+        forced = None
+        if spec.forced:
+            forced = {p for p, b in zip(spec.forced, bucket_of(list(spec.forced), spec.buckets)) if b == bucket}
+        out, counts = classify(cat, prev, forced)
+        name = f"bucket-{bucket:05d}"
+        storage.write_bytes(storage.join(spec.out, f"{name}.parquet"), _parquet(out))
+        counts.update(duplicates=duplicates, read_bytes=read)
+        storage.write_json(storage.join(spec.out, f"{name}.json"), counts)
+        _record(spec, f"join-{bucket:05d}", {"bucket": bucket})  # progress for the stall watch
+        yield bucket
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit], parts: list[emb.PartEntry]) -> None:
+    cat = p | "CatalogUnits" >> beam.Create(units, reshuffle=True) | "CatalogStates" >> beam.ParDo(CatalogStates(spec))
+    sides = [cat]
+    if parts:
+        sides.append(p | "Parts" >> beam.Create(parts, reshuffle=True) | "PreviousStates" >> beam.ParDo(
+            PreviousStates(spec)))
+    (sides | "Runs" >> beam.Flatten()
+     | "GroupByBucket" >> beam.GroupByKey()
+     | "JoinBucket" >> beam.ParDo(JoinBucket(spec)))
+
+
+UNIT_ROWS = 262_144   # catalog rows per CatalogStates element (whole row groups)
+
+
+def catalog_units(catalog_uri: str) -> tuple[list[CatalogUnit], str, int]:
+    """The catalog cut into units of whole row groups, from the files' footers alone;
+    (units, the root image_uris resolve against, rows). Files that disagree on the image
+    column are exit 65, naming them."""
+    files, root = catalog.catalog_files(catalog_uri)
+    units: list[CatalogUnit] = []
+    kinds, rows = {}, 0
+    for fi, uri in enumerate(files):
+        meta = parquet_metadata(uri, "catalog")
+        kinds[uri] = catalog.check_schema(uri, meta.schema.to_arrow_schema()).image
+        group, start, n = [], 0, 0
+        for rg in range(meta.num_row_groups):
+            group.append(rg)
+            n += meta.row_group(rg).num_rows
+            if n >= UNIT_ROWS or rg == meta.num_row_groups - 1:
+                units.append(CatalogUnit(len(units), uri, fi, tuple(group), start))
+                group, start, n = [], start + n, 0
+        rows += meta.num_rows
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"catalog {catalog_uri}: files disagree on the image column: "
+                        + "; ".join(f"{u}: {k}" for u, k in kinds.items()))
+    return units, root, rows
+
+
+def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb.EmbeddingsManifest | None,
+             out: str, forced: tuple[str, ...] = (), beam_args: list[str] | None = None,
+             stall_timeout: float = 900.0, buckets: int | None = None) -> tuple[Diff, dict]:
+    """Run the diff into ``out``; (its result, what it read: rows, bytes, HEADs, buckets).
+    ``buckets`` overrides the count bucket_count chooses (tests: many small buckets)."""
+    units, root, rows = catalog_units(catalog_uri)
+    parts = list(previous.parts) if previous else []
+    prev_rows = (previous.counts.get("encoded", 0) + previous.counts.get("rejected", 0)) if previous else 0
+    spec = DiffSpec(root, model_sha256, embeddings, previous.model if previous else None,
+                    previous.dtype if previous else "float16", out, buckets or bucket_count(rows, prev_rows), tuple(forced))
+    work = storage.join(out, WORK_DIR)
+    beam_runner.run(lambda p: build_pipeline(p, spec, units, parts), list(beam_args or []), work,
+                    len(units) + len(parts), stall_timeout, f"the diff in {out} is incomplete; re-run the refresh")
+    records = {u.rsplit("/", 1)[-1]: storage.read_json(u) for u in storage.list_files(work, ".json")}
+    buckets = [storage.read_json(u) for u in storage.list_files(out, ".json")]
+    counts = {k: sum(b.get(k, 0) for b in buckets) for k in (*CHANGES, "unchanged", "still_rejected")}
+    cat = [r for name, r in records.items() if name.startswith("cat-")]
+    counts["row_only_rejects"] = sum(r["empty_product_id"] for r in cat) + sum(b["duplicates"] for b in buckets)
+    read = {"catalog_rows": sum(r["rows"] for r in cat),
+            "catalog_bytes": sum(r["read_bytes"] for r in cat),
+            "image_bytes": sum(r["image_read_bytes"] for r in cat),
+            "image_heads": sum(r["heads"] for r in cat),
+            "image_lists": sum(r["lists"] for r in cat),
+            "embeddings_rows": sum(r["rows"] for name, r in records.items() if name.startswith("prev-")),
+            "embeddings_bytes": sum(r["read_bytes"] for name, r in records.items() if name.startswith("prev-")),
+            "bucket_bytes": sum(b["read_bytes"] for b in buckets),
+            "buckets": spec.buckets, "units": len(units), "parts": len(parts)}
+    storage.delete(work, recursive=True)
+    return Diff(out, counts), read

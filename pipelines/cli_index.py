@@ -362,9 +362,10 @@ def _run_refresh(args: argparse.Namespace) -> int:
               "nothing encoded, no new version")
         print(write_report(args.index, job, report))
         raise NothingToDo("nothing changed since the current version")
-    print(f"{job}: {c['new']} new, {c['changed']} changed, {c['rejudged']} re-judged, {c['deleted']} deleted, "
-          f"{c['unchanged']} unchanged; "
-          f"encoded {report['encode']['rows']} rows; {report['decision']}; "
+    what = ("the whole catalog" if "full" in c else
+            f"{c['new']} new, {c['changed']} changed, {c['rejudged']} re-judged, {c['deleted']} deleted, "
+            f"{c['unchanged']} unchanged")
+    print(f"{job}: {what}; encoded {report['encode']['rows']} rows; {report['decision']}; "
           f"published version {report['version']}")
     print(write_report(args.index, job, report))
     return 0

@@ -121,8 +121,8 @@ def run(cfg: RefreshConfig) -> dict:
                     if not found:
                         raise DataError(f"--ids {cfg.ids_file}: none of its {len(forced)} product ids is a "
                                         f"product of {cfg.catalog}")
-        # a full run encodes the whole catalog: every product counts as new (filled in below)
-        report["diff"] = d.summary() if d is not None else {**diffs.Diff("", {}).summary(), "full": full_reason}
+        # a full run diffs nothing: it encodes the whole catalog
+        report["diff"] = d.summary() if d is not None else {"full": full_reason}
         if not full_reason and d.empty:
             _forget_diffs(cfg.embeddings)
             report.update(nothing_to_do=True, decision="no change: nothing encoded, no new version",
@@ -150,8 +150,6 @@ def run(cfg: RefreshConfig) -> dict:
                                if "photos" in enc.report.get("counts", {}) else {}),
                             "rows_encoded_by_this_attempt": enc.rows_read,
                             "storage_retries_of_workers": enc.report.get("storage_retries", {}).get("workers", 0)}
-        if d is None:
-            report["diff"]["new"] = enc.encoded + enc.rejected
         delta = emb.read_manifest(run_dir)
         if not full_reason:
             report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.ids(diffs.CHANGED).to_pylist()))

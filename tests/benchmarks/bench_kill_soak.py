@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dirty_catalog as dc  # noqa: E402
 from conftest import random_bundle  # noqa: E402
 
+from mimdex.indexing.reader import IndexReader  # noqa: E402
 from mimdex.infra import storage  # noqa: E402
 from mimdex.infra.contracts import embeddings as emb  # noqa: E402
 from mimdex.infra.contracts import index_version as iv  # noqa: E402
@@ -91,10 +92,9 @@ def check(expect: dict, emb_root: str, index: str | None) -> list[str]:
     if rejected != {p: r for p, r in expect.items() if r is not None}:
         problems.append("rejects differ")
     if index:
-        version = iv.latest_version(index)
-        m = iv.read_manifest(index, version)  # a complete version, or this raises
-        ids = sorted(p for s in m.shards for p in iv.read_shard(iv.version_uri(index, version), s)[1]
-                     .column("product_id").to_pylist())
+        iv.read_manifest(index, iv.latest_version(index))  # a complete version, or this raises
+        # its products as a reader sees them: base shards + delta segments - deletions
+        ids = sorted(IndexReader.open(index).idmap.column("product_id").to_pylist())
         if ids != sorted(encoded):
             problems.append("index ids differ from the embedded ids")
     return problems

@@ -42,6 +42,7 @@ class IndexReader:
         self._trained = iv.read_trained(uri, trained)
         self._deltas = tuple(deltas)
         self._deletions = delta.later_deletions(uri, self._deltas) if self._deltas else None
+        self._shape = lists_shape(self._trained)
         with ThreadPoolExecutor(4) as pool:
             loaded = list(pool.map(self._load_shard, shards))
         self.shards = [index for index, _ in loaded]
@@ -79,9 +80,8 @@ class IndexReader:
 
     def _load_shard(self, entry: iv.ShardEntry) -> tuple[faiss.Index, pa.Table]:
         if self._deltas:  # base + delta segments - deletions, exactly as compaction would write them
-            nlist, code_size = lists_shape(self._trained)
             lists, ids, _ = delta.combine(delta.shard_pieces(self.uri, entry, self._deltas, self._deletions),
-                                          nlist, code_size)
+                                          *self._shape)
         else:
             lists, ids = iv.read_shard(self.uri, entry)
         try:

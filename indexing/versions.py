@@ -87,8 +87,9 @@ def prune(root: str, keep: int, grace_hours: float = 24.0, now: dt.datetime | No
             continue
         fs, path = storage.resolve(vdir)
         for entry in fs.find(path):
-            if entry[len(path):].lstrip("/") not in keep_files:
-                fs.rm(entry)
+            name = entry[len(path):].lstrip("/")
+            if name not in keep_files:
+                storage.delete(storage.join(vdir, name))
         still_used[version] = sorted(keep_files)
     return {"index_root": root, "keep": keep, "grace_hours": grace_hours, "deleted": deleted, "kept": kept,
             "protected": sorted(protected), "files_kept_for_newer_versions": still_used}

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
+from mimdex.infra.contracts.files import column_bytes
 from mimdex.infra.contracts.photos import LIST_COLUMNS
 from mimdex.infra.errors import DataError
 from mimdex.infra.redact import redact
@@ -140,13 +141,22 @@ def open_file(uri: str) -> Iterator[pq.ParquetFile]:
 def read_columns(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Table, Columns]:
     """product_id, title and the image column of a file (or of some of its row groups),
     and an image_uri catalog's fingerprint columns where it has them."""
+    table, cols, _ = read_unit(uri, row_groups)
+    return table, cols
+
+
+def read_unit(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Table, Columns, int]:
+    """read_columns, and the stored bytes of what was read (a job's report), from the
+    footer the read used."""
     with open_file(uri) as pf:
         cols = check_schema(uri, pf.schema_arrow)
         names = ["product_id", "title", cols.image]
         if cols.image == "image_uri":
             names += [c for c in FINGERPRINT_COLUMNS if c in pf.schema_arrow.names]
+        groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
         table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
-    return table, cols
+        stored = column_bytes(pf.metadata, groups, names)
+    return table, cols, stored
 
 
 def resolve_uri(root: str, uri: str) -> str:

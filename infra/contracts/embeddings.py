@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from mimdex.infra import storage
 from mimdex.infra.contracts.catalog import PHOTO_REJECT_SCHEMA, REJECT_SCHEMA, ROW_ONLY_REASONS
-from mimdex.infra.contracts.files import FileRef, read_table_checked, write_parquet
+from mimdex.infra.contracts.files import FileRef, column_bytes, read_table_checked, write_parquet
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.photos import product_state
 from mimdex.infra.errors import DataError
@@ -241,10 +241,11 @@ def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
     return live_rows(table.select(columns) if columns else table, entry)
 
 
-def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns) -> pa.Table:
+def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns) -> tuple[pa.Table, int]:
     """Some columns of a part's live rows, reading only their column chunks (the diff reads
-    states, not vectors). The whole-file sha256 cannot be checked without reading it all:
-    the size and the schema are (exit 65, named). ``columns``: names -> the columns wanted."""
+    states, not vectors), and the stored bytes of those chunks. The whole-file sha256
+    cannot be checked without reading it all: the size and the schema are (exit 65,
+    named). ``columns``: names -> the columns wanted."""
     uri = storage.join(root, entry.part.file)
     with storage.open_read(uri) as f:
         try:
@@ -253,10 +254,12 @@ def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, 
             if entry.part.bytes and f.size != entry.part.bytes:
                 raise DataError(f"embeddings part {uri}: {f.size} bytes, {RECORDED_IN} says {entry.part.bytes}; "
                                 "refusing a replaced or truncated file")
-            table = pf.read(columns=columns(pf.schema_arrow.names))
+            names = columns(pf.schema_arrow.names)
+            table = pf.read(columns=names)
+            stored = column_bytes(pf.metadata, range(pf.metadata.num_row_groups), names)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"embeddings part {uri}: not a readable Parquet file: {exc}") from exc
-    return live_rows(table, entry)
+    return live_rows(table, entry), stored
 
 
 def read_rejects(root: str, entry: PartEntry) -> pa.Table:
@@ -320,14 +323,15 @@ PREVIOUS_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string())
                              ("part", pa.string())])
 
 
-def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -> pa.Table:
+def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -> tuple[pa.Table, int]:
     """What one part says about each of its products (PREVIOUS_SCHEMA): the state it was
     encoded or rejected in (``source_state`` where the part has it, the fingerprint state
     of a by-URI catalog; else the content hash), whether it is indexed, and the part.
-    A product's rows all live in one part, so a part answers for its products alone."""
+    A product's rows all live in one part, so a part answers for its products alone.
+    Also the stored bytes read (the state columns and the rejects file)."""
     rej = read_rejects(root, entry)
     rej = rej.filter(pc.invert(pc.is_in(rej["reason"], pa.array(ROW_ONLY_REASONS, pa.string()))))
-    part = read_part_columns(root, entry, manifest.model, manifest.dtype,
+    part, stored = read_part_columns(root, entry, manifest.model, manifest.dtype,
                              lambda names: ["product_id", "source_state" if "source_state" in names else "content_hash"]
                              + (["photo"] if "photo" in names else []))
     column, multi = part.column_names[1], "photo" in part.column_names
@@ -351,9 +355,10 @@ def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -
         state.update(zip(pids, part.column(column).to_pylist()))
     encoded = set(pids)
     keys = sorted(state)
-    return pa.table([pa.array(keys, pa.string()), pa.array([state[k] for k in keys], pa.string()),
-                     pa.array([k in encoded for k in keys], pa.bool_()), pa.array([entry.name] * len(keys), pa.string())],
-                    schema=PREVIOUS_SCHEMA)
+    table = pa.table([pa.array(keys, pa.string()), pa.array([state[k] for k in keys], pa.string()),
+                      pa.array([k in encoded for k in keys], pa.bool_()),
+                      pa.array([entry.name] * len(keys), pa.string())], schema=PREVIOUS_SCHEMA)
+    return table, stored + (entry.rejects.bytes if entry.rejects else 0)
 
 
 def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model: ModelRef, dtype: str = "float16",

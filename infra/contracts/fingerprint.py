@@ -74,11 +74,9 @@ def of_objects(uris: list[str], threads: int = 16, io: dict | None = None) -> di
     for uri in dict.fromkeys(uris):
         by_dir.setdefault(uri.rsplit("/", 1)[0], []).append(uri)
     out: dict[str, str | catalog.Problem] = {}
-    heads = []
+    heads, mark = [], storage.IO.thread_snapshot()
     for directory, wanted in by_dir.items():
         listed = storage.list_info(directory) if len(wanted) >= LIST_MIN else None
-        if listed is not None and io is not None:
-            io["lists"] = io.get("lists", 0) + 1
         if listed is None:
             heads += wanted
             continue
@@ -87,16 +85,18 @@ def of_objects(uris: list[str], threads: int = 16, io: dict | None = None) -> di
             out[uri] = from_info(info) if info is not None else catalog.Problem(
                 "image_uri_unreachable", f"read: no such object or directory: {redact(uri)}")
     def head_block(block: list[str]):
-        mark = storage.IO.thread_snapshot()
-        return [of_object(u) for u in block], storage.IO.thread_since(mark)
+        start = storage.IO.thread_snapshot()
+        return [of_object(u) for u in block], storage.IO.thread_since(start)
 
     blocks = [heads[i::threads] for i in range(min(threads, len(heads)))]
     with ThreadPoolExecutor(max(1, len(blocks))) as pool:
-        for block, (got, used) in zip(blocks, pool.map(head_block, blocks)):
-            out.update(zip(block, got))
-            for k, v in used.items():
-                if io is not None:
-                    io[k] = io.get(k, 0) + v
+        done = list(pool.map(head_block, blocks))
+    used = [storage.IO.thread_since(mark)] + [u for _, u in done]  # the LISTs here, the HEADs there
+    for block, (got, _) in zip(blocks, done):
+        out.update(zip(block, got))
+    if io is not None:
+        for k in used[0]:
+            io[k] = io.get(k, 0) + sum(u[k] for u in used)
     return out
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mimdex.infra import storage
+from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.errors import DataError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.compact.spec import PROGRESS_DIR, TRAINED_SPOOL, CompactSpec
+from mimdex.pipelines.compact.spec import PROGRESS_DIR, CompactSpec
 from mimdex.pipelines.report import StageTimer
 
 
@@ -41,11 +42,8 @@ def run(cfg: CompactConfig, beam_args: list[str] | None = None) -> dict:
         return report
     version = iv.new_version()
     src, out = iv.version_uri(cfg.index, m.version), iv.version_uri(cfg.index, version)
-    trained = iv.read_trained(src, m.trained)
-    # the DoFns read the codebooks (verified here) from a spool file in the new version,
-    # removed once the shards are written
-    storage.write_bytes(storage.join(out, TRAINED_SPOOL), trained)
-    spec = CompactSpec(src, out, m.deltas)
+    nlist, code_size = codec.lists_shape(iv.read_trained(src, m.trained))  # verified, and its shape
+    spec = CompactSpec(src, out, m.deltas, nlist, code_size)
     with timer.stage("beam"):
         from mimdex.pipelines.compact.graph import build_pipeline  # Beam is imported only to compact
 

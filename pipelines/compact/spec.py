@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from mimdex.infra.contracts import index_version as iv
 
 PROGRESS_DIR = "_compact"
-TRAINED_SPOOL = "_compact/trained.index"
 
 
 @dataclass(frozen=True)
@@ -14,3 +13,5 @@ class CompactSpec:
     source_dir: str          # the version being compacted
     out_dir: str             # the new version
     deltas: tuple[iv.DeltaSegment, ...]
+    nlist: int               # the shape of the stored lists (the codebooks stay where they are)
+    code_size: int

@@ -81,8 +81,7 @@ class CatalogStates(beam.DoFn):
 
     def process(self, unit: CatalogUnit):
         spec = self.spec
-        table, cols = catalog.read_columns(unit.uri, list(unit.row_groups))
-        read = column_bytes(parquet_metadata(unit.uri, "catalog"), unit.row_groups, table.column_names)
+        table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups))
         fp_col = fingerprint.column_of(table.column_names) if cols.image == "image_uri" else None
         ids = table.column("product_id").to_pylist()
         titles = catalog.titles_as_bytes(table)
@@ -112,10 +111,7 @@ class PreviousStates(beam.DoFn):
     def process(self, entry: emb.PartEntry):
         spec = self.spec
         manifest = emb.EmbeddingsManifest(spec.model, spec.dtype, ())
-        table = emb.previous_states(spec.embeddings, manifest, entry)
-        meta = parquet_metadata(storage.join(spec.embeddings, entry.part.file), "embeddings part")
-        read = column_bytes(meta, range(meta.num_row_groups), ("product_id", "source_state", "content_hash", "photo"))
-        read += entry.rejects.bytes if entry.rejects else 0
+        table, read = emb.previous_states(spec.embeddings, manifest, entry)
         refs = _write_run(spec, entry.name, "prev", table)
         _record(spec, f"prev-{entry.name}", {"rows": table.num_rows, "read_bytes": read})
         yield from refs

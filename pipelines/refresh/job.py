@@ -115,8 +115,9 @@ def run(cfg: RefreshConfig) -> dict:
                 d, report["read"] = diff_graph.run_diff(cfg.catalog, model_sha, cfg.embeddings,
                                                         None if full_reason else prev_emb, diff_dir, forced,
                                                         list(cfg.beam_args), cfg.stall_timeout)
+                to_encode = d.ids(*diffs.TO_ENCODE)
                 if forced:
-                    found = set(d.ids(*diffs.TO_ENCODE).to_pylist())
+                    found = set(to_encode.to_pylist())
                     report["ids_not_in_catalog"] = sorted(set(forced) - found)[:100]
                     if not found:
                         raise DataError(f"--ids {cfg.ids_file}: none of its {len(forced)} product ids is a "
@@ -138,7 +139,7 @@ def run(cfg: RefreshConfig) -> dict:
             else:
                 source = storage.join(run_dir, "input", "catalog.parquet")
                 if d.n(*diffs.TO_ENCODE) and not storage.exists(source):  # a resumed run keeps its input
-                    write_subset(cfg.catalog, d.ids(*diffs.TO_ENCODE), source)
+                    write_subset(cfg.catalog, to_encode, source)
             reuse = None
             if d is not None and d.n(diffs.CHANGED) and not full_reason and not cfg.ids_file:
                 reuse = _reuse_photos(cfg.embeddings, prev_emb, d, run_dir)

@@ -64,8 +64,9 @@ def write_delta(version_dir: str, version: str, trained: bytes, shards: int, rem
     ``sa_encode`` with the reused trained index) per shard, and the deletion list of the
     ``removed`` product_ids (changed or deleted: all their earlier vectors go). Nothing of
     the previous version is read or rewritten."""
-    nlist, code_size = codec.lists_shape(trained)
-    lists, codes = codec.encode(codec.deserialize(trained), delta.vectors)
+    index = codec.deserialize(trained)
+    nlist, code_size = codec.lists_shape(index)
+    lists, codes = codec.encode(index, delta.vectors)
     shard_of_row = shard_of(delta.keys, shards)
     out = {}
     for shard in np.unique(shard_of_row).tolist():

@@ -10,6 +10,18 @@ from typing import Iterable
 import numpy as np
 import torch
 
+BLOCK_ROWS = 16384   # 1,000 queries x 16k rows of fp32 distances: 64 MB
+
+
+def merge_nearest(dists: list[np.ndarray], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the nearest of several partial top-1 results (the same as one pass over
+    all their blocks): the smallest distance, ties to the smaller id; -1 where none found."""
+    d, i = np.stack(dists, 1), np.stack(ids, 1)
+    d = np.where(i >= 0, d, np.inf)
+    best = np.lexsort((i, d), axis=1)[:, 0]
+    rows = np.arange(len(d))
+    return d[rows, best], i[rows, best]
+
 
 class ExactTopK:
     def __init__(self, queries: np.ndarray, k: int, exclude_ids: np.ndarray | None = None):
@@ -20,6 +32,10 @@ class ExactTopK:
         self.ids = torch.full((len(queries), k), -1, dtype=torch.long)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        for a in range(0, len(vectors), BLOCK_ROWS):  # queries x block distances, never queries x n
+            self._add(vectors[a:a + BLOCK_ROWS], ids[a:a + BLOCK_ROWS])
+
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         xid = torch.from_numpy(ids.astype(np.int64))
         d = (self.q * self.q).sum(1, keepdim=True) - 2 * self.q @ x.T + (x * x).sum(1)[None]

@@ -1,9 +1,26 @@
-"""Choosing IVF-PQ parameters from the vector count, the dimension and a memory budget.
+"""Choosing the index from the vector count, the dimension and a memory budget.
+
+    [IVF coarse lists, flat or HNSW] + [codes scanned in the lists] (+ optional re-ranking codes)
 
 Sources: the faiss wiki ("Guidelines to choose an index": nlist between 4*sqrt(n) and
-16*sqrt(n); k-means wants 39..256 training points per centroid) and autofaiss (a
-memory budget turns into bytes per code). On CPU the default code is 4-bit fast-scan PQ
-(``PQ{m}x4fs``), SIMD-friendly and d/4 bytes per vector with m = d/2 sub-quantizers.
+16*sqrt(n), an HNSW coarse quantizer from about 1M vectors up; k-means wants 39..256
+training points per centroid) and the sweep of code options in docs/benchmarks.md
+("Which codes", tests/benchmarks/bench_codes.py). At 1M x 256 on this project's CPU:
+
+    codes                        bytes/vector  recall@10 cap  queries/s at recall >= 0.95
+    PQ128x4fs (fast-scan)              81          0.63         (never reaches it)
+    PQ64x8                             77          0.93         (never reaches it)
+    OPQ64 + PQ64x8                     77          0.93         (never reaches it)
+    PQ128x4fs + Refine(SQ8), k x 10   337          0.97         29,900 (nprobe 4)
+    SQ8                               268          1.00         29,400 (nprobe 4; 0.982)
+
+SQ8 in the lists reaches the target with fewer bytes than fast-scan PQ + re-ranking, at
+the same queries/s, and with 4x fewer lists (longer ones, as 10M vectors in 16k lists
+have) it is 2.5x faster (the fast-scan k x 10 candidate heap is its slow part). So SQ8
+is the default wherever the budget (--max-index-memory) holds d + 8 bytes per vector;
+below that, the largest fast-scan PQ that fits, and the manifest says its recall is
+capped. Re-ranking (``,Refine(SQ8)`` / ``,Refine(SQfp16)``) and OPQ/8-bit PQ stay
+available through --factory.
 """
 from __future__ import annotations
 
@@ -15,22 +32,33 @@ from mimdex.infra.errors import DataError, UsageError
 
 MIN_POINTS_PER_CENTROID = 39   # below this faiss warns that k-means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # faiss's own training cap
-# faiss's cap, by default: a 64-per-list sample trains 1.5x faster on 200k x 256 but
-# costs 0.017 recall@10 (bench_index.py); --train-size trades that explicitly
-TRAIN_POINTS_PER_CENTROID = MAX_POINTS_PER_CENTROID
+# 64 per list, not faiss's cap of 256: 0.002 recall@10 at 200k and 1M (docs/benchmarks.md),
+# for a quarter of the k-means time and of the sample's memory
+TRAIN_POINTS_PER_CENTROID = 64
 ID_BYTES = 8                   # int64 id stored with every code in the inverted lists
+HNSW_MIN_NLIST = 8192          # a flat assignment of every vector to 8k+ lists dominates add
+HNSW_M = 32
+REFINE = ("SQ8", "SQfp16")
+K_FACTOR = 10                  # re-rank k x 10 candidates: k x 4 caps recall@10 at 0.88 at 1M, k x 10 at 0.97
+_FACTORY = re.compile(r"(?:OPQ(?P<opq>\d+)(?:_(?P<opq_d>\d+))?,)?IVF(?P<nlist>\d+)(?:_HNSW(?P<hnsw>\d+))?,"
+                      r"(?:PQ(?P<m>\d+)(?:x(?P<bits>\d+))?(?P<fs>fs)?|(?P<sq>SQ8|SQfp16))"
+                      r"(?:,Refine\((?P<refine>SQ8|SQfp16)\))?")
 
 
 @dataclass(frozen=True)
 class IndexParams:
     factory: str
     nlist: int
-    pq_m: int
+    pq_m: int                      # 0 for scalar-quantizer codes
     pq_bits: int
     train_size: int
-    code_bytes: int
+    code_bytes: int                # bytes per vector in the inverted lists
     estimated_bytes: int
     reasons: tuple[str, ...]
+    refine: str | None = None      # codes the top k x k_factor candidates are re-ranked with
+    refine_bytes: int = 0
+    k_factor: int = 1
+    coarse: str = "flat"           # "flat" or "hnsw32"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "reasons": list(self.reasons)}
@@ -43,64 +71,103 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index((m.group(2) or "_").upper()))
 
 
-def _parse_factory(factory: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"IVF(\d+),PQ(\d+)(?:x(\d+))?(fs)?", factory.replace(" ", ""))
+def sq_bytes(kind: str, d: int) -> int:
+    return d if kind == "SQ8" else 2 * d
+
+
+@dataclass(frozen=True)
+class _Factory:
+    nlist: int
+    m: int
+    bits: int
+    code_bytes: int
+    refine: str | None
+    coarse: str
+
+
+def _parse_factory(factory: str, d: int) -> _Factory:
+    m = _FACTORY.fullmatch(factory.replace(" ", ""))
     if not m:
-        raise UsageError(f"--factory {factory!r}: expected an IVF-PQ factory string such as "
-                         "IVF1024,PQ64x4fs or IVF4096,PQ32")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 8)
+        raise UsageError(f"--factory {factory!r}: expected an IVF factory string such as IVF1024,PQ64x4fs, "
+                         "IVF65536_HNSW32,PQ128x4fs,Refine(SQ8), OPQ64_256,IVF4096,PQ64x8 or IVF4096,SQ8")
+    if m["sq"]:
+        pq_m, bits, code = 0, 8, sq_bytes(m["sq"], d)
+    else:
+        pq_m, bits = int(m["m"]), int(m["bits"] or 8)
+        if d % pq_m:
+            raise UsageError(f"--factory {factory!r}: PQ{pq_m} does not divide the dimension {d}")
+        code = math.ceil(pq_m * bits / 8)
+    if m["opq"] and int(m["opq_d"] or d) != d:
+        raise UsageError(f"--factory {factory!r}: OPQ must keep the dimension {d} (write OPQ{m['opq']}_{d})")
+    return _Factory(int(m["nlist"]), pq_m, bits, code, m["refine"], f"hnsw{m['hnsw']}" if m["hnsw"] else "flat")
+
+
+def _default_nlist(n: int, reasons: list[str]) -> int:
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    cap = max(1, n // MIN_POINTS_PER_CENTROID)
+    if nlist > cap:
+        nlist = 2 ** int(math.log2(cap))
+        reasons.append(f"nlist {nlist}: the power of two nearest 4*sqrt(n), capped so that each "
+                       f"centroid gets >= {MIN_POINTS_PER_CENTROID} training points")
+    else:
+        reasons.append(f"nlist {nlist}: the power of two nearest 4*sqrt(n) = {4 * math.sqrt(n):.0f} "
+                       "(faiss guideline 4..16*sqrt(n))")
+    return nlist
+
+
+def _default_codes(n: int, d: int, nlist: int, max_memory: int | None, reasons: list[str]) -> str:
+    """The list codes for the budget: SQ8, else the largest fast-scan PQ that fits."""
+    coarse = nlist * d * 4
+    per_vector = (max_memory - coarse) / max(n, 1) - ID_BYTES if max_memory else math.inf
+    if sq_bytes("SQ8", d) <= per_vector:
+        reasons.append(f"SQ8 codes ({d} bytes): at 1M x 256 they reach recall@10 1.00 where fast-scan PQ stops at "
+                       "0.63, with fewer bytes than PQ + SQ8 re-ranking at the same queries/s (docs/benchmarks.md)")
+        return "SQ8"
+    m = d // 2
+    while d % m:
+        m -= 1
+    fits = [c for c in range(m, 0, -1) if d % c == 0 and c % 2 == 0 and c / 2 <= per_vector]
+    if not fits:
+        raise UsageError(f"--max-index-memory {max_memory} bytes is too small for {n} vectors: even "
+                         f"PQ2x4fs needs {n * (ID_BYTES + 1) + coarse} bytes")
+    reasons.append(f"PQ{fits[0]}x4fs: --max-index-memory leaves {per_vector:.1f} bytes per vector, too few for SQ8 "
+                   f"({d} bytes); fast-scan PQ codes cap recall@10 (0.63 for PQ128x4fs at 1M x 256)")
+    return f"PQ{fits[0]}x4fs"
 
 
 def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = None,
            train_size: int | None = None) -> IndexParams:
-    reasons = []
+    reasons: list[str] = []
     if factory:
-        nlist, m, bits = _parse_factory(factory)
-        if d % m:
-            raise UsageError(f"--factory {factory!r}: PQ{m} does not divide the dimension {d}")
+        f = _parse_factory(factory, d)
+        factory = factory.replace(" ", "")
         reasons.append(f"explicit --factory {factory}")
     else:
-        nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
-        cap = max(1, n // MIN_POINTS_PER_CENTROID)
-        if nlist > cap:
-            nlist = 2 ** int(math.log2(cap))
-            reasons.append(f"nlist {nlist}: the power of two nearest 4*sqrt(n), capped so that each "
-                           f"centroid gets >= {MIN_POINTS_PER_CENTROID} training points")
-        else:
-            reasons.append(f"nlist {nlist}: the power of two nearest 4*sqrt(n) = {4 * math.sqrt(n):.0f} "
-                           "(faiss guideline 4..16*sqrt(n))")
-        bits = 4
-        m = d // 2
-        while d % m:
-            m -= 1
-        reasons.append(f"PQ{m}x4fs: 4-bit fast-scan PQ, the fast CPU default; m = d/2 gives {m // 2} "
-                       "bytes per code")
-        if max_memory:
-            per_vector = max_memory / max(n, 1) - ID_BYTES
-            fits = [c for c in range(m, 0, -1) if d % c == 0 and c % 2 == 0 and c * bits / 8 <= per_vector]
-            if not fits:
-                raise UsageError(f"--max-index-memory {max_memory} bytes is too small for {n} vectors: even "
-                                 f"PQ2x4fs needs {n * (ID_BYTES + 1)} bytes")
-            if fits[0] != m:
-                reasons.append(f"PQ{fits[0]}x4fs: the largest even divisor of d={d} whose codes fit "
-                               f"--max-index-memory ({per_vector:.1f} bytes per vector for code + id)")
-            m = fits[0]
-        factory = f"IVF{nlist},PQ{m}x4fs"
-    needed = max(nlist, 2 ** bits)
+        nlist = _default_nlist(n, reasons)
+        coarse = f"hnsw{HNSW_M}" if nlist >= HNSW_MIN_NLIST else "flat"
+        if coarse != "flat":
+            reasons.append(f"HNSW{HNSW_M} coarse quantizer: nlist >= {HNSW_MIN_NLIST}, where assigning each vector "
+                           "to its list by a flat scan of the centroids dominates add and search")
+        codes = _default_codes(n, d, nlist, max_memory, reasons)
+        factory = f"IVF{nlist}{'_HNSW%d' % HNSW_M if coarse != 'flat' else ''},{codes}"
+        f = _parse_factory(factory, d)
+    pq_train = 2 ** f.bits * MAX_POINTS_PER_CENTROID if f.m else 0
+    needed = max(f.nlist, 2 ** f.bits if f.m else 1)
     if n < needed:
         raise DataError(f"{n} vectors are too few to train {factory}: it needs at least {needed} "
-                        f"({nlist} IVF lists, {2 ** bits} PQ centroids per sub-quantizer)")
-    code_bytes = math.ceil(m * bits / 8)
+                        f"({f.nlist} IVF lists" + (f", {2 ** f.bits} PQ centroids per sub-quantizer)" if f.m else ")"))
     if train_size:
         train_size = min(n, train_size)
         reasons.append(f"training sample {train_size}: --train-size")
     else:
-        train_size = min(n, max(TRAIN_POINTS_PER_CENTROID * nlist, 2 ** bits * MAX_POINTS_PER_CENTROID))
-        reasons.append(f"training sample {train_size}: min(n, {TRAIN_POINTS_PER_CENTROID} * nlist), faiss's own cap "
-                       f"(39..256 per list is its guideline), and at least the {2 ** bits * MAX_POINTS_PER_CENTROID} "
-                       "points PQ training samples")
-    estimated = n * (code_bytes + ID_BYTES) + nlist * d * 4 + (2 ** bits) * d * 4
+        train_size = min(n, max(TRAIN_POINTS_PER_CENTROID * f.nlist, pq_train))
+        reasons.append(f"training sample {train_size}: min(n, {TRAIN_POINTS_PER_CENTROID} * nlist) (faiss's guideline "
+                       f"is 39..256 per list; 64 costs 0.002 recall@10 against 256)"
+                       + (f", and at least the {pq_train} points PQ training samples" if pq_train else ""))
+    refine_bytes = sq_bytes(f.refine, d) if f.refine else 0
+    estimated = n * (f.code_bytes + refine_bytes + ID_BYTES) + f.nlist * d * 4 + (2 ** f.bits) * d * 4
     if max_memory and estimated > max_memory:
         raise UsageError(f"{factory} needs about {estimated} bytes for {n} vectors, over --max-index-memory "
                          f"{max_memory}")
-    return IndexParams(factory, nlist, m, bits, train_size, code_bytes, estimated, tuple(reasons))
+    return IndexParams(factory, f.nlist, f.m, f.bits, train_size, f.code_bytes, estimated, tuple(reasons),
+                       f.refine, refine_bytes, K_FACTOR if f.refine else 1, f.coarse)

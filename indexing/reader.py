@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.indexing.collapse import ProductOf, collapse
+from mimdex.indexing.rerank import rerank
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
-from mimdex.infra.contracts.index_codec import lists_shape, shard_index
+from mimdex.infra.contracts.index_codec import deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
@@ -42,12 +43,17 @@ class IndexReader:
         self._trained = iv.read_trained(uri, trained)
         self._deltas = tuple(deltas)
         self._deletions = delta.later_deletions(uri, self._deltas) if self._deltas else None
-        self._shape = lists_shape(self._trained)
+        trained_index = deserialize(self._trained)
+        self._shape = lists_shape(trained_index)
+        self._refine = refine_quantizer(trained_index)
+        self.k_factor = int(params.get("k_factor") or 1) if self._refine is not None else 1
         with ThreadPoolExecutor(4) as pool:
             loaded = list(pool.map(self._load_shard, shards))
         self.shards = [index for index, _ in loaded]
         self.idmap = pa.concat_tables([t for _, t in loaded], promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
+        self._refine_codes = (iv.refine_codes(self.idmap, self._refine.sa_code_size())
+                              if self._refine is not None else None)
         self.ntotal = sum(s.ntotal for s in self.shards)
         self._product_of, self.products = None, self.ntotal
         if "photo" in self.idmap.column_names:  # several vectors per product: search_distinct collapses
@@ -98,25 +104,34 @@ class IndexReader:
         (1 - L2^2 / 2), best first; id -1 where fewer than k results exist."""
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.params["d"])
         nprobe = nprobe or self.default_nprobe
+        fetch = k * self.k_factor
         if self.index is not None:
-            faiss.extract_index_ivf(self.index).nprobe = nprobe
-            dist, ids = self.index.search(x, k)
+            _set_nprobe(self.index, nprobe)
+            dist, ids = self.index.search(x, fetch)
         else:
-            dist, ids = self._search_shards(x, k, nprobe)
+            dist, ids = self._search_shards(x, fetch, nprobe)
+        if self._refine is not None:  # the IVF's k x k_factor candidates, ordered by the finer codes
+            dist, ids = rerank(x, ids, self._rows_of, self._refine_codes, self._refine.sa_decode, k)
         return np.where(ids >= 0, 1.0 - dist / 2.0, -np.inf).astype(np.float32), ids
 
     def _search_shards(self, x: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """Coarse-quantise once (shared quantizer), search every shard's lists, merge."""
+        for shard in self.shards:
+            _set_nprobe(shard, nprobe)
         quantizer = faiss.extract_index_ivf(self.shards[0]).quantizer
         cdist, assign = quantizer.search(x, nprobe)
-        for shard in self.shards:
-            faiss.extract_index_ivf(shard).nprobe = nprobe
         parts = [s.search_preassigned(x, k, assign, cdist) for s in self.shards]
         dist = np.concatenate([p[0] for p in parts], 1)
         ids = np.concatenate([p[1] for p in parts], 1)
         dist = np.where(ids >= 0, dist, np.inf)
         order = np.lexsort((ids, dist), axis=1)[:, :k] if dist.size else np.zeros((len(x), 0), int)
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        rows = np.searchsorted(self._ids, ids)
+        if len(rows) and (rows.max() >= len(self._ids) or (self._ids[rows] != ids).any()):
+            raise DataError(f"{self.uri}: the index returned ids that its id map does not hold")
+        return rows
 
     @property
     def nlist(self) -> int:
@@ -195,3 +210,12 @@ _WORKERS = min(4, os.cpu_count() or 1)
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_WORKERS, thread_name_prefix="mimdex-collapse")
+
+
+def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """nprobe, and an HNSW coarse quantizer's beam wide enough to return that many lists."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, nprobe)

@@ -1,7 +1,8 @@
 """Evaluate, gate and publish an index version whose shards are written: the end of
 build-index and of refresh's incremental update alike.
 
-    held-out sample -> exact ground truth (blockwise) -> nprobe sweep -> default nprobe
+    query sets (held-out sample, street queries) -> exact nearest neighbours (found by
+      build-index's Beam job, or blockwise here) -> nprobe sweep -> default nprobe
       -> --min-recall gate -> report.json -> manifest.json (create-only) -> LATEST (conditional)
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from mimdex.indexing.evaluate import held_out_at, sweep
 from mimdex.indexing.exact import ExactTopK
 from mimdex.indexing.reader import IndexReader
+from mimdex.indexing.sample import Sample, draw
 from mimdex.infra import storage
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest
@@ -83,32 +85,59 @@ class Released:
 
 
 def blocks(src: Source):
-    """(vectors, ids) of every usable row, part by part (checksums verified)."""
+    """(part name, vectors, ids) of every usable row, part by part (checksums verified)."""
     for entry in src.manifest.parts:
         rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
                            photo_mode=src.photos or "every", idmap=False)
-        yield rows.vectors, rows.ids
+        yield entry.name, rows.vectors, rows.ids
 
 
-def sample_vectors(src: Source, n: int, train_size: int, eval_queries: int, seed: int = 0):
-    """Training sample and held-out evaluation vectors (disjoint), in one pass."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_eval = min(eval_queries, n // 5)  # held out of training (still indexed)
-    train_size = min(train_size, n - n_eval)
-    train_pos, eval_pos = np.sort(perm[:train_size]), np.sort(perm[train_size:train_size + n_eval])
-    train, held, held_ids = [], [], []
-    offset = 0
-    for v, ids in blocks(src):
-        lo, hi = offset, offset + len(v)
-        t = train_pos[(train_pos >= lo) & (train_pos < hi)] - offset
-        e = eval_pos[(eval_pos >= lo) & (eval_pos < hi)] - offset
-        train.append(v[t])
-        held.append(v[e])
-        held_ids.append(ids[e])
-        offset = hi
-    d = src.manifest.model.d
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
-    return cat(train, (0, d)), cat(held, (0, d)), (np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64))
+def sample_vectors(src: Source, n: int, train_size: int, eval_queries: int, seed: int = 0) -> Sample:
+    """Training sample and held-out evaluation vectors (disjoint), in one streaming pass."""
+    return draw(blocks(src), n, train_size, eval_queries, src.manifest.model.d, seed)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    name: str                        # held_out | street
+    vectors: np.ndarray
+    exclude: np.ndarray | None       # a held-out vector's own id, never its own neighbour
+    product_ids: tuple[str, ...] | None = None   # street queries: the photographed product
+
+
+def query_sets(src: Source, gate: Gate, held: np.ndarray, held_ids: np.ndarray) -> tuple[QuerySet, ...]:
+    sets = [QuerySet("held_out", held, held_ids)] if len(held) else []
+    if gate.queries:
+        vectors, pids = _street_queries(src, gate.queries)
+        if len(vectors):
+            sets.append(QuerySet("street", vectors, None, tuple(pids)))
+    return tuple(sets)
+
+
+def stacked(sets: tuple[QuerySet, ...], d: int) -> tuple[np.ndarray, np.ndarray]:
+    """All sets' queries in one matrix and their exclusions (-1: none), for one exact pass."""
+    if not sets:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    return (np.concatenate([s.vectors for s in sets]).astype(np.float32),
+            np.concatenate([s.exclude if s.exclude is not None else np.full(len(s.vectors), -1, np.int64)
+                            for s in sets]))
+
+
+def split_truth(sets: tuple[QuerySet, ...], nearest: np.ndarray) -> dict[str, np.ndarray]:
+    bounds = np.cumsum([0] + [len(s.vectors) for s in sets])
+    return {s.name: nearest[a:b] for s, a, b in zip(sets, bounds, bounds[1:])}
+
+
+def exact_truth(src: Source, sets: tuple[QuerySet, ...]) -> dict[str, np.ndarray]:
+    """Each set's exact nearest neighbours, by one blockwise pass over the embeddings
+    (build-index finds them inside its Beam job instead; a refresh reads them here)."""
+    queries, exclude = stacked(sets, src.manifest.model.d)
+    if not len(queries):
+        return {}
+    acc = ExactTopK(queries, 1, exclude)
+    for _, v, ids in blocks(src):
+        acc.add(v, ids)
+    return split_truth(sets, acc.result()[1][:, 0])
 
 
 def _street_queries(src: Source, queries: str, limit: int = 2000) -> tuple[np.ndarray, list[str]]:
@@ -133,28 +162,19 @@ def _street_queries(src: Source, queries: str, limit: int = 2000) -> tuple[np.nd
     return vectors.astype(np.float32), table.column("product_id").to_pylist()
 
 
-def evaluate(src: Source, gate: Gate, reader: IndexReader, held: np.ndarray, held_ids: np.ndarray,
+def evaluate(gate: Gate, reader: IndexReader, sets: tuple[QuerySet, ...], truth: dict[str, np.ndarray],
              nlist: int) -> dict:
     out: dict = {}
-    queries = {"held_out": (held, held_ids)}
-    street_pids = None
-    if gate.queries:
-        vectors, street_pids = _street_queries(src, gate.queries)
-        queries["street"] = (vectors, None)
-    exact = {name: ExactTopK(q, 1, ex) for name, (q, ex) in queries.items() if len(q)}
-    for v, ids in blocks(src):
-        for acc in exact.values():
-            acc.add(v, ids)
-    for name, acc in exact.items():
-        q, ex = queries[name]
-        truth = acc.result()[1][:, 0]
-        rows, chosen = sweep(lambda x, k, p: reader.search(x, k, p), q, truth, nlist, gate.recall_target, ex)
-        out[name] = {"queries": len(q), "sweep": rows, "default_nprobe": chosen}
-    if street_pids is not None and "street" in exact:
+    for s in sets:
+        rows, chosen, why = sweep(lambda x, k, p: reader.search(x, k, p), s.vectors, truth[s.name], nlist,
+                                  gate.recall_target, s.exclude)
+        out[s.name] = {"queries": len(s.vectors), "sweep": rows, "default_nprobe": chosen, "why": why}
+    street = next((s for s in sets if s.name == "street"), None)
+    if street is not None:
         nprobe = out.get("held_out", out["street"])["default_nprobe"]
         # a product is found when any of its photos is: distinct products, compared by product id
-        _, _, found = reader.search_distinct(queries["street"][0], 100, nprobe)
-        out["street"]["product_recall"] = recall_at(found, ids_for(street_pids))
+        _, _, found = reader.search_distinct(street.vectors, 100, nprobe)
+        out["street"]["product_recall"] = recall_at(found, ids_for(list(street.product_ids)))
     return out
 
 
@@ -170,11 +190,15 @@ def version_bytes(draft: VersionDraft) -> dict:
             "written_bytes": sum(r.bytes for r in refs if not r.file.startswith("../"))}
 
 
-def finish_version(draft: VersionDraft, src: Source, gate: Gate, held: np.ndarray, held_ids: np.ndarray,
-                   timer, extra: dict | None = None, reader: IndexReader | None = None) -> Released:
+def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[QuerySet, ...], timer,
+                   extra: dict | None = None, reader: IndexReader | None = None,
+                   truth: dict[str, np.ndarray] | None = None) -> Released:
+    """``truth``: each query set's exact nearest neighbours when the caller found them
+    (build-index's Beam job), else one blockwise pass over the embeddings finds them."""
     vdir = iv.version_uri(draft.out, draft.version)
     with timer.stage("evaluate"):
-        evaluation = evaluate(src, gate, reader or draft.reader(), held, held_ids, draft.params["nlist"])
+        truth = truth if truth is not None else exact_truth(src, sets)
+        evaluation = evaluate(gate, reader or draft.reader(), sets, truth, draft.params["nlist"])
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model

@@ -104,16 +104,19 @@ def _run_compact(args: argparse.Namespace) -> int:
 
 
 def _add_build_index(sub) -> None:
-    p = sub.add_parser("build-index", help="build and publish sharded IVF-PQ indexes with Beam",
-                       description="Train IVF-PQ once on a sample, add vectors per (input part, shard) on Apache "
-                                   "Beam, merge per shard, evaluate against exact search, publish a new version "
-                                   "and point LATEST at it. Unrecognised --flags are Beam pipeline options "
-                                   "(e.g. --runner=FlinkRunner); the default is the DirectRunner.")
+    p = sub.add_parser("build-index", help="build and publish sharded IVF indexes with Beam",
+                       description="Train an IVF index once on a sample, add vectors per (input part, shard) on "
+                                   "Apache Beam, merge per shard, evaluate against exact search, publish a new "
+                                   "version and point LATEST at it. Unrecognised --flags are Beam pipeline options "
+                                   "(e.g. --runner=FlinkRunner); the default is the DirectRunner, with a worker "
+                                   "process per core from 1M vectors.")
     p.add_argument("--embeddings", required=True, help="embeddings root (with manifest.json)")
     p.add_argument("--out", required=True, help="index root URI")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--vector", choices=["image", "text", "fused"], default="image")
-    p.add_argument("--factory", help="explicit faiss factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--factory", help="explicit faiss factory string: IVF<n>[_HNSW32],<codes>[,Refine(SQ8|SQfp16)] "
+                   "with codes SQ8, SQfp16, PQ<m>x4fs or PQ<m>[x8], optionally after OPQ<m>_<d>, e.g. "
+                   "IVF65536_HNSW32,PQ128x4fs,Refine(SQ8) (default: chosen from n, d and --max-index-memory)")
     p.add_argument("--max-index-memory", help="memory budget for the whole index, e.g. 4G")
     p.add_argument("--recall-target", type=float, default=0.95,
                    help="recall@10 (vs exact) the default nprobe must reach")

@@ -170,7 +170,8 @@ def _rebuild_same_codebooks(cfg, m: iv.IndexManifest, out: str) -> IndexReader:
     x = np.concatenate([r.vectors for r in rows])
     ids = np.concatenate([r.ids for r in rows])
     idmap = pa.concat_tables([r.idmap for r in rows], promote_options="permissive")
-    lists, codes = codec.encode(index, x)
+    lists, codes, refine = codec.encode(index, x)
+    idmap = iv.with_refine(idmap, refine)
     shards = shard_of(ids, len(m.shards))
     storage.write_bytes(storage.join(out, "trained.index"), trained)
     entries = []

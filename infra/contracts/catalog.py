@@ -15,12 +15,12 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
+from mimdex.infra.contracts import duplicates
 from mimdex.infra.contracts.files import column_bytes
 from mimdex.infra.contracts.photos import LIST_COLUMNS
 from mimdex.infra.errors import DataError
@@ -237,31 +237,9 @@ def titles_as_bytes(table: pa.Table) -> list[bytes | None]:
 
 
 def duplicate_rows(uris: list[str], ids: list[pa.Array]) -> dict[tuple[int, int], str]:
-    """(file index, row) -> where its product_id was first seen, for every repeat.
-
-    Catalog order (files sorted, rows in order) decides: the first occurrence is the
-    product, later ones are rejected. Vectorised: one sort of the id column, no dict of
-    every product_id.
-    """
-    if not ids:
-        return {}
-    all_ids = pa.chunked_array([a.cast(pa.large_string()) for a in ids], pa.large_string())
-    file_of = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)])
-    row_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in ids])
-    table = pa.table({"id": all_ids, "pos": np.arange(len(all_ids), dtype=np.int64)})
-    table = table.filter(pc.and_(pc.is_valid(table["id"]), pc.not_equal(table["id"], "")))
-    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending"), ("pos", "ascending")]))
-    sorted_ids = table["id"].combine_chunks()
-    same = np.zeros(len(table), bool)
-    if len(table) > 1:
-        same[1:] = pc.equal(sorted_ids[1:], sorted_ids[:-1]).to_numpy(zero_copy_only=False)
-    pos = table["pos"].to_numpy()
-    run_start = np.maximum.accumulate(np.where(same, 0, np.arange(len(table))))  # each repeat -> its run's first
-    out: dict[tuple[int, int], str] = {}
-    for i in np.flatnonzero(same):
-        keep = pos[run_start[i]]
-        out[(int(file_of[pos[i]]), int(row_of[pos[i]]))] = f"{uris[file_of[keep]]} row {int(row_of[keep])}"
-    return out
+    """(file index, row) -> where its product_id was first seen, for every repeat, of ids
+    held in memory (contracts.duplicates finds them in a whole catalog in bounded memory)."""
+    return duplicates.find(uris, lambda i: ids[i], sum(len(a) for a in ids))
 
 
 def first_rows(product_ids: list[str | None]) -> dict[str, int]:

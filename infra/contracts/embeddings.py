@@ -365,13 +365,21 @@ def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model:
                   parts: int = 1, text_vectors: np.ndarray | None = None) -> EmbeddingsManifest:
     """An embeddings root from vectors computed elsewhere (an import, a benchmark, a test):
     the parts and manifest encode writes, content_hash "-" (no catalog behind them)."""
+    blocks = ((vectors[sl], [product_ids[j] for j in sl], None if text_vectors is None else text_vectors[sl])
+              for sl in np.array_split(np.arange(len(product_ids)), max(1, parts)))
+    return write_vector_parts(root, blocks, model, dtype)
+
+
+def write_vector_parts(root: str, blocks, model: ModelRef, dtype: str = "float16") -> EmbeddingsManifest:
+    """write_vectors for vectors made block by block: (vectors, product_ids, text vectors
+    or None) per part, so a 10M-vector benchmark never holds them all."""
     entries = []
-    for i, sl in enumerate(np.array_split(np.arange(len(product_ids)), max(1, parts))):
+    for i, (vectors, pids, text_vectors) in enumerate(blocks):
         name = f"part-{i:05d}"
-        text = (vectors if text_vectors is None else text_vectors)[sl] if model.has_text else None
-        table = part_table(model, dtype, name, "-", [product_ids[j] for j in sl], ["-"] * len(sl), vectors[sl], text)
+        text = (vectors if text_vectors is None else text_vectors) if model.has_text else None
+        table = part_table(model, dtype, name, "-", list(pids), ["-"] * len(pids), vectors, text)
         part, _, _ = write_part(root, name, table, [])
-        entries.append(PartEntry(name=name, part=part, unit=i, input_rows=len(sl)))
+        entries.append(PartEntry(name=name, part=part, unit=i, input_rows=len(pids)))
     manifest = build_manifest(entries, model, dtype, "-", 0)
     write_manifest(root, manifest)
     return manifest

@@ -1,6 +1,12 @@
-"""The stored form of an index: the trained (empty) IVF-PQ once per version, and each
+"""The stored form of an index: the trained (empty) index once per version, and each
 shard's inverted lists as faiss writes them (flat codes + int64 ids). Together they make
-a complete faiss index (``shard_index``)."""
+a complete faiss index (``shard_index``).
+
+An index with a re-ranking stage is trained as faiss's ``IndexRefine`` (the IVF it
+searches + the quantizer of the re-ranking codes, one file). Its re-ranking codes are
+not in the inverted lists: they are a column of the shard's id map (index_version,
+``REFINE_COLUMN``), so deletions, deltas and compaction carry them with the id.
+"""
 from __future__ import annotations
 
 import faiss
@@ -13,6 +19,25 @@ def serialize(index: faiss.Index) -> bytes:
 
 def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def searched(index: faiss.Index) -> faiss.Index:
+    """The index a search scans: an IndexRefine's base, else the index itself. The base
+    keeps a reference to its owner, which frees it (see lists_shape)."""
+    if isinstance(index, faiss.IndexRefine):
+        base = faiss.downcast_index(index.base_index)
+        base.referenced_objects = [index]  # faiss's own way to keep an owner alive
+        return base
+    return index
+
+
+def refine_quantizer(index: faiss.Index) -> faiss.Index | None:
+    """The quantizer of the re-ranking codes (sa_encode / sa_decode), or None."""
+    if not isinstance(index, faiss.IndexRefine):
+        return None
+    refine = faiss.downcast_index(index.refine_index)
+    refine.referenced_objects = [index]
+    return refine
 
 
 def lists_shape(trained: bytes | faiss.Index) -> tuple[int, int]:
@@ -45,31 +70,59 @@ def split_codes(nlist: int, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lists, np.ascontiguousarray(codes[:, cb:])
 
 
-def encode(trained: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(list numbers, PQ codes) of vectors under a trained IVF index."""
+def encode(trained: faiss.Index, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(list numbers, list codes, re-ranking codes or None) of vectors under a trained index."""
     ivf = faiss.extract_index_ivf(trained)
+    refine = refine_quantizer(trained)
+    rsize = refine.sa_code_size() if refine is not None else 0
     if not len(vectors):
-        return np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8)
-    return split_codes(ivf.nlist, trained.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32)))
+        return (np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8),
+                np.zeros((0, rsize), np.uint8) if refine is not None else None)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    base = searched(trained)
+    lists, codes = split_codes(ivf.nlist, base.sa_encode(x))
+    return lists, codes, (refine.sa_encode(x) if refine is not None else None)
+
+
+def _fourcc(code: str) -> int:
+    return int.from_bytes(code.encode("ascii"), "little")
 
 
 def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray) -> bytes:
-    """(id, list number, PQ code) rows -> faiss inverted lists, serialised.
+    """(id, list number, code) rows -> faiss inverted lists, serialised.
 
-    Stored flat (ArrayInvertedLists): the quantizer and codebooks are in trained.index,
-    once, and fast-scan's 32-code blocks are rebuilt when a reader loads the shard.
+    Stored flat (faiss ArrayInvertedLists' format, byte for byte what faiss's
+    write_InvertedLists writes, which tests check): the quantizer and codebooks are in
+    trained.index, once, and fast-scan's 32-code blocks are rebuilt when a reader loads the
+    shard. Written straight into one buffer, list by list: faiss's own path copies a
+    shard's codes four more times (the lists, its writer, the array, the bytes), which at
+    10M vectors of SQ8 is gigabytes.
     """
     order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
-    ids, lists, codes = ids[order], lists[order], np.ascontiguousarray(codes[order])
-    flat = faiss.ArrayInvertedLists(nlist, code_size)
-    bounds = np.searchsorted(lists, np.arange(nlist + 1))
-    for lst in np.flatnonzero(np.diff(bounds)).tolist():
-        a, b = bounds[lst], bounds[lst + 1]
-        flat.add_entries(lst, int(b - a), faiss.swig_ptr(np.ascontiguousarray(ids[a:b])),
-                         faiss.swig_ptr(np.ascontiguousarray(codes[a:b])))
-    writer = faiss.VectorIOWriter()
-    faiss.write_InvertedLists(flat, writer)
-    return faiss.vector_to_array(writer.data).tobytes()
+    sorted_lists = lists[order]
+    bounds = np.searchsorted(sorted_lists, np.arange(nlist + 1))
+    sizes = np.diff(bounds).astype(np.uint64)
+    nonempty = np.flatnonzero(sizes)
+    if len(nonempty) > nlist / 2:  # faiss: a "full" size table, else a sparse one of (list, size)
+        kind, table = "full", sizes
+    else:
+        kind, table = "sprs", np.stack([nonempty.astype(np.uint64), sizes[nonempty]], 1).ravel()
+    head = (np.array([_fourcc("ilar")], np.uint32).tobytes() + np.array([nlist, code_size], np.uint64).tobytes()
+            + np.array([_fourcc(kind)], np.uint32).tobytes() + np.array([len(table)], np.uint64).tobytes()
+            + table.astype(np.uint64).tobytes())
+    out = bytearray(len(head) + len(ids) * (code_size + 8))
+    out[:len(head)] = head
+    view = np.frombuffer(out, np.uint8)
+    pos = len(head)
+    codes = codes.reshape(len(ids), code_size)
+    for lst in nonempty.tolist():
+        rows = order[bounds[lst]:bounds[lst + 1]]
+        n = len(rows)
+        view[pos:pos + n * code_size] = codes[rows].ravel()
+        pos += n * code_size
+        view[pos:pos + n * 8] = ids[rows].astype(np.int64).view(np.uint8)
+        pos += n * 8
+    return out  # a bytearray: bytes(out) would copy it once more
 
 
 def _read_lists(data: bytes):
@@ -97,8 +150,9 @@ def decoded_lists(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def shard_index(trained: bytes, lists: bytes) -> faiss.Index:
-    """trained.index + a shard's inverted lists -> a complete, searchable faiss index."""
-    index = deserialize(trained)
+    """trained.index + a shard's inverted lists -> a complete, searchable faiss index
+    (the IVF of an IndexRefine: the reader re-ranks with the id map's codes)."""
+    index = searched(deserialize(trained))
     flat = _read_lists(lists)
     ivf = faiss.extract_index_ivf(index)
     if flat.nlist != ivf.nlist or flat.code_size != ivf.code_size:

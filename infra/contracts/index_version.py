@@ -2,7 +2,8 @@
 
     <root>/versions/<version>/trained.index          the empty trained IVF-PQ, once
     <root>/versions/<version>/shard-00003.index      the shard's inverted lists (index_codec)
-    <root>/versions/<version>/shard-00003.ids.parquet  id (sorted), product_id, catalog metadata
+    <root>/versions/<version>/shard-00003.ids.parquet  id (sorted), product_id, catalog metadata,
+                                                     refine (the re-ranking codes, when the index has them)
     <root>/versions/<version>/delta-00003.index, .ids.parquet, deleted.parquet   a refresh's delta
                                                      segment (contracts.index_delta)
     <root>/versions/<version>/manifest.json          written last, create-only: the version is complete;
@@ -20,6 +21,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -208,6 +210,33 @@ def list_versions(root: str) -> list[str]:
         return []
     fs, path = storage.resolve(base)
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+REFINE_COLUMN = "refine"   # fixed_size_binary: a vector's re-ranking codes (index_codec), kept with its id
+
+
+def with_refine(idmap: pa.Table, codes: np.ndarray | None) -> pa.Table:
+    """The id map rows with their re-ranking codes (row for row), when there are any."""
+    if codes is None:
+        return idmap
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes),
+                                                  [None, pa.py_buffer(codes)])
+    return idmap.append_column(REFINE_COLUMN, column)
+
+
+def refine_codes(idmap: pa.Table, size: int) -> np.ndarray:
+    """The id map's re-ranking codes as a rows x size uint8 matrix (no copy when it can)."""
+    if REFINE_COLUMN not in idmap.column_names:
+        if idmap.num_rows:
+            raise DataError(f"an index id map of {idmap.num_rows} rows has no {REFINE_COLUMN} column, "
+                            "but the index re-ranks")
+        return np.zeros((0, size), np.uint8)
+    arr = idmap.column(REFINE_COLUMN).combine_chunks()
+    if arr.null_count or arr.type.byte_width != size:
+        raise DataError(f"an index id map's {REFINE_COLUMN} codes are not {size} bytes each or have nulls")
+    data = np.frombuffer(arr.buffers()[1], np.uint8)
+    return data[arr.offset * size:(arr.offset + len(arr)) * size].reshape(len(arr), size)
 
 
 def empty_idmap() -> pa.Table:

@@ -4,12 +4,15 @@ version's manifest and report.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from mimdex.indexing import release
+from mimdex.indexing.exact import merge_nearest
 from mimdex.indexing.params import choose
 from mimdex.indexing.train import train_index
 from mimdex.infra import storage
@@ -21,10 +24,11 @@ from mimdex.infra.contracts.photos import DEFAULT_MODE, MODES
 from mimdex.infra.contracts.vectors import check_kind, merge_skipped
 from mimdex.infra.errors import UsageError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.build_index.spec import BUILD_DIR, BuildSpec
+from mimdex.pipelines.build_index.spec import BUILD_DIR, PARTIALS_DIR, QUERIES_FILE, BuildSpec
 from mimdex.pipelines.report import StageTimer
 
 log = logging.getLogger(__name__)
+MULTIPROCESS_MIN_VECTORS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,16 @@ def fuse_alpha(manifest: emb.EmbeddingsManifest) -> float:
     return float(config["model"].get("fuse_alpha", 0.5))
 
 
-def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...], dict]:
+def default_beam_args(n: int, parts: int) -> list[str]:
+    """The DirectRunner, in one process for small builds (no worker start-up), with a
+    worker process per core from MULTIPROCESS_MIN_VECTORS on (AddPart is CPU-bound)."""
+    workers = min(os.cpu_count() or 1, parts)
+    if n < MULTIPROCESS_MIN_VECTORS or workers < 2:
+        return ["--runner=DirectRunner"]
+    return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+
+
+def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...], dict, np.ndarray | None]:
     build = storage.join(spec.version_dir, BUILD_DIR)
     docs = [(u.rsplit("/", 1)[-1], storage.read_json(u)) for u in storage.list_files(build, ".json")]
     records = {r["shard"]: iv.ShardEntry.from_json(r) for name, r in docs if not name.startswith("stats-")}
@@ -92,10 +105,13 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...]
             blob = codec.encoded_lists(nlist, code_size, np.zeros(0, np.int64), np.zeros(0, np.int64),
                                        np.zeros((0, code_size), np.uint8))
             records[shard] = iv.write_shard(spec.version_dir, shard, blob, 0, iv.empty_idmap())
+    truths = [s["truth"] for s in stats if "truth" in s]
+    nearest = (merge_nearest([np.array(t["dist"], np.float64) for t in truths],
+                             [np.array(t["ids"], np.int64) for t in truths])[1] if truths else None)
     return tuple(records[s] for s in range(spec.shards)), {
         "rows": sum(s["rows"] for s in stats), "indexed": sum(s["indexed"] for s in stats),
         "skipped": merge_skipped(s["skipped"] for s in stats),
-        "skipped_examples": [p for s in stats for p in s["skipped_ids"]][:20]}
+        "skipped_examples": [p for s in stats for p in s["skipped_ids"]][:20]}, nearest
 
 
 def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Released:
@@ -114,25 +130,36 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     version = iv.new_version()
     vdir = iv.version_uri(cfg.out, version)
     with timer.stage("sample"):
-        train, held, held_ids = release.sample_vectors(src, n, params.train_size, cfg.eval_queries, cfg.seed)
+        sample = release.sample_vectors(src, n, params.train_size, cfg.eval_queries, cfg.seed)
+        sets = release.query_sets(src, cfg.gate, sample.held, sample.held_ids)
+        queries, exclude = release.stacked(sets, d)
+        if len(queries):  # AddPart finds their exact neighbours while it holds each part's vectors
+            buf = io.BytesIO()
+            np.savez(buf, queries=queries, exclude=exclude)
+            storage.write_bytes(storage.join(vdir, PARTIALS_DIR, QUERIES_FILE), buf.getvalue())
     with timer.stage("train"):
-        index, train_info = train_index(train, params, cfg.seed)
+        index, train_info = train_index(sample.train, params, cfg.seed)
+        del sample
         trained = codec.serialize(index)
         storage.write_bytes(storage.join(vdir, "trained.index"), trained)
     spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
-                     photos or DEFAULT_MODE)
+                     photos or DEFAULT_MODE, truth=bool(len(queries)))
+    beam_args = list(beam_args or []) or default_beam_args(n, len(manifest.parts))
     with timer.stage("beam"):
         from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
 
-        beam_runner.run(lambda p: build_pipeline(p, spec, list(manifest.parts)), beam_args or [],
+        beam_runner.run(lambda p: build_pipeline(p, spec, list(manifest.parts)), beam_args,
                         storage.join(vdir, BUILD_DIR), len(manifest.parts) + spec.shards, cfg.stall_timeout,
                         f"version {vdir} is incomplete and unpublished, re-run to build it again")
     with timer.stage("collect"):
-        shard_records, counts = _collect(spec, trained)
+        shard_records, counts, nearest = _collect(spec, trained)
+        truth = release.split_truth(sets, nearest) if nearest is not None else None
+        storage.delete(storage.join(vdir, PARTIALS_DIR), recursive=True)
     draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
                                  token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
                                  trained=trained, training=train_info, shards=shard_records, counts=counts)
-    released = release.finish_version(draft, src, cfg.gate, held, held_ids, timer)
+    released = release.finish_version(draft, src, cfg.gate, sets, timer, truth=truth)
+    released.report["beam_args"] = beam_args
     # the DirectRunner runs the DoFns in this process; other runners' workers retry on their own
     released.report["storage_retries"] = {"driver": storage.retry_count() - retries}
     return released

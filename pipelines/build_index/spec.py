@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from mimdex.infra.contracts.model import ModelRef
 
 BUILD_DIR = "_build"
+PARTIALS_DIR = "_partials"      # beside _build: the progress watch counts _build's records only
+QUERIES_FILE = "queries.npz"    # under _partials: evaluation queries whose exact neighbours AddPart finds
 
 
 @dataclass(frozen=True)
@@ -19,3 +21,4 @@ class BuildSpec:
     dtype: str
     metadata: bool = True
     photos: str = "every"          # what a multi-photo product contributes (contracts.photos.MODES)
+    truth: bool = False            # find the exact nearest neighbour of QUERIES_FILE's queries per part

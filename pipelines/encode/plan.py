@@ -6,7 +6,8 @@ mtime), the row-group range and the duplicate rows it must reject: a re-run whos
 fingerprint and model match a committed unit skips it.
 
 Duplicate product_ids are a property of the whole catalog, so they are found here, in
-catalog order: the first occurrence is encoded, later ones become reject rows.
+catalog order, in bounded memory (contracts.duplicates): the first occurrence is
+encoded, later ones become reject rows.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from mimdex.infra import storage
-from mimdex.infra.contracts import catalog
+from mimdex.infra.contracts import catalog, duplicates
 from mimdex.infra.errors import DataError
 from mimdex.pipelines.encode.config import Unit
 
@@ -26,17 +27,20 @@ def _read_file_facts(uri: str) -> dict:
     fs, path = storage.resolve(uri)
     with catalog.open_file(uri) as pf:
         columns = catalog.check_schema(uri, pf.schema_arrow)
-        ids = pf.read(columns=["product_id"]).column("product_id").combine_chunks()
         meta = pf.metadata
     info = fs.info(path)
     return {
         "uri": uri,
         "columns": columns,
         "row_group_rows": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-        "ids": ids,
         "identity": {"size": int(info.get("size") or 0),
                      "version": str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")},
     }
+
+
+def _read_ids(uri: str):
+    with catalog.open_file(uri) as pf:
+        return pf.read(columns=["product_id"]).column("product_id").combine_chunks()
 
 
 def fingerprint(unit_facts: dict) -> str:
@@ -53,7 +57,7 @@ def plan_units(catalog_uri: str, unit_rows: int, threads: int = 8) -> tuple[list
     if len(kinds) > 1:
         raise DataError(f"catalog {catalog_uri}: files disagree on the image/title columns: "
                         + "; ".join(f"{f['uri']}: {f['columns']}" for f in files))
-    dups = catalog.duplicate_rows([f["uri"] for f in files], [f["ids"] for f in files])
+    dups = duplicates.find(uris, lambda i: _read_ids(uris[i]), sum(sum(f["row_group_rows"]) for f in files), threads)
     units: list[Unit] = []
     for fi, f in enumerate(files):
         group: list[int] = []

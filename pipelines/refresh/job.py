@@ -293,7 +293,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         # one pass over the embeddings draws the held-out vectors: the old ones among them
         # measure the old side here, and all of them evaluate the version below
         n = composite.encoded
-        _, held, held_ids = release.sample_vectors(src, n, 0, cfg.eval_queries)
+        drawn = release.sample_vectors(src, n, 0, cfg.eval_queries)
+        held, held_ids = drawn.held, drawn.held_ids
         old = ~np.isin(held_ids, delta.ids)
         old_recall = update.self_recall(draft_reader, held[old], held_ids[old], nprobe)
         report["drift"].update(self_recall_at_10_new=new_recall, self_recall_at_10_old=old_recall,
@@ -310,7 +311,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
                                    "delta_segments": len(draft.deltas),
                                    "delta_vectors": sum(g.added for g in draft.deltas)})
-    return release.finish_version(draft, src, bcfg.gate, held, held_ids, timer, reader=draft_reader)
+    sets = release.query_sets(src, bcfg.gate, held, held_ids)
+    return release.finish_version(draft, src, bcfg.gate, sets, timer, reader=draft_reader)
 
 
 def check(cfg: RefreshConfig) -> None:

@@ -66,12 +66,13 @@ def write_delta(version_dir: str, version: str, trained: bytes, shards: int, rem
     the previous version is read or rewritten."""
     index = codec.deserialize(trained)
     nlist, code_size = codec.lists_shape(index)
-    lists, codes = codec.encode(index, delta.vectors)
+    lists, codes, refine = codec.encode(index, delta.vectors)
+    with_codes = iv.with_refine(delta.idmap, refine)
     shard_of_row = shard_of(delta.keys, shards)
     out = {}
     for shard in np.unique(shard_of_row).tolist():
         sel = np.flatnonzero(shard_of_row == shard)
-        idmap = delta.idmap.take(pa.array(sel, pa.int64()))
+        idmap = with_codes.take(pa.array(sel, pa.int64()))
         check_unique(delta.ids[sel], labels(idmap), f"delta of shard {shard}")
         out[int(shard)] = (codec.encoded_lists(nlist, code_size, delta.ids[sel], lists[sel], codes[sel]), len(sel),
                            idmap)

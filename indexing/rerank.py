@@ -1,0 +1,39 @@
+"""Re-ranking: the top k x k_factor candidates of the IVF scan, ordered again by their
+distance to the query under finer codes (faiss's IndexRefine does the same, but needs
+ids that are positions; ours are product hashes, looked up in the reader's id table).
+
+Pure numerics: ids in, decoded distances and ids out.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+BLOCK_FLOATS = 1 << 23   # candidates x d decoded at once: 32 MB of fp32, whatever k x k_factor is
+
+
+def rerank(x: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray], codes: np.ndarray,
+           decode: Callable[[np.ndarray], np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2, ids), queries x k, best first; -1 / inf where fewer than k candidates.
+
+    ``rows_of(ids)`` gives each candidate's row in ``codes``; ``decode(codes)`` the vectors."""
+    q, fetched = ids.shape
+    out_d = np.full((q, k), np.inf, np.float32)
+    out_i = np.full((q, k), -1, np.int64)
+    step = max(1, BLOCK_FLOATS // max(1, fetched * x.shape[1]))
+    for a in range(0, q, step):
+        block = ids[a:a + step]
+        valid = block >= 0
+        vec = np.zeros((*block.shape, x.shape[1]), np.float32)
+        vec[valid] = decode(codes[rows_of(block[valid])])
+        xq = x[a:a + step]
+        dist = (np.einsum("qd,qd->q", xq, xq)[:, None] - 2 * np.einsum("qd,qkd->qk", xq, vec)
+                + np.einsum("qkd,qkd->qk", vec, vec))
+        dist = np.where(valid, dist, np.inf).astype(np.float32)
+        order = np.lexsort((block, dist), axis=1)[:, :k]  # ties by id: the same order on every run
+        kk = order.shape[1]
+        out_d[a:a + len(block), :kk] = np.take_along_axis(dist, order, 1)
+        out_i[a:a + len(block), :kk] = np.where(np.isfinite(out_d[a:a + len(block), :kk]),
+                                                np.take_along_axis(block, order, 1), -1)
+    return out_d, out_i

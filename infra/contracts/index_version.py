@@ -219,24 +219,34 @@ def with_refine(idmap: pa.Table, codes: np.ndarray | None) -> pa.Table:
     """The id map rows with their re-ranking codes (row for row), when there are any."""
     if codes is None:
         return idmap
+    return idmap.append_column(REFINE_COLUMN, code_column(codes))
+
+
+def code_column(codes: np.ndarray) -> pa.Array:
+    """rows x size uint8 codes as a fixed_size_binary(size) column (no copy)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes),
-                                                  [None, pa.py_buffer(codes)])
-    return idmap.append_column(REFINE_COLUMN, column)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes), [None, pa.py_buffer(codes)])
+
+
+def code_matrix(column: pa.Array | pa.ChunkedArray, size: int) -> np.ndarray:
+    """A fixed_size_binary(size) column as a rows x size uint8 matrix (no copy for one chunk)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count or arr.type.byte_width != size:
+        raise DataError(f"codes that are not {size} bytes each, or with nulls")
+    if not len(arr):
+        return np.zeros((0, size), np.uint8)
+    data = np.frombuffer(arr.buffers()[1], np.uint8)
+    return data[arr.offset * size:(arr.offset + len(arr)) * size].reshape(len(arr), size)
 
 
 def refine_codes(idmap: pa.Table, size: int) -> np.ndarray:
-    """The id map's re-ranking codes as a rows x size uint8 matrix (no copy when it can)."""
+    """The id map's re-ranking codes as a rows x size uint8 matrix."""
     if REFINE_COLUMN not in idmap.column_names:
         if idmap.num_rows:
             raise DataError(f"an index id map of {idmap.num_rows} rows has no {REFINE_COLUMN} column, "
                             "but the index re-ranks")
         return np.zeros((0, size), np.uint8)
-    arr = idmap.column(REFINE_COLUMN).combine_chunks()
-    if arr.null_count or arr.type.byte_width != size:
-        raise DataError(f"an index id map's {REFINE_COLUMN} codes are not {size} bytes each or have nulls")
-    data = np.frombuffer(arr.buffers()[1], np.uint8)
-    return data[arr.offset * size:(arr.offset + len(arr)) * size].reshape(len(arr), size)
+    return code_matrix(idmap.column(REFINE_COLUMN), size)
 
 
 def empty_idmap() -> pa.Table:

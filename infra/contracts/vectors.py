@@ -38,13 +38,15 @@ def shard_of(keys: np.ndarray, shards: int) -> np.ndarray:
     return keys % shards
 
 
-def check_unique(ids: np.ndarray, product_ids: list[str], where: str) -> None:
+def check_unique(ids: np.ndarray, names: "pa.Table | list[str]", where: str) -> None:
     """Refuse two vectors with one int64 id (a hash collision) or a repeated product_id
-    (or product photo: ``product_ids`` then name the photo)."""
+    (or product photo). ``names``: the id map (its labels are built only on a failure:
+    a Python string per row of a 2.5M-row shard is 200 MB) or the labels themselves."""
     order = np.argsort(ids, kind="stable")
     dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
     if not len(dup):
         return
+    product_ids = labels(names) if isinstance(names, pa.Table) else names
     a, b = product_ids[order[dup[0]]], product_ids[order[dup[0] + 1]]
     if a == b:
         raise DataError(f"{where}: product_id {a!r} appears more than once in the embeddings")

@@ -25,7 +25,7 @@ from mimdex.infra import storage
 from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import PartEntry
-from mimdex.infra.contracts.vectors import check_unique, labels, shard_of, usable_rows
+from mimdex.infra.contracts.vectors import check_unique, shard_of, usable_rows
 from mimdex.pipelines.build_index.spec import BUILD_DIR, PARTIALS_DIR, QUERIES_FILE, BuildSpec
 
 _level = logging.root.manager.disable
@@ -49,12 +49,6 @@ def _write_partial(uri: str, table: pa.Table) -> None:
 
 def _read_partial(uri: str) -> pa.Table:
     return pa.ipc.open_file(pa.BufferReader(storage.read_bytes(uri))).read_all()
-
-
-def _fixed(codes: np.ndarray) -> pa.Array:
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(codes.shape[1], 1)), len(codes),
-                                                [None, pa.py_buffer(codes)])
 
 
 class AddPart(beam.DoFn):
@@ -87,7 +81,7 @@ class AddPart(beam.DoFn):
             sel = np.flatnonzero(shards == shard)
             table = (idmap.take(pa.array(sel, pa.int64()))
                      .append_column(LIST, pa.array(lists[sel], pa.int64()))
-                     .append_column(CODE, _fixed(codes[sel])))
+                     .append_column(CODE, iv.code_column(codes[sel])))
             uri = storage.join(spec.version_dir, PARTIALS_DIR, f"{entry.name}-{iv.shard_name(shard)}.arrow")
             _write_partial(uri, table)
             yield int(shard), uri
@@ -113,10 +107,9 @@ class MergeShard(beam.DoFn):
         table = pa.concat_tables([_read_partial(u) for u in sorted(uris)], promote_options="permissive")
         ids = table.column("id").to_numpy()
         idmap = table.drop_columns([LIST, CODE])
-        check_unique(ids, labels(idmap), f"shard {iv.shard_name(shard)}")
-        codes = table.column(CODE).combine_chunks()
-        codes = np.frombuffer(codes.buffers()[1], np.uint8)[codes.offset * code_size:].reshape(-1, code_size)
-        blob = codec.encoded_lists(nlist, code_size, ids, table.column(LIST).to_numpy(), codes[:len(ids)])
+        check_unique(ids, idmap, f"shard {iv.shard_name(shard)}")
+        codes = iv.code_matrix(table.column(CODE), code_size)
+        blob = codec.encoded_lists(nlist, code_size, ids, table.column(LIST).to_numpy(), codes)
         record = iv.write_shard(self.spec.version_dir, shard, blob, len(ids), idmap)
         storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record.name}.json"), record.to_json())
         yield record

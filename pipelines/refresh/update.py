@@ -20,7 +20,7 @@ from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest, PartEntry
 from mimdex.infra.contracts.recall import hits
-from mimdex.infra.contracts.vectors import check_unique, labels, merge_skipped, shard_of, usable_rows
+from mimdex.infra.contracts.vectors import check_unique, merge_skipped, shard_of, usable_rows
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def write_delta(version_dir: str, version: str, trained: bytes, shards: int, rem
     for shard in np.unique(shard_of_row).tolist():
         sel = np.flatnonzero(shard_of_row == shard)
         idmap = with_codes.take(pa.array(sel, pa.int64()))
-        check_unique(delta.ids[sel], labels(idmap), f"delta of shard {shard}")
+        check_unique(delta.ids[sel], idmap, f"delta of shard {shard}")
         out[int(shard)] = (codec.encoded_lists(nlist, code_size, delta.ids[sel], lists[sel], codes[sel]), len(sel),
                            idmap)
     return index_delta.write_segment(version_dir, version, out, removed)

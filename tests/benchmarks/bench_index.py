@@ -95,7 +95,7 @@ def bench(name: str, xb: np.ndarray, xq: np.ndarray, xt_raw: np.ndarray, work: s
     # (GEMM k-means, shards, sa_encode partials) from which vectors were trained on,
     # since faiss's own recall moves by about 0.015 between 199k-of-200k training subsets
     src = Source(root, shards.read_manifest(root), "image", 0.5)
-    sample = sample_vectors(src, len(xb), choose(len(xb), d, None, factory, train_size).train_size, 1000)[0]
+    sample = sample_vectors(src, len(xb), choose(len(xb), d, None, factory, train_size).train_size, 1000).train
     same = faiss.index_factory(d, factory)
     same.train(sample)
     same.add(xb)

@@ -35,6 +35,15 @@ def beam_pipeline(beam_args: list[str]):
         raise UsageError(f"Beam pipeline options {' '.join(beam_args)}: {why}") from exc
 
 
+def runs_here(beam_args: list[str]) -> bool:
+    """Whether the options pick a DirectRunner (all workers on this machine): none given,
+    or --runner naming one of Beam's direct runners."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    runner = PipelineOptions(beam_args or []).view_as(StandardOptions).runner
+    return runner is None or "direct" in str(runner).lower()
+
+
 def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int, stall_timeout: float,
         unfinished: str) -> None:
     """Build the graph with ``build(pipeline)`` and run it; if no new record appears under

@@ -203,7 +203,7 @@ def test_stored_lists_are_byte_for_byte_what_faiss_writes(n, nlist, code_size):
 
     from mimdex.infra.contracts import index_codec as codec
     rng = np.random.default_rng(n)
-    ids = rng.permutation(10 ** 9)[:n].astype(np.int64)
+    ids = rng.integers(0, 2 ** 62, n, dtype=np.int64)
     lists, codes = rng.integers(0, nlist, n), rng.integers(0, 256, (n, code_size), dtype=np.uint8)
     order = np.lexsort((ids, lists))
     flat = faiss.ArrayInvertedLists(nlist, code_size)   # faiss's own writer, full (n=1000) and sparse (n=50)

@@ -1,7 +1,8 @@
 """The Beam graph of build-index: partial indexes per (input part, shard), merged per shard.
 
 AddPart encodes one embeddings part and writes one partial per shard its products fall
-in (list numbers, codes, id map rows) as an Arrow file under <version>/_partials/; only
+in (list numbers, codes, id map rows) as an Arrow file (spec.partials: a local temporary
+directory on the DirectRunner, <version>/_partials/ for a remote runner); only
 the file's name goes through the shuffle (GroupByKey on the shard number), so no worker
 and no runner holds more than one shard's codes. Raw vectors never leave the worker that
 read them. While it has a part's vectors in memory, AddPart also finds, for the
@@ -26,7 +27,7 @@ from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import PartEntry
 from mimdex.infra.contracts.vectors import check_unique, shard_of, usable_rows
-from mimdex.pipelines.build_index.spec import BUILD_DIR, PARTIALS_DIR, QUERIES_FILE, BuildSpec
+from mimdex.pipelines.build_index.spec import BUILD_DIR, QUERIES_FILE, BuildSpec
 
 _level = logging.root.manager.disable
 logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
@@ -66,8 +67,7 @@ class AddPart(beam.DoFn):
     def setup(self):
         self._index = _trained(self.spec)
         if self.spec.truth:
-            with np.load(io.BytesIO(storage.read_bytes(storage.join(self.spec.version_dir, PARTIALS_DIR,
-                                                                     QUERIES_FILE)))) as z:
+            with np.load(io.BytesIO(storage.read_bytes(storage.join(self.spec.partials, QUERIES_FILE)))) as z:
                 self._queries = (z["queries"], z["exclude"])
 
     def process(self, entry: PartEntry):
@@ -82,7 +82,7 @@ class AddPart(beam.DoFn):
             table = (idmap.take(pa.array(sel, pa.int64()))
                      .append_column(LIST, pa.array(lists[sel], pa.int64()))
                      .append_column(CODE, iv.code_column(codes[sel])))
-            uri = storage.join(spec.version_dir, PARTIALS_DIR, f"{entry.name}-{iv.shard_name(shard)}.arrow")
+            uri = storage.join(spec.partials, f"{entry.name}-{iv.shard_name(shard)}.arrow")
             _write_partial(uri, table)
             yield int(shard), uri
         stats = {"part": entry.name, "rows": part.rows, "indexed": len(part.ids), "skipped": part.skipped,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +116,16 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...]
         "skipped_examples": [p for s in stats for p in s["skipped_ids"]][:20]}, nearest
 
 
+def partials_dir(vdir: str, beam_args: list[str]) -> tuple[str, bool]:
+    """Where AddPart's partial files go, and whether that is a local temporary directory:
+    on the DirectRunner every worker is on this machine, and a local disk is faster (and
+    cheaper) than an object store for files that live minutes; a remote runner's workers
+    share only storage, so theirs go beside the version and are deleted after the run."""
+    if beam_runner.runs_here(beam_args):
+        return tempfile.mkdtemp(prefix="mimdex-partials-"), True
+    return storage.join(vdir, PARTIALS_DIR), False
+
+
 def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Released:
     _check(cfg)
     timer, retries = StageTimer(), storage.retry_count()
@@ -129,37 +141,43 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     src = release.Source(cfg.embeddings, manifest, cfg.vector, alpha, photos)
     version = iv.new_version()
     vdir = iv.version_uri(cfg.out, version)
-    with timer.stage("sample"):
-        sample = release.sample_vectors(src, n, params.train_size, cfg.eval_queries, cfg.seed)
-        sets = release.query_sets(src, cfg.gate, sample.held, sample.held_ids)
-        queries, exclude = release.stacked(sets, d)
-        if len(queries):  # AddPart finds their exact neighbours while it holds each part's vectors
-            buf = io.BytesIO()
-            np.savez(buf, queries=queries, exclude=exclude)
-            storage.write_bytes(storage.join(vdir, PARTIALS_DIR, QUERIES_FILE), buf.getvalue())
-    with timer.stage("train"):
-        index, train_info = train_index(sample.train, params, cfg.seed)
-        del sample
-        trained = codec.serialize(index)
-        storage.write_bytes(storage.join(vdir, "trained.index"), trained)
-    spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
-                     photos or DEFAULT_MODE, truth=bool(len(queries)))
     beam_args = list(beam_args or []) or default_beam_args(n, len(manifest.parts))
-    with timer.stage("beam"):
-        from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
+    partials, local = partials_dir(vdir, beam_args)
+    try:
+        with timer.stage("sample"):
+            sample = release.sample_vectors(src, n, params.train_size, cfg.eval_queries, cfg.seed)
+            sets = release.query_sets(src, cfg.gate, sample.held, sample.held_ids)
+            queries, exclude = release.stacked(sets, d)
+            if len(queries):  # AddPart finds their exact neighbours while it holds each part's vectors
+                buf = io.BytesIO()
+                np.savez(buf, queries=queries, exclude=exclude)
+                storage.write_bytes(storage.join(partials, QUERIES_FILE), buf.getvalue())
+        with timer.stage("train"):
+            index, train_info = train_index(sample.train, params, cfg.seed)
+            del sample
+            trained = codec.serialize(index)
+            storage.write_bytes(storage.join(vdir, "trained.index"), trained)
+        spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
+                         photos or DEFAULT_MODE, truth=bool(len(queries)), partials=partials)
+        with timer.stage("beam"):
+            from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
 
-        beam_runner.run(lambda p: build_pipeline(p, spec, list(manifest.parts)), beam_args,
-                        storage.join(vdir, BUILD_DIR), len(manifest.parts) + spec.shards, cfg.stall_timeout,
-                        f"version {vdir} is incomplete and unpublished, re-run to build it again")
-    with timer.stage("collect"):
-        shard_records, counts, nearest = _collect(spec, trained)
-        truth = release.split_truth(sets, nearest) if nearest is not None else None
-        storage.delete(storage.join(vdir, PARTIALS_DIR), recursive=True)
-    draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
-                                 token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
-                                 trained=trained, training=train_info, shards=shard_records, counts=counts)
-    released = release.finish_version(draft, src, cfg.gate, sets, timer, truth=truth)
-    released.report["beam_args"] = beam_args
-    # the DirectRunner runs the DoFns in this process; other runners' workers retry on their own
-    released.report["storage_retries"] = {"driver": storage.retry_count() - retries}
-    return released
+            beam_runner.run(lambda p: build_pipeline(p, spec, list(manifest.parts)), beam_args,
+                            storage.join(vdir, BUILD_DIR), len(manifest.parts) + spec.shards, cfg.stall_timeout,
+                            f"version {vdir} is incomplete and unpublished, re-run to build it again")
+        with timer.stage("collect"):
+            shard_records, counts, nearest = _collect(spec, trained)
+            truth = release.split_truth(sets, nearest) if nearest is not None else None
+            if storage.exists(partials):  # a catalog with no parts wrote none
+                storage.delete(partials, recursive=True)
+        draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
+                                     token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
+                                     trained=trained, training=train_info, shards=shard_records, counts=counts)
+        released = release.finish_version(draft, src, cfg.gate, sets, timer, truth=truth)
+        released.report["beam_args"] = beam_args
+        # the DirectRunner runs the DoFns in this process; other runners' workers retry on their own
+        released.report["storage_retries"] = {"driver": storage.retry_count() - retries}
+        return released
+    finally:
+        if local:
+            shutil.rmtree(partials, ignore_errors=True)

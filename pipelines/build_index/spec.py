@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from mimdex.infra.contracts.model import ModelRef
 
 BUILD_DIR = "_build"
-PARTIALS_DIR = "_partials"      # beside _build: the progress watch counts _build's records only
-QUERIES_FILE = "queries.npz"    # under _partials: evaluation queries whose exact neighbours AddPart finds
+PARTIALS_DIR = "_partials"      # beside _build (a remote runner's): the progress watch counts _build's only
+QUERIES_FILE = "queries.npz"    # under the partials: evaluation queries whose exact neighbours AddPart finds
 
 
 @dataclass(frozen=True)
@@ -22,3 +22,4 @@ class BuildSpec:
     metadata: bool = True
     photos: str = "every"          # what a multi-photo product contributes (contracts.photos.MODES)
     truth: bool = False            # find the exact nearest neighbour of QUERIES_FILE's queries per part
+    partials: str = ""             # where AddPart's partial files go (job.partials_dir)

@@ -168,7 +168,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
         with timer.stage("collect"):
             shard_records, counts, nearest = _collect(spec, trained)
             truth = release.split_truth(sets, nearest) if nearest is not None else None
-            if storage.exists(partials):  # a catalog with no parts wrote none
+            if not local and storage.exists(partials):  # local ones go in the finally below
                 storage.delete(partials, recursive=True)
         draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
                                      token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},

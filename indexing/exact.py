@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import faiss
 import numpy as np
-import torch
 
-BLOCK_ROWS = 16384   # 1,000 queries x 16k rows of fp32 distances: 64 MB
+BLOCK_ROWS = 65536   # rows converted to fp32 at a time (faiss.knn blocks its distances itself)
 
 
 def merge_nearest(dists: list[np.ndarray], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -24,32 +24,39 @@ def merge_nearest(dists: list[np.ndarray], ids: list[np.ndarray]) -> tuple[np.nd
 
 
 class ExactTopK:
+    """A running exact top-k of some queries over database blocks (faiss.knn: its blocked
+    GEMM runs at the machine's flop rate, and a worker that needs only this imports no torch)."""
+
     def __init__(self, queries: np.ndarray, k: int, exclude_ids: np.ndarray | None = None):
-        self.q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        self.q = np.ascontiguousarray(queries, dtype=np.float32)
         self.k = k
-        self.exclude = None if exclude_ids is None else torch.from_numpy(exclude_ids)
-        self.dist = torch.full((len(queries), k), float("inf"))
-        self.ids = torch.full((len(queries), k), -1, dtype=torch.long)
+        self.exclude = None if exclude_ids is None else np.asarray(exclude_ids, np.int64)
+        self.dist = np.full((len(queries), k), np.inf, np.float32)
+        self.ids = np.full((len(queries), k), -1, np.int64)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        for a in range(0, len(vectors), BLOCK_ROWS):  # queries x block distances, never queries x n
+        for a in range(0, len(vectors), BLOCK_ROWS):  # fp32 copies of a block, never of the part
             self._add(vectors[a:a + BLOCK_ROWS], ids[a:a + BLOCK_ROWS])
 
     def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        xid = torch.from_numpy(ids.astype(np.int64))
-        d = (self.q * self.q).sum(1, keepdim=True) - 2 * self.q @ x.T + (x * x).sum(1)[None]
+        if not len(vectors) or not len(self.q):
+            return
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        # one more than k where a query's own vector may be in the block, to drop it
+        kk = min(self.k + (self.exclude is not None), len(x))
+        d, pos = faiss.knn(self.q, x, kk)
+        found = np.where(pos >= 0, np.asarray(ids, np.int64)[np.maximum(pos, 0)], -1)
+        d = np.where(pos >= 0, d, np.inf)
         if self.exclude is not None:  # a held-out catalog vector must not find itself
-            d[self.exclude[:, None] == xid[None]] = float("inf")
-        kk = min(self.k, d.shape[1])
-        bd, bi = torch.topk(d, kk, dim=1, largest=False)
-        cat_d = torch.cat([self.dist, bd], 1)
-        cat_i = torch.cat([self.ids, xid[bi]], 1)
-        order = torch.argsort(cat_d, dim=1, stable=True)[:, : self.k]
-        self.dist, self.ids = torch.gather(cat_d, 1, order), torch.gather(cat_i, 1, order)
+            own = found == self.exclude[:, None]
+            d, found = np.where(own, np.inf, d), np.where(own, -1, found)
+        cat_d = np.concatenate([self.dist, d], 1)
+        cat_i = np.concatenate([self.ids, found], 1)
+        order = np.argsort(cat_d, axis=1, kind="stable")[:, :self.k]
+        self.dist, self.ids = np.take_along_axis(cat_d, order, 1), np.take_along_axis(cat_i, order, 1)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.dist.numpy(), self.ids.numpy()
+        return self.dist, self.ids
 
 
 def exact_search(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int,

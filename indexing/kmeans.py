@@ -1,4 +1,5 @@
-"""k-means whose assignment step is one big matrix multiply (torch), for IVF training.
+"""k-means whose assignment step is one big matrix multiply (torch), for IVF training,
+flat or in two levels (``two_level``) for large nlist.
 
 faiss's CPU wheel computes the same distances through its bundled BLAS; torch's GEMM is
 several times faster on the same cores, and on a GPU when one is present. The result is
@@ -54,14 +55,16 @@ def assign_chunk(device: torch.device, k: int) -> int:
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | None = None,
-           chunk: int | None = None) -> tuple[np.ndarray, float]:
-    """Centroids (k x d float32) and the mean squared distance of the last assignment."""
+           chunk: int | None = None, init: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Centroids (k x d float32) and the mean squared distance of the last assignment;
+    ``init``: starting centroids instead of k random points."""
     if len(x) < k:
         raise ValueError(f"k-means: {len(x)} points for {k} centroids")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = np.random.default_rng(seed)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    c = xt[torch.from_numpy(rng.choice(len(x), k, replace=False)).to(dev)].clone()
+    c = (xt[torch.from_numpy(rng.choice(len(x), k, replace=False)).to(dev)].clone() if init is None
+         else torch.from_numpy(np.array(init, np.float32)).to(dev))
     dtype = fast_dtype(dev)
     chunk = chunk or assign_chunk(dev, k)
     xl = xt.to(dtype)
@@ -78,3 +81,34 @@ def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | 
             counts[e] = counts[big] // 2
             counts[big] -= counts[e]
     return c.cpu().numpy(), float(dist.mean())  # the error of the last assignment
+
+
+def two_level(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | None = None) -> tuple[np.ndarray, float]:
+    """k centroids as sqrt(k) coarse clusters, each split by its own k-means, the way
+    faiss.contrib.clustering.two_level_clustering trains large IVFs: every point meets
+    about 2 sqrt(k) centroids instead of k. Sub-clusters are shared out in proportion to
+    the coarse clusters' sizes. Measured at 1M x 256 -> 4,096 lists (docs/benchmarks.md):
+    3.4 s against 23.7 s flat, mean squared error 0.05% higher, recall@10 at nprobe 4
+    0.984 against 0.979. Returns the centroids and the mean squared distance of the
+    points to their sub-cluster's centroids."""
+    if len(x) < k:
+        raise ValueError(f"k-means: {len(x)} points for {k} centroids")
+    k1 = max(1, int(round(np.sqrt(k))))
+    coarse, _ = kmeans(x, k1, niter=niter, seed=seed, device=device)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+    c = torch.from_numpy(coarse).to(dev)
+    labels = _assign(xt, xt, c, assign_chunk(dev, k1), torch.float32)[0].cpu().numpy()
+    sizes = np.bincount(labels, minlength=k1)
+    share = np.diff(np.concatenate([[0], np.cumsum(sizes) * k // len(x)]))
+    share = np.minimum(share, sizes)          # never more centroids than points
+    share[np.argmax(sizes - share)] += k - share.sum()
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out, err = [], 0.0
+    for g in np.flatnonzero(share):
+        sub = x[order[starts[g]:starts[g + 1]]]
+        cg, mse = kmeans(sub, int(share[g]), niter=niter, seed=seed + 1 + int(g), device=device)
+        out.append(cg)
+        err += mse * len(sub)
+    return np.concatenate(out), err / len(x)

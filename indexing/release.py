@@ -84,17 +84,18 @@ class Released:
     report: dict
 
 
-def blocks(src: Source):
-    """(part name, vectors, ids) of every usable row, part by part (checksums verified)."""
+def blocks(src: Source, ids: bool = True):
+    """(part name, vectors, ids) of every usable row, part by part (checksums verified);
+    with ``ids=False`` the third item hashes the ids of the rows it is given (sampling)."""
     for entry in src.manifest.parts:
         rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
-                           photo_mode=src.photos or "every", idmap=False)
-        yield entry.name, rows.vectors, rows.ids
+                           photo_mode=src.photos or "every", idmap=False, ids=ids)
+        yield entry.name, rows.vectors, rows.ids if ids else rows.ids_at
 
 
 def sample_vectors(src: Source, n: int, train_size: int, eval_queries: int, seed: int = 0) -> Sample:
     """Training sample and held-out evaluation vectors (disjoint), in one streaming pass."""
-    return draw(blocks(src), n, train_size, eval_queries, src.manifest.model.d, seed)
+    return draw(blocks(src, ids=False), n, train_size, eval_queries, src.manifest.model.d, seed)
 
 
 @dataclass(frozen=True)

@@ -31,25 +31,30 @@ def _draws(seed: int, name: str, rows: int) -> np.ndarray:
 
 def _smallest(keys: list[np.ndarray], count: int, *columns: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     """The ``count`` rows with the smallest keys, in block order. Only the keys are
-    concatenated (8 bytes a row); each block's rows are cut as the result is assembled and
-    the block is let go, so the peak is the candidates plus the result, not twice that."""
+    concatenated (8 bytes a row); each block's rows are copied into the result and the
+    block let go as it is assembled, so the peak is the candidates, not twice them."""
     flat = np.concatenate(keys)
     threshold = np.partition(flat, count - 1)[count - 1] if 0 < count < len(flat) else np.inf
     if count == 0:
         threshold = -np.inf
     picks = [k <= threshold for k in keys]   # keys are distinct draws: exactly ``count`` rows
+    total = int(sum(p.sum() for p in picks))
     out = []
     for col in columns:
-        parts = []
-        while col:
-            parts.append(col.pop(0)[picks[len(parts)]])
-        out.append(np.concatenate(parts))
+        result = np.empty((total,) + col[0].shape[1:], col[0].dtype)
+        at = 0
+        for pick in picks:
+            rows = col.pop(0)[pick]
+            result[at:at + len(rows)] = rows
+            at += len(rows)
+        out.append(result)
     return tuple(out)
 
 
 def draw(blocks: Iterable[tuple[str, np.ndarray, np.ndarray]], n: int, train_size: int, eval_queries: int,
          d: int, seed: int = 0) -> Sample:
-    """``blocks``: (part name, vectors, ids) of every usable row, part by part; ``n`` the
+    """``blocks``: (part name, vectors, ids) of every usable row, part by part, where ids
+    may be a function of row positions (only held-out candidates need theirs); ``n`` the
     expected usable rows (an upper bound is fine: a shortfall only shrinks the sample)."""
     n_eval = min(eval_queries, n // 5)  # held out of training (still indexed)
     train_size = min(train_size, n - n_eval)
@@ -64,7 +69,7 @@ def draw(blocks: Iterable[tuple[str, np.ndarray, np.ndarray]], n: int, train_siz
         t_vecs.append(v[t])
         e_keys.append(1.0 - u[e])
         e_vecs.append(v[e])
-        e_ids.append(ids[e])
+        e_ids.append(ids(e) if callable(ids) else ids[e])
         rows += len(v)
     if not t_keys:
         return Sample(np.zeros((0, d), np.float32), np.zeros((0, d), np.float32), np.zeros(0, np.int64), 0)

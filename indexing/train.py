@@ -8,7 +8,7 @@ import time
 import faiss
 import numpy as np
 
-from mimdex.indexing.kmeans import kmeans
+from mimdex.indexing.kmeans import kmeans, two_level
 from mimdex.indexing.params import IndexParams
 from mimdex.infra.contracts.index_codec import refine_quantizer, searched
 
@@ -22,6 +22,14 @@ HNSW_EF_ADD = 32
 # refresh reuses the trained index for weeks of new products: 5% of the range on either
 # side keeps their codes unclipped for the cost of 10% coarser steps.
 SQ_RANGE_MARGIN = 0.05
+# From this many lists the coarse centroids come from two-level k-means (kmeans.two_level)
+# and then TWO_LEVEL_REFINE flat iterations. On isotropic 50-d vectors (the hard case for
+# IVF) two-level alone costs 0.01-0.03 recall@10 at a fixed nprobe; 4 flat iterations
+# from its centroids bring the error to flat k-means' after 10 and recall within seed
+# noise (docs/benchmarks.md), for 0.4-0.5x its time. On clustered vectors two-level alone
+# matches flat. Below it, flat k-means is cheap enough.
+TWO_LEVEL_MIN_NLIST = 1024
+TWO_LEVEL_REFINE = 2
 
 
 def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple[faiss.Index, dict]:
@@ -33,7 +41,7 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
     t0 = time.perf_counter()
     mse = None
     if not isinstance(searched(index), faiss.IndexPreTransform):  # OPQ rotates first: faiss trains it all
-        centroids, mse = kmeans(sample, params.nlist, niter=ivf.cp.niter, seed=seed)
+        centroids, mse = coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
         quantizer = faiss.downcast_index(ivf.quantizer)
         quantizer.add(centroids)  # a full quantizer: faiss skips its own coarse training
         if isinstance(quantizer, faiss.IndexHNSW):
@@ -46,7 +54,16 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
             sq_index.sq.rangestat_arg = SQ_RANGE_MARGIN
     index.train(sample)
     return index, {"coarse_seconds": round(t_coarse, 3), "pq_seconds": round(time.perf_counter() - t0 - t_coarse, 3),
-                   "coarse_mse": mse, "sample": len(sample), "device": "cuda" if _cuda() else "cpu"}
+                   "coarse_mse": mse, "sample": len(sample),
+                   "kmeans": "flat" if params.nlist < TWO_LEVEL_MIN_NLIST else f"two-level + {TWO_LEVEL_REFINE} flat",
+                   "device": "cuda" if _cuda() else "cpu"}
+
+
+def coarse_centroids(sample: np.ndarray, nlist: int, niter: int, seed: int) -> tuple[np.ndarray, float]:
+    if nlist < TWO_LEVEL_MIN_NLIST:
+        return kmeans(sample, nlist, niter=niter, seed=seed)
+    start, _ = two_level(sample, nlist, niter=niter, seed=seed)
+    return kmeans(sample, nlist, niter=TWO_LEVEL_REFINE, seed=seed, init=start)
 
 
 def _cuda() -> bool:

@@ -44,6 +44,17 @@ def runs_here(beam_args: list[str]) -> bool:
     return runner is None or "direct" in str(runner).lower()
 
 
+def local_processes(beam_args: list[str]) -> int:
+    """How many worker processes the DirectRunner starts on this machine (0: none, the
+    DoFns run in this process, or on a remote runner's machines)."""
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    opts = PipelineOptions(beam_args or []).view_as(DirectOptions)
+    if not runs_here(beam_args) or opts.direct_running_mode != "multi_processing":
+        return 0
+    return max(1, opts.direct_num_workers or 1)
+
+
 def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int, stall_timeout: float,
         unfinished: str) -> None:
     """Build the graph with ``build(pipeline)`` and run it; if no new record appears under

@@ -9,8 +9,12 @@ not in the inverted lists: they are a column of the shard's id map (index_versio
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import faiss
 import numpy as np
+
+CHUNK_BYTES = 1 << 24   # a shard's lists go to its writer 16 MB at a time
 
 
 def serialize(index: faiss.Index) -> bytes:
@@ -89,14 +93,21 @@ def _fourcc(code: str) -> int:
 
 
 def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray) -> bytes:
-    """(id, list number, code) rows -> faiss inverted lists, serialised.
+    """(id, list number, code) rows -> faiss inverted lists, serialised (encoded_chunks, joined)."""
+    return b"".join(encoded_chunks(nlist, code_size, ids, lists, codes))
+
+
+def encoded_chunks(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray,
+                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """(id, list number, code) rows -> faiss inverted lists, serialised, as a stream of
+    chunks of about ``chunk_bytes`` for a writer to pass on.
 
     Stored flat (faiss ArrayInvertedLists' format, byte for byte what faiss's
     write_InvertedLists writes, which tests check): the quantizer and codebooks are in
     trained.index, once, and fast-scan's 32-code blocks are rebuilt when a reader loads the
-    shard. Written straight into one buffer, list by list: faiss's own path copies a
-    shard's codes four more times (the lists, its writer, the array, the bytes), which at
-    10M vectors of SQ8 is gigabytes.
+    shard. Streamed list by list: faiss's own path copies a shard's codes four more times
+    (the lists, its writer, the array, the bytes), and even one whole buffer is 660 MB for
+    a 2.5M-vector SQ8 shard.
     """
     order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
     sorted_lists = lists[order]
@@ -107,22 +118,20 @@ def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray
         kind, table = "full", sizes
     else:
         kind, table = "sprs", np.stack([nonempty.astype(np.uint64), sizes[nonempty]], 1).ravel()
-    head = (np.array([_fourcc("ilar")], np.uint32).tobytes() + np.array([nlist, code_size], np.uint64).tobytes()
-            + np.array([_fourcc(kind)], np.uint32).tobytes() + np.array([len(table)], np.uint64).tobytes()
-            + table.astype(np.uint64).tobytes())
-    out = bytearray(len(head) + len(ids) * (code_size + 8))
-    out[:len(head)] = head
-    view = np.frombuffer(out, np.uint8)
-    pos = len(head)
+    yield (np.array([_fourcc("ilar")], np.uint32).tobytes() + np.array([nlist, code_size], np.uint64).tobytes()
+           + np.array([_fourcc(kind)], np.uint32).tobytes() + np.array([len(table)], np.uint64).tobytes()
+           + table.astype(np.uint64).tobytes())
     codes = codes.reshape(len(ids), code_size)
+    buf = bytearray()
     for lst in nonempty.tolist():
         rows = order[bounds[lst]:bounds[lst + 1]]
-        n = len(rows)
-        view[pos:pos + n * code_size] = codes[rows].ravel()
-        pos += n * code_size
-        view[pos:pos + n * 8] = ids[rows].astype(np.int64).view(np.uint8)
-        pos += n * 8
-    return out  # a bytearray: bytes(out) would copy it once more
+        buf += codes[rows].tobytes()
+        buf += ids[rows].astype(np.int64).tobytes()
+        if len(buf) >= chunk_bytes:
+            yield bytes(buf)
+            buf = bytearray()
+    if buf:
+        yield bytes(buf)
 
 
 def _read_lists(data: bytes):

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -253,13 +254,15 @@ def empty_idmap() -> pa.Table:
     return pa.table({"id": pa.array([], pa.int64()), "product_id": pa.array([], pa.string())})
 
 
-def write_shard(version_dir: str, shard: int, lists: bytes, ntotal: int, idmap: pa.Table,
+def write_shard(version_dir: str, shard: int, lists: "bytes | Iterable[bytes]", ntotal: int, idmap: pa.Table,
                 prefix: str = "shard") -> ShardEntry:
-    """A shard's inverted lists and its id map (sorted by id), each written whole
-    (``prefix`` "delta": a delta segment's part of the shard)."""
+    """A shard's inverted lists (bytes, or a stream of chunks: index_codec.encoded_chunks)
+    and its id map (sorted by id), each written whole (``prefix`` "delta": a delta
+    segment's part of the shard)."""
     name = f"{prefix}-{shard:05d}"
     with storage.open_write(storage.join(version_dir, f"{name}.index")) as f:
-        f.write(lists)
+        for chunk in ([lists] if isinstance(lists, (bytes, bytearray)) else lists):
+            f.write(chunk)
     index_ref = FileRef(f"{name}.index", f.sha256(), f.bytes_written)
     with storage.open_write(storage.join(version_dir, f"{name}.ids.parquet")) as f:
         pq.write_table(idmap.sort_by("id"), f, compression="zstd")

@@ -38,6 +38,8 @@ LIST, CODE = "__list", "__code"   # a partial's columns beside the id map's
 
 
 def _trained(spec: BuildSpec) -> faiss.Index:
+    if spec.threads:  # worker processes share the cores: more threads each only contend
+        faiss.omp_set_num_threads(spec.threads)
     return codec.deserialize(storage.read_bytes(storage.join(spec.version_dir, "trained.index")))
 
 
@@ -109,8 +111,8 @@ class MergeShard(beam.DoFn):
         idmap = table.drop_columns([LIST, CODE])
         check_unique(ids, idmap, f"shard {iv.shard_name(shard)}")
         codes = iv.code_matrix(table.column(CODE), code_size)
-        blob = codec.encoded_lists(nlist, code_size, ids, table.column(LIST).to_numpy(), codes)
-        record = iv.write_shard(self.spec.version_dir, shard, blob, len(ids), idmap)
+        chunks = codec.encoded_chunks(nlist, code_size, ids, table.column(LIST).to_numpy(), codes)
+        record = iv.write_shard(self.spec.version_dir, shard, chunks, len(ids), idmap)
         storage.write_json(storage.join(self.spec.version_dir, BUILD_DIR, f"{record.name}.json"), record.to_json())
         yield record
 

@@ -87,6 +87,13 @@ def fuse_alpha(manifest: emb.EmbeddingsManifest) -> float:
     return float(config["model"].get("fuse_alpha", 0.5))
 
 
+def worker_threads(beam_args: list[str]) -> int:
+    """faiss threads per DoFn process: the cores shared out among the DirectRunner's
+    worker processes (0, faiss's default, for one process or a remote runner)."""
+    procs = beam_runner.local_processes(beam_args)
+    return max(1, (os.cpu_count() or 1) // procs) if procs > 1 else 0
+
+
 def default_beam_args(n: int, parts: int) -> list[str]:
     """The DirectRunner, in one process for small builds (no worker start-up), with a
     worker process per core from MULTIPROCESS_MIN_VECTORS on (AddPart is CPU-bound)."""
@@ -158,7 +165,8 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
             trained = codec.serialize(index)
             storage.write_bytes(storage.join(vdir, "trained.index"), trained)
         spec = BuildSpec(cfg.embeddings, vdir, cfg.shards, cfg.vector, alpha, manifest.model, manifest.dtype, cfg.metadata,
-                         photos or DEFAULT_MODE, truth=bool(len(queries)), partials=partials)
+                         photos or DEFAULT_MODE, truth=bool(len(queries)), partials=partials,
+                         threads=worker_threads(beam_args))
         with timer.stage("beam"):
             from mimdex.pipelines.build_index.graph import build_pipeline  # Beam is imported only to build
 

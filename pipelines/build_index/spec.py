@@ -23,3 +23,4 @@ class BuildSpec:
     photos: str = "every"          # what a multi-photo product contributes (contracts.photos.MODES)
     truth: bool = False            # find the exact nearest neighbour of QUERIES_FILE's queries per part
     partials: str = ""             # where AddPart's partial files go (job.partials_dir)
+    threads: int = 0               # faiss threads per worker (0: faiss's default, every core)

@@ -12,22 +12,27 @@ from mimdex.indexing.kmeans import kmeans, two_level
 from mimdex.indexing.params import IndexParams
 from mimdex.infra.contracts.index_codec import refine_quantizer, searched
 
-# candidates the HNSW coarse quantizer keeps while it walks, at add (stored in the trained
-# index). Assigning 50k vectors to 16,384 centroids (docs/benchmarks.md): ef 16 (faiss's
-# default) agrees with the flat assignment for 99.84% in 0.86 s, ef 32 for 99.996% in
-# 1.73 s, ef 128 for 99.998% in 5.61 s, slower than the flat scan (2.36 s). Searches use
-# more (reader.py: HNSW_EF_SEARCH): they need nprobe lists, not one.
+# The HNSW graph over the centroids, and the candidates it keeps while it walks at add
+# (stored in the trained index). Assigning 50k of the 1M benchmark vectors to 16,384
+# two-level centroids (docs/benchmarks.md), agreement with the flat assignment (2.59 s):
+# faiss's default graph (efConstruction 40) 93.1% at ef 16, 97.9% at ef 32, 99.7% at 64;
+# built with efConstruction 200 (1.8 s instead of 0.5 s) 99.1%, 99.80% (1.05 s) and
+# 99.86%. A misassigned vector sits in a list its neighbours' queries may not probe: at
+# 10M, efConstruction 40 with ef 32 capped recall@10 at 0.96. Searches use a larger ef
+# (reader.py: HNSW_EF_SEARCH): they need nprobe lists, not one.
+HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_ADD = 32
 # SQ8 maps each dimension's [min, max] over the sample to 0..255 and clips outside it. A
 # refresh reuses the trained index for weeks of new products: 5% of the range on either
 # side keeps their codes unclipped for the cost of 10% coarser steps.
 SQ_RANGE_MARGIN = 0.05
 # From this many lists the coarse centroids come from two-level k-means (kmeans.two_level)
-# and then TWO_LEVEL_REFINE flat iterations. On isotropic 50-d vectors (the hard case for
-# IVF) two-level alone costs 0.01-0.03 recall@10 at a fixed nprobe; 4 flat iterations
-# from its centroids bring the error to flat k-means' after 10 and recall within seed
-# noise (docs/benchmarks.md), for 0.4-0.5x its time. On clustered vectors two-level alone
-# matches flat. Below it, flat k-means is cheap enough.
+# and then TWO_LEVEL_REFINE flat iterations (docs/benchmarks.md). On isotropic 50-d vectors
+# (the hard case for IVF) two-level alone costs 0.01-0.03 recall@10 at a fixed nprobe and
+# 2 flat iterations from its centroids recover about half of it; on the clustered
+# benchmark vectors two-level alone matches flat k-means (1M -> 4,096 lists: 0.984 against
+# 0.979 at nprobe 4; 1M -> 16,384: 0.996 at nprobe 16 after 0, 2 or 6 flat iterations).
+# Below it, flat k-means is cheap enough.
 TWO_LEVEL_MIN_NLIST = 1024
 TWO_LEVEL_REFINE = 2
 
@@ -43,9 +48,10 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
     if not isinstance(searched(index), faiss.IndexPreTransform):  # OPQ rotates first: faiss trains it all
         centroids, mse = coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
         quantizer = faiss.downcast_index(ivf.quantizer)
-        quantizer.add(centroids)  # a full quantizer: faiss skips its own coarse training
         if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             quantizer.hnsw.efSearch = HNSW_EF_ADD
+        quantizer.add(centroids)  # a full quantizer: faiss skips its own coarse training
     t_coarse = time.perf_counter() - t0
     ivf.cp.seed = seed
     refine = refine_quantizer(index)

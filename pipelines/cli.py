@@ -295,6 +295,9 @@ def _push_metrics(args: argparse.Namespace, code: int, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mimdex.infra.contracts.files import use_system_memory_pool
+
+    use_system_memory_pool()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # build-index / refresh / backfill hand flags mimdex does not know to Beam, but only

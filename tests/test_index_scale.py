@@ -25,6 +25,7 @@ from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.recall import recall_at
 from mimdex.infra.contracts.vectors import ids_for
+from mimdex.infra.errors import DataError
 from mimdex.pipelines.build_index import BuildConfig, run
 
 D = 64
@@ -238,3 +239,50 @@ def test_two_level_kmeans_is_as_good_as_flat_on_clustered_vectors():
     assert refined_err <= 1.02 * max(flat_errs)
     with pytest.raises(ValueError, match="100 points for 256 centroids"):
         two_level(x[:100], 256)
+
+
+def test_merge_streams_codes_partials_window_by_window_into_the_stored_lists(tmp_path):
+    """AddPart's codes partials hold one record batch per list window, each sorted by
+    (list, id); MergeShard streams them into exactly the bytes one in-memory encode of all
+    rows gives (itself byte-for-byte faiss's format), and refuses partials whose codes and
+    id maps disagree."""
+    import faiss
+
+    from mimdex.infra.contracts import index_codec as codec
+    from mimdex.pipelines.build_index import graph
+    from mimdex.pipelines.build_index.spec import BuildSpec
+
+    rng = np.random.default_rng(5)
+    index = faiss.index_factory(8, "IVF300,SQ8")   # 300 lists: 60 windows of 5
+    index.train(rng.standard_normal((3000, 8)).astype(np.float32))
+    vdir, partials = str(tmp_path / "v"), str(tmp_path / "p")
+    storage.write_bytes(storage.join(vdir, "trained.index"), codec.serialize(index))
+    spec = BuildSpec("", vdir, 1, "image", 0.5, None, "float16", partials=partials)
+    rows, names = [], []
+    for p in range(3):
+        n = 500 + 100 * p
+        ids = rng.permutation(10 ** 6)[:n] * 3 + p          # distinct across partials
+        lists, codes = rng.integers(0, 300, n), rng.integers(0, 256, (n, 8), dtype=np.uint8)
+        name = storage.join(partials, f"part-{p}-shard-00000")
+        idmap = pa.table({"id": pa.array(ids, pa.int64()), "product_id": pa.array([f"q{i}" for i in ids])})
+        graph._write_arrow(name + graph.IDS_FILE, idmap.to_batches(), idmap.schema)
+        graph._write_codes(name + graph.CODES_FILE, 300, ids, lists, codes)
+        with pa.ipc.open_file(storage.read_bytes(name + graph.CODES_FILE)) as f:
+            starts = graph._window_starts(300)
+            assert f.num_record_batches == len(starts) - 1 == 60
+            for w in range(f.num_record_batches):
+                got = f.get_batch(w).column(graph.LIST).to_numpy()
+                assert np.all((got >= starts[w]) & (got < starts[w + 1])) and np.all(np.diff(got) >= 0)
+        rows.append((ids, lists, codes))
+        names.append(name)
+    record = next(iter(graph.MergeShard(spec).process((0, names))))
+    stored, idmap = iv.read_shard(vdir, record)
+    ids, lists, codes = (np.concatenate(c) for c in zip(*rows))
+    assert stored == codec.encoded_lists(300, 8, ids, lists, codes)
+    assert sorted(idmap.column("id").to_pylist()) == sorted(ids.tolist()) and record.ntotal == len(ids)
+    short = storage.join(partials, "short-shard-00000")    # an id map row without its code
+    idmap = pa.table({"id": pa.array([1, 2], pa.int64()), "product_id": pa.array(["a", "b"])})
+    graph._write_arrow(short + graph.IDS_FILE, idmap.to_batches(), idmap.schema)
+    graph._write_codes(short + graph.CODES_FILE, 300, np.array([1]), np.array([7]), np.zeros((1, 8), np.uint8))
+    with pytest.raises(DataError, match="shard-00000: 1 codes for 2 id map rows"):
+        list(graph.MergeShard(spec).process((0, [short])))

@@ -9,7 +9,8 @@ not in the inverted lists: they are a column of the shard's id map (index_versio
 """
 from __future__ import annotations
 
-from typing import Iterator
+import io
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -100,7 +101,9 @@ def encoded_lists(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray
 def encoded_chunks(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray,
                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """(id, list number, code) rows -> faiss inverted lists, serialised, as a stream of
-    chunks of about ``chunk_bytes`` for a writer to pass on.
+    chunks of about ``chunk_bytes`` for a writer to pass on: lists_header, then the rows'
+    list_chunks. A writer that has the rows a few lists at a time (build-index's merge)
+    calls those two itself.
 
     Stored flat (faiss ArrayInvertedLists' format, byte for byte what faiss's
     write_InvertedLists writes, which tests check): the quantizer and codebooks are in
@@ -109,22 +112,36 @@ def encoded_chunks(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarra
     (the lists, its writer, the array, the bytes), and even one whole buffer is 660 MB for
     a 2.5M-vector SQ8 shard.
     """
-    order = np.lexsort((ids, lists))  # by list, then id: byte-identical shards on re-runs
-    sorted_lists = lists[order]
-    bounds = np.searchsorted(sorted_lists, np.arange(nlist + 1))
-    sizes = np.diff(bounds).astype(np.uint64)
+    yield lists_header(nlist, code_size, np.bincount(lists, minlength=nlist) if len(lists) else np.zeros(nlist))
+    yield from list_chunks(code_size, ids, lists, codes, chunk_bytes)
+
+
+def lists_header(nlist: int, code_size: int, sizes: np.ndarray) -> bytes:
+    """The head of stored inverted lists: shape and every list's size (``sizes``, nlist long)."""
+    sizes = np.asarray(sizes).astype(np.uint64)
     nonempty = np.flatnonzero(sizes)
     if len(nonempty) > nlist / 2:  # faiss: a "full" size table, else a sparse one of (list, size)
         kind, table = "full", sizes
     else:
         kind, table = "sprs", np.stack([nonempty.astype(np.uint64), sizes[nonempty]], 1).ravel()
-    yield (np.array([_fourcc("ilar")], np.uint32).tobytes() + np.array([nlist, code_size], np.uint64).tobytes()
-           + np.array([_fourcc(kind)], np.uint32).tobytes() + np.array([len(table)], np.uint64).tobytes()
-           + table.astype(np.uint64).tobytes())
+    return (np.array([_fourcc("ilar")], np.uint32).tobytes() + np.array([nlist, code_size], np.uint64).tobytes()
+            + np.array([_fourcc(kind)], np.uint32).tobytes() + np.array([len(table)], np.uint64).tobytes()
+            + table.astype(np.uint64).tobytes())
+
+
+def list_chunks(code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.ndarray,
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The stored body of whole lists (every row of each list in ``lists``, in any order):
+    list by list in list order, each list's codes then its ids, rows by id so a re-run
+    writes the same bytes. Successive calls on successive list ranges continue one body."""
+    order = np.lexsort((ids, lists))
+    sorted_lists = lists[order]
+    starts = np.flatnonzero(np.diff(sorted_lists, prepend=-1)) if len(order) else np.zeros(0, np.int64)
+    bounds = np.append(starts, len(order))
     codes = codes.reshape(len(ids), code_size)
     buf = bytearray()
-    for lst in nonempty.tolist():
-        rows = order[bounds[lst]:bounds[lst + 1]]
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        rows = order[a:b]
         buf += codes[rows].tobytes()
         buf += ids[rows].astype(np.int64).tobytes()
         if len(buf) >= chunk_bytes:
@@ -134,9 +151,11 @@ def encoded_chunks(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarra
         yield bytes(buf)
 
 
-def _read_lists(data: bytes):
-    reader = faiss.VectorIOReader()
-    faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
+def _read_lists(data: "bytes | Callable[[int], bytes]"):
+    """faiss inverted lists from their bytes, or from a read(n) callback that streams them
+    (faiss pulls 1 MB at a time: a shard's lists are never in memory twice)."""
+    read = io.BytesIO(data).read if isinstance(data, (bytes, bytearray)) else data
+    reader = faiss.PyCallbackIOReader(read)
     try:
         return faiss.downcast_InvertedLists(faiss.read_InvertedLists(reader))
     except RuntimeError as exc:
@@ -158,9 +177,10 @@ def decoded_lists(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(lists), np.concatenate(codes)
 
 
-def shard_index(trained: bytes, lists: bytes) -> faiss.Index:
-    """trained.index + a shard's inverted lists -> a complete, searchable faiss index
-    (the IVF of an IndexRefine: the reader re-ranks with the id map's codes)."""
+def shard_index(trained: bytes, lists: "bytes | Callable[[int], bytes]") -> faiss.Index:
+    """trained.index + a shard's inverted lists (bytes, or a read(n) callback streaming
+    them) -> a complete, searchable faiss index (the IVF of an IndexRefine: the reader
+    re-ranks with the id map's codes)."""
     index = searched(deserialize(trained))
     flat = _read_lists(lists)
     ivf = faiss.extract_index_ivf(index)
@@ -168,6 +188,11 @@ def shard_index(trained: bytes, lists: bytes) -> faiss.Index:
         raise ValueError(f"inverted lists ({flat.nlist} lists of {flat.code_size}-byte codes) do not fit the "
                          f"trained index ({ivf.nlist}, {ivf.code_size})")
     dst = faiss.downcast_InvertedLists(ivf.invlists)
+    if type(dst) is type(flat):  # the stored form is the index's own: hand the lists over, uncopied
+        ivf.replace_invlists(flat, True)
+        flat.this.disown()   # the index owns and frees them now
+        ivf.ntotal = index.ntotal = sum(ivf.invlists.list_size(i) for i in range(ivf.nlist))
+        return index
     packer = ivf.get_CodePacker() if isinstance(dst, faiss.BlockInvertedLists) else None
     for lst in range(flat.nlist):
         n = flat.list_size(lst)

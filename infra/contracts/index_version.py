@@ -17,10 +17,11 @@ exit 75 and its complete, unpublished version stays for inspection.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,7 @@ from mimdex.infra.errors import DataError
 
 INDEX_FORMAT = "mimdex-index/1"
 RECORDED_IN = "the index manifest"
+T = TypeVar("T")
 _VERSION_FORMATS = ("%Y%m%dT%H%M%S%fZ", "%Y%m%dT%H%M%SZ")
 
 
@@ -277,6 +279,38 @@ def read_trained(version_dir: str, ref: FileRef) -> bytes:
 def read_shard(version_dir: str, entry: ShardEntry) -> tuple[bytes, pa.Table]:
     """A shard's inverted lists and id map, both verified against the manifest."""
     lists = read_checked(version_dir, entry.index, "index shard", RECORDED_IN)
+    return lists, _read_idmap(version_dir, entry)
+
+
+def _read_idmap(version_dir: str, entry: ShardEntry) -> pa.Table:
     ids_uri = storage.join(version_dir, entry.ids.file)
-    idmap = table_from_bytes(read_checked(version_dir, entry.ids, "index id map", RECORDED_IN), ids_uri, "index id map")
-    return lists, idmap
+    return table_from_bytes(read_checked(version_dir, entry.ids, "index id map", RECORDED_IN), ids_uri, "index id map")
+
+
+def load_shard(version_dir: str, entry: ShardEntry, load: Callable[[Callable[[int], bytes]], T]) -> tuple[T, pa.Table]:
+    """``load(read)`` of a shard's inverted lists streamed from storage (read(n) -> bytes;
+    a reader never holds the file and the lists it becomes at once), and its id map. The
+    stream is hashed as it goes: a file that is longer, shorter or other than the
+    manifest's sha256 is refused (exit 65) after ``load`` and its result is dropped."""
+    uri = storage.join(version_dir, entry.index.file)
+    digest, seen = hashlib.sha256(), [0]
+    with storage.open_read(uri) as f:
+        def read(n: int) -> bytes:
+            chunk = f.read(n)
+            digest.update(chunk)
+            seen[0] += len(chunk)
+            return chunk
+
+        try:
+            result = load(read)
+        except ValueError as exc:   # faiss could not parse it: the hash check below names why
+            result, error = None, exc
+        else:
+            error = None
+        while read(1 << 20):        # the rest, if faiss stopped early: it is part of the hash
+            pass
+    if digest.hexdigest() != entry.index.sha256 or seen[0] != entry.index.bytes:
+        raise DataError(f"{uri}: sha256 does not match {RECORDED_IN}; refusing a corrupt or replaced file")
+    if error is not None:
+        raise error
+    return result, _read_idmap(version_dir, entry)

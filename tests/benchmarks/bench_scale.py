@@ -9,7 +9,7 @@ removed at the end. Per n, each in its own process, one after the other:
   * ours: the whole `mimdex build-index` CLI with its own defaults (sample, train, Beam
     add/merge with the nearest neighbours found inside, evaluation, publish). Peak RSS is
     the peak of the summed RSS of the CLI and every process it started (Beam workers),
-    sampled every 0.2 s.
+    sampled every 0.2 s; peak_split_gb: the CLI's and each worker's share at that moment.
   * raw: faiss.index_factory(d, F) with ours' factory F, trained on a random sample of
     ours' training size, then add() block by block (the blocks read from the same parts,
     not timed; train + add are). recall@10 at ours' default nprobe on ours' held-out
@@ -56,14 +56,15 @@ def write(root: str, model: str, n: int) -> None:
     write_vector_parts(root, vectors(n), ModelRef(model, sha, "3-tower", D, False), "float16")
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_rss(proc: psutil.Process) -> list[int]:
+    """RSS of the CLI (first) and of each process it started."""
+    out = []
     for p in [proc] + proc.children(recursive=True):
         try:
-            total += p.memory_info().rss
+            out.append(p.memory_info().rss)
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 def ours(emb: str, out: str, shards: int) -> dict:
@@ -71,9 +72,11 @@ def ours(emb: str, out: str, shards: int) -> dict:
            "--shards", str(shards)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, split = psutil.Process(proc.pid), 0, []
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        rss = tree_rss(ps)
+        if sum(rss) > peak:
+            peak, split = sum(rss), rss
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     log = proc.stdout.read()
@@ -82,7 +85,8 @@ def ours(emb: str, out: str, shards: int) -> dict:
     report_uri = log.strip().splitlines()[-1]
     with open(report_uri) as f:
         report = json.load(f)
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2 ** 30, 2), "report": report}
+    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2 ** 30, 2),
+            "peak_split_gb": [round(r / 2 ** 30, 2) for r in split], "report": report}
 
 
 RAW = r'''

@@ -44,9 +44,9 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
     ivf = faiss.extract_index_ivf(index)
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     t0 = time.perf_counter()
-    mse = None
+    mse, how = None, "faiss"
     if not isinstance(searched(index), faiss.IndexPreTransform):  # OPQ rotates first: faiss trains it all
-        centroids, mse = coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
+        centroids, mse, how = coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
         quantizer = faiss.downcast_index(ivf.quantizer)
         if isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -61,15 +61,16 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
     index.train(sample)
     return index, {"coarse_seconds": round(t_coarse, 3), "pq_seconds": round(time.perf_counter() - t0 - t_coarse, 3),
                    "coarse_mse": mse, "sample": len(sample),
-                   "kmeans": "flat" if params.nlist < TWO_LEVEL_MIN_NLIST else f"two-level + {TWO_LEVEL_REFINE} flat",
+                   "kmeans": how,
                    "device": "cuda" if _cuda() else "cpu"}
 
 
-def coarse_centroids(sample: np.ndarray, nlist: int, niter: int, seed: int) -> tuple[np.ndarray, float]:
+def coarse_centroids(sample: np.ndarray, nlist: int, niter: int, seed: int) -> tuple[np.ndarray, float, str]:
+    """The coarse centroids, k-means' error, and which k-means made them (for the manifest)."""
     if nlist < TWO_LEVEL_MIN_NLIST:
-        return kmeans(sample, nlist, niter=niter, seed=seed)
+        return *kmeans(sample, nlist, niter=niter, seed=seed), "flat"
     start, _ = two_level(sample, nlist, niter=niter, seed=seed)
-    return kmeans(sample, nlist, niter=TWO_LEVEL_REFINE, seed=seed, init=start)
+    return *kmeans(sample, nlist, niter=TWO_LEVEL_REFINE, seed=seed, init=start), f"two-level + {TWO_LEVEL_REFINE} flat"
 
 
 def _cuda() -> bool:

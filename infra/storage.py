@@ -213,11 +213,15 @@ def read_bytes(uri: str) -> bytes:
     return data
 
 
+def not_as_recorded(uri: str, recorded_in: str) -> DataError:
+    return DataError(f"{uri}: sha256 does not match {recorded_in}; refusing a corrupt or replaced file")
+
+
 def read_verified(uri: str, sha256: str, recorded_in: str) -> bytes:
     """The object's bytes, refused (exit 65) unless they hash to what a manifest recorded."""
     data = read_bytes(uri)
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{uri}: sha256 does not match {recorded_in}; refusing a corrupt or replaced file")
+        raise not_as_recorded(uri, recorded_in)
     return data
 
 

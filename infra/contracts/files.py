@@ -2,14 +2,18 @@
 errors that name the file (exit 65), never an Arrow traceback."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
 from mimdex.infra.errors import DataError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,33 @@ def read_parquet(uri: str, what: str, columns: list[str] | None = None) -> pa.Ta
 def read_checked(root: str, ref: FileRef, what: str, recorded_in: str) -> bytes:
     """A listed file's bytes, refused (exit 65) unless they match the recorded sha256."""
     return storage.read_verified(storage.join(root, ref.file), ref.sha256, recorded_in)
+
+
+def consume_checked(root: str, ref: FileRef, recorded_in: str, consume: Callable[[Callable[[int], bytes]], T]) -> T:
+    """``consume(read)`` of a listed file streamed (read(n) -> up to n bytes), as
+    read_checked but never holding it whole. The stream is hashed as it goes and read to
+    its end after ``consume``: a file longer, shorter or other than recorded is refused
+    (exit 65), and that refusal comes first when ``consume`` failed on it."""
+    uri = storage.join(root, ref.file)
+    digest, seen = hashlib.sha256(), [0]
+    with storage.open_read(uri) as f:
+        def read(n: int) -> bytes:
+            chunk = f.read(n)
+            digest.update(chunk)
+            seen[0] += len(chunk)
+            return chunk
+
+        try:
+            result, error = consume(read), None
+        except Exception as exc:  # noqa: BLE001 - re-raised below unless the bytes explain it
+            result, error = None, exc
+        while read(1 << 20):
+            pass
+    if digest.hexdigest() != ref.sha256 or seen[0] != ref.bytes:
+        raise storage.not_as_recorded(uri, recorded_in)
+    if error is not None:
+        raise error
+    return result
 
 
 def read_table_checked(root: str, ref: FileRef, what: str, recorded_in: str,

@@ -112,7 +112,7 @@ def encoded_chunks(nlist: int, code_size: int, ids: np.ndarray, lists: np.ndarra
     (the lists, its writer, the array, the bytes), and even one whole buffer is 660 MB for
     a 2.5M-vector SQ8 shard.
     """
-    yield lists_header(nlist, code_size, np.bincount(lists, minlength=nlist) if len(lists) else np.zeros(nlist))
+    yield lists_header(nlist, code_size, np.bincount(lists, minlength=nlist))
     yield from list_chunks(code_size, ids, lists, codes, chunk_bytes)
 
 
@@ -136,8 +136,7 @@ def list_chunks(code_size: int, ids: np.ndarray, lists: np.ndarray, codes: np.nd
     writes the same bytes. Successive calls on successive list ranges continue one body."""
     order = np.lexsort((ids, lists))
     sorted_lists = lists[order]
-    starts = np.flatnonzero(np.diff(sorted_lists, prepend=-1)) if len(order) else np.zeros(0, np.int64)
-    bounds = np.append(starts, len(order))
+    bounds = np.append(np.flatnonzero(np.diff(sorted_lists, prepend=-1)), len(order))
     codes = codes.reshape(len(ids), code_size)
     buf = bytearray()
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):

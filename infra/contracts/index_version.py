@@ -17,7 +17,6 @@ exit 75 and its complete, unpublished version stays for inspection.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
-from mimdex.infra.contracts.files import FileRef, read_checked, table_from_bytes
+from mimdex.infra.contracts.files import FileRef, consume_checked, read_checked, table_from_bytes
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError
 
@@ -289,28 +288,6 @@ def _read_idmap(version_dir: str, entry: ShardEntry) -> pa.Table:
 
 def load_shard(version_dir: str, entry: ShardEntry, load: Callable[[Callable[[int], bytes]], T]) -> tuple[T, pa.Table]:
     """``load(read)`` of a shard's inverted lists streamed from storage (read(n) -> bytes;
-    a reader never holds the file and the lists it becomes at once), and its id map. The
-    stream is hashed as it goes: a file that is longer, shorter or other than the
-    manifest's sha256 is refused (exit 65) after ``load`` and its result is dropped."""
-    uri = storage.join(version_dir, entry.index.file)
-    digest, seen = hashlib.sha256(), [0]
-    with storage.open_read(uri) as f:
-        def read(n: int) -> bytes:
-            chunk = f.read(n)
-            digest.update(chunk)
-            seen[0] += len(chunk)
-            return chunk
-
-        try:
-            result = load(read)
-        except ValueError as exc:   # faiss could not parse it: the hash check below names why
-            result, error = None, exc
-        else:
-            error = None
-        while read(1 << 20):        # the rest, if faiss stopped early: it is part of the hash
-            pass
-    if digest.hexdigest() != entry.index.sha256 or seen[0] != entry.index.bytes:
-        raise DataError(f"{uri}: sha256 does not match {RECORDED_IN}; refusing a corrupt or replaced file")
-    if error is not None:
-        raise error
-    return result, _read_idmap(version_dir, entry)
+    a reader never holds the file and the lists it becomes at once), verified against the
+    manifest as they stream (files.consume_checked), and its id map."""
+    return consume_checked(version_dir, entry.index, RECORDED_IN, load), _read_idmap(version_dir, entry)

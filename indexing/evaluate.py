@@ -12,6 +12,7 @@ sweep whose every doubling paid may go. The reason is recorded with the choice.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from mimdex.infra.contracts.recall import KS, recall_at
 
 PAYS = 0.01          # recall@10 a doubling of nprobe must add
 FLAT_STEPS = 2       # the sweep stops after this many doublings in a row that did not pay
+Ladder = Callable[[np.ndarray, list, list], dict]   # (queries, ks, nprobes) -> {(k, nprobe): (ids, seconds)}
 
 
 def choose_nprobe(rows: list[dict], nlist: int, target: float) -> tuple[int, str]:
@@ -42,21 +44,37 @@ def choose_nprobe(rows: list[dict], nlist: int, target: float) -> tuple[int, str
                             f"recall@10 (recall@10 {knee['recall@10']}, {knee['qps']} queries/s)")
 
 
-def sweep(search, queries: np.ndarray, truth_nn: np.ndarray, nlist: int, target: float,
-          exclude_ids: np.ndarray | None = None) -> tuple[list[dict], int, str]:
-    """``search(queries, k, nprobe) -> (scores, ids)``; returns the rows of the sweep, the
-    default nprobe and why (choose_nprobe)."""
+def one_at_a_time(search: Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]) -> Ladder:
+    """A Ladder from ``search(queries, k, nprobe) -> (scores, ids)`` (a loaded IndexReader's)."""
+    def ladder(queries: np.ndarray, ks: list[int], nprobes: list[int]) -> dict:
+        out = {}
+        for p in nprobes:
+            for k in ks:
+                t0 = time.perf_counter()
+                _, ids = search(queries, k, p)
+                out[(k, p)] = (ids, time.perf_counter() - t0)
+        return out
+    return ladder
+
+
+def sweep(search: Ladder, queries: np.ndarray, truth_nn: np.ndarray, nlist: int, target: float,
+          exclude_ids: np.ndarray | None = None, ladder: int = 1) -> tuple[list[dict], int, str]:
+    """``search(queries, ks, nprobes) -> {(k, nprobe): (ids, seconds)}`` for every pair,
+    asked for ``ladder`` doublings of nprobe at a time (shard_search reads every shard once
+    per call; a sweep that stops inside a ladder wastes the rest of it). Returns the rows
+    of the sweep, the default nprobe and why (choose_nprobe)."""
     rows: list[dict] = []
-    nprobe, flat, reached = 1, 0, None
+    nprobe, flat, reached, found = 1, 0, None, {}
+    # recall@k from a search for k (+1: a held-out query's own id is dropped), as a caller
+    # asking for k gets it: a re-ranking index fetches k x k_factor candidates, so a
+    # search for 100 would overstate recall@10. queries/s: the top-10 search.
+    ks = [k + 1 for k in sorted(KS, reverse=True)]
     while nprobe <= nlist:
-        # recall@k from a search for k (+1: a held-out query's own id is dropped), as a caller
-        # asking for k gets it: a re-ranking index fetches k x k_factor candidates, so a
-        # search for 100 would overstate recall@10. queries/s: the top-10 search.
+        if (ks[0], nprobe) not in found:
+            found = search(queries, ks, [nprobe << i for i in range(ladder) if nprobe << i <= nlist])
         row: dict = {"nprobe": nprobe}
-        for k in sorted(KS, reverse=True):
-            t0 = time.perf_counter()
-            _, ids = search(queries, k + 1, nprobe)
-            seconds = time.perf_counter() - t0
+        for k in KS:
+            ids, seconds = found[(k + 1, nprobe)]
             if exclude_ids is not None:  # drop the query's own id, keep the order
                 ids = np.array([[i for i in r if i != own][:k] for r, own in zip(ids, exclude_ids)])
             row.update(recall_at(ids, truth_nn, (k,)))

@@ -18,9 +18,10 @@ SQ8 in the lists reaches the target with fewer bytes than fast-scan PQ + re-rank
 the same queries/s, and with 4x fewer lists (longer ones, as 10M vectors in 16k lists
 have) it is 2.5x faster (the fast-scan k x 10 candidate heap is its slow part). So SQ8
 is the default wherever the budget (--max-index-memory) holds d + 8 bytes per vector;
-below that, the largest fast-scan PQ that fits, and the manifest says its recall is
-capped. Re-ranking (``,Refine(SQ8)`` / ``,Refine(SQfp16)``) and OPQ/8-bit PQ stay
-available through --factory.
+below that, the most 8-bit PQ codes that fit (PQ64x8 reaches 0.93 where fast-scan
+PQ128x4fs, in more bytes, stops at 0.63: fast-scan scans faster but never gets near the
+target), and the manifest says its recall is capped. Re-ranking (``,Refine(SQ8)`` /
+``,Refine(SQfp16)``), OPQ and fast-scan PQ stay available through --factory.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ from mimdex.infra.errors import DataError, UsageError
 
 MIN_POINTS_PER_CENTROID = 39   # below this faiss warns that k-means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # faiss's own training cap
+# 8-bit PQ codebooks train on 64 points per centroid (16,384), not faiss's 256: faiss's
+# k-means in 2- to 4-d sub-spaces is slow (PQ128x8: 22 s on 16,384 points, about 90 s on
+# 65,536, on this project's 2 cores)
+PQ8_TRAIN_POINTS_PER_CENTROID = 64
 # 64 per list, not faiss's cap of 256: 0.002 recall@10 at 200k and 1M (docs/benchmarks.md),
 # for a quarter of the k-means time and of the sample's memory
 TRAIN_POINTS_PER_CENTROID = 64
@@ -123,16 +128,15 @@ def _default_codes(n: int, d: int, nlist: int, max_memory: int | None, reasons: 
         reasons.append(f"SQ8 codes ({d} bytes): at 1M x 256 they reach recall@10 1.00 where fast-scan PQ stops at "
                        "0.63, with fewer bytes than PQ + SQ8 re-ranking at the same queries/s (docs/benchmarks.md)")
         return "SQ8"
-    m = d // 2
-    while d % m:
-        m -= 1
-    fits = [c for c in range(m, 0, -1) if d % c == 0 and c % 2 == 0 and c / 2 <= per_vector]
+    per_vector -= 2 ** 8 * d * 4 / max(n, 1)   # the PQ centroids
+    fits = [m for m in range(d // 2, 0, -1) if d % m == 0 and m <= per_vector]
     if not fits:
         raise UsageError(f"--max-index-memory {max_memory} bytes is too small for {n} vectors: even "
-                         f"PQ2x4fs needs {n * (ID_BYTES + 1) + coarse} bytes")
-    reasons.append(f"PQ{fits[0]}x4fs: --max-index-memory leaves {per_vector:.1f} bytes per vector, too few for SQ8 "
-                   f"({d} bytes); fast-scan PQ codes cap recall@10 (0.63 for PQ128x4fs at 1M x 256)")
-    return f"PQ{fits[0]}x4fs"
+                         f"PQ1x8 needs {n * (ID_BYTES + 1) + coarse + 2 ** 8 * d * 4} bytes")
+    reasons.append(f"PQ{fits[0]}x8: --max-index-memory leaves {per_vector:.1f} bytes per vector, too few for SQ8 "
+                   f"({d} bytes); the most 8-bit PQ codes that fit (their recall@10 is capped below SQ8's: 0.93 "
+                   "for PQ64x8 at 1M x 256, where fast-scan PQ128x4fs in as many bytes stops at 0.63)")
+    return f"PQ{fits[0]}x8"
 
 
 def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = None,
@@ -151,7 +155,7 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
         codes = _default_codes(n, d, nlist, max_memory, reasons)
         factory = f"IVF{nlist}{'_HNSW%d' % HNSW_M if coarse != 'flat' else ''},{codes}"
         f = _parse_factory(factory, d)
-    pq_train = 2 ** f.bits * MAX_POINTS_PER_CENTROID if f.m else 0
+    pq_train = 2 ** f.bits * (PQ8_TRAIN_POINTS_PER_CENTROID if f.bits == 8 else MAX_POINTS_PER_CENTROID) if f.m else 0
     needed = max(f.nlist, 2 ** f.bits if f.m else 1)
     if n < needed:
         raise DataError(f"{n} vectors are too few to train {factory}: it needs at least {needed} "

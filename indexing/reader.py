@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.indexing.collapse import ProductOf, collapse
-from mimdex.indexing.rerank import rerank
+from mimdex.indexing.rerank import rerank, top_k
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
@@ -34,19 +34,45 @@ from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
 
+class ShardLoader:
+    """A version's shards, one at a time: each a searchable faiss index (the IVF of an
+    IndexRefine; the re-ranking codes are in its id map) and its id map."""
+
+    def __init__(self, uri: str, params: dict, trained: FileRef, deltas: tuple[iv.DeltaSegment, ...] = ()):
+        self.uri = uri
+        self.trained = iv.read_trained(uri, trained)
+        self.deltas = tuple(deltas)
+        self._deletions = delta.later_deletions(uri, self.deltas) if self.deltas else None
+        trained_index = deserialize(self.trained)
+        self.shape = lists_shape(trained_index)
+        self.refine = refine_quantizer(trained_index)
+        self.k_factor = int(params.get("k_factor") or 1) if self.refine is not None else 1
+
+    def load(self, entry: iv.ShardEntry) -> tuple[faiss.Index, pa.Table]:
+        if self.deltas:  # base + delta segments - deletions, exactly as compaction would write them
+            lists, ids, _ = delta.combine(delta.shard_pieces(self.uri, entry, self.deltas, self._deletions),
+                                          *self.shape)
+        try:
+            if self.deltas:
+                index = shard_index(self.trained, lists)
+            else:  # streamed from storage into faiss: the file is never in memory beside its lists
+                index, ids = iv.load_shard(self.uri, entry, lambda read: shard_index(self.trained, read))
+        except ValueError as exc:
+            raise DataError(f"{self.uri}/{entry.index.file}: {exc}") from exc
+        if index.ntotal != ids.num_rows:
+            raise DataError(f"{self.uri}: {entry.index.file} holds {index.ntotal} vectors but its id map "
+                            f"{ids.num_rows}")
+        return index, ids
+
+
 class IndexReader:
     def __init__(self, uri: str, params: dict, shards: tuple[iv.ShardEntry, ...], trained: FileRef,
                  default_nprobe: int = 1, manifest: iv.IndexManifest | None = None, consolidate: bool = True,
                  deltas: tuple[iv.DeltaSegment, ...] = ()):
         self.uri, self.manifest, self.params = uri, manifest, params
         self.default_nprobe = int(default_nprobe or 1)
-        self._trained = iv.read_trained(uri, trained)
-        self._deltas = tuple(deltas)
-        self._deletions = delta.later_deletions(uri, self._deltas) if self._deltas else None
-        trained_index = deserialize(self._trained)
-        self._shape = lists_shape(trained_index)
-        self._refine = refine_quantizer(trained_index)
-        self.k_factor = int(params.get("k_factor") or 1) if self._refine is not None else 1
+        loader = ShardLoader(uri, params, trained, deltas)
+        self._refine, self.k_factor = loader.refine, loader.k_factor
         self.index = None
         if consolidate:
             # one shard at a time, its lists moved into the index (merge_from) before the
@@ -54,7 +80,7 @@ class IndexReader:
             # while it loads (1.3 GB for a 2.5M-vector SQ8 shard; four loaded at once held 4x that)
             tables = []
             for entry in shards:
-                index, table = self._load_shard(entry)
+                index, table = loader.load(entry)
                 tables.append(table)
                 if self.index is None:
                     self.index = index
@@ -63,7 +89,7 @@ class IndexReader:
             self.shards = []
         else:
             with ThreadPoolExecutor(4) as pool:
-                loaded = list(pool.map(self._load_shard, shards))
+                loaded = list(pool.map(loader.load, shards))
             self.shards = [index for index, _ in loaded]
             tables = [t for _, t in loaded]
         self.idmap = pa.concat_tables(tables, promote_options="permissive").sort_by("id")
@@ -93,22 +119,6 @@ class IndexReader:
     def version(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
-    def _load_shard(self, entry: iv.ShardEntry) -> tuple[faiss.Index, pa.Table]:
-        if self._deltas:  # base + delta segments - deletions, exactly as compaction would write them
-            lists, ids, _ = delta.combine(delta.shard_pieces(self.uri, entry, self._deltas, self._deletions),
-                                          *self._shape)
-        try:
-            if self._deltas:
-                index = shard_index(self._trained, lists)
-            else:  # streamed from storage into faiss: the file is never in memory beside its lists
-                index, ids = iv.load_shard(self.uri, entry, lambda read: shard_index(self._trained, read))
-        except ValueError as exc:
-            raise DataError(f"{self.uri}/{entry.index.file}: {exc}") from exc
-        if index.ntotal != ids.num_rows:
-            raise DataError(f"{self.uri}: {entry.index.file} holds {index.ntotal} vectors but its id map "
-                            f"{ids.num_rows}")
-        return index, ids
-
     def search(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each queries x k; score = cosine similarity for unit vectors
         (1 - L2^2 / 2), best first; id -1 where fewer than k results exist."""
@@ -116,7 +126,7 @@ class IndexReader:
         nprobe = nprobe or self.default_nprobe
         fetch = k * self.k_factor
         if self.index is not None:
-            _set_nprobe(self.index, nprobe)
+            set_nprobe(self.index, nprobe)
             dist, ids = self.index.search(x, fetch)
         else:
             dist, ids = self._search_shards(x, fetch, nprobe)
@@ -127,15 +137,11 @@ class IndexReader:
     def _search_shards(self, x: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """Coarse-quantise once (shared quantizer), search every shard's lists, merge."""
         for shard in self.shards:
-            _set_nprobe(shard, nprobe)
+            set_nprobe(shard, nprobe)
         quantizer = faiss.extract_index_ivf(self.shards[0]).quantizer
         cdist, assign = quantizer.search(x, nprobe)
         parts = [s.search_preassigned(x, k, assign, cdist) for s in self.shards]
-        dist = np.concatenate([p[0] for p in parts], 1)
-        ids = np.concatenate([p[1] for p in parts], 1)
-        dist = np.where(ids >= 0, dist, np.inf)
-        order = np.lexsort((ids, dist), axis=1)[:, :k] if dist.size else np.zeros((len(x), 0), int)
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+        return top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         rows = np.searchsorted(self._ids, ids)
@@ -228,7 +234,7 @@ def _pool() -> ThreadPoolExecutor:
 HNSW_EF_SEARCH = 128
 
 
-def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """nprobe, and an HNSW coarse quantizer's beam wide enough to return that many lists."""
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = nprobe

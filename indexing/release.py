@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from mimdex.indexing.evaluate import held_out_at, sweep
+from mimdex.indexing.evaluate import Ladder, held_out_at, one_at_a_time, sweep
 from mimdex.indexing.exact import ExactTopK
-from mimdex.indexing.reader import IndexReader
+from mimdex.indexing.reader import IndexReader, ShardLoader
 from mimdex.indexing.sample import Sample, draw
+from mimdex.indexing.shard_search import ShardSearch
 from mimdex.infra import storage
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest
@@ -23,6 +25,16 @@ from mimdex.infra.contracts.files import FileRef, read_dataset
 from mimdex.infra.contracts.recall import recall_at
 from mimdex.infra.contracts.vectors import ids_for, usable_rows
 from mimdex.infra.errors import DataError
+
+
+# Evaluation loads the whole index (a consolidated IndexReader, the queries/s serving
+# gets) up to this size, and above it holds one shard at a time (shard_search.py), so that
+# a build's memory does not grow with its index: the consolidated 10M x SQ8 index made
+# evaluation the build's peak, 5.0 GB against 2.3 GB for every other stage. Searching the
+# shards one after another costs a few microseconds per probed list per shard more: at
+# 10M in 4 shards, nprobe 16, 2,220 queries/s against 2,730 consolidated
+# (docs/benchmarks.md). 1 GiB keeps the loaded reader below the Beam stage's own peak.
+EVAL_LOADED_MAX_BYTES = 1 << 30
 
 
 class QualityGateFailed(DataError):
@@ -72,6 +84,9 @@ class VersionDraft:
     def reader(self, default_nprobe: int = 1) -> IndexReader:
         return IndexReader(iv.version_uri(self.out, self.version), self.params, self.shards, self.trained_ref,
                            default_nprobe, deltas=self.deltas)
+
+    def loader(self) -> ShardLoader:
+        return ShardLoader(iv.version_uri(self.out, self.version), self.params, self.trained_ref, self.deltas)
 
 
 @dataclass(frozen=True)
@@ -163,18 +178,20 @@ def _street_queries(src: Source, queries: str, limit: int = 2000) -> tuple[np.nd
     return vectors.astype(np.float32), table.column("product_id").to_pylist()
 
 
-def evaluate(gate: Gate, reader: IndexReader, sets: tuple[QuerySet, ...], truth: dict[str, np.ndarray],
-             nlist: int) -> dict:
+def evaluate(gate: Gate, search: Ladder, reader: Callable[[], IndexReader], sets: tuple[QuerySet, ...],
+             truth: dict[str, np.ndarray], nlist: int, ladder: int = 1) -> dict:
+    """The sweeps run on ``search`` (evaluate.sweep); ``reader()``, a loaded reader, serves
+    only street queries' product recall."""
     out: dict = {}
     for s in sets:
-        rows, chosen, why = sweep(lambda x, k, p: reader.search(x, k, p), s.vectors, truth[s.name], nlist,
-                                  gate.recall_target, s.exclude)
+        rows, chosen, why = sweep(search, s.vectors, truth[s.name], nlist, gate.recall_target, s.exclude, ladder)
         out[s.name] = {"queries": len(s.vectors), "sweep": rows, "default_nprobe": chosen, "why": why}
     street = next((s for s in sets if s.name == "street"), None)
     if street is not None:
         nprobe = out.get("held_out", out["street"])["default_nprobe"]
         # a product is found when any of its photos is: distinct products, compared by product id
-        _, _, found = reader.search_distinct(street.vectors, 100, nprobe)
+        # (search_distinct maps photos to products through the whole id map: a loaded reader)
+        _, _, found = reader().search_distinct(street.vectors, 100, nprobe)
         out["street"]["product_recall"] = recall_at(found, ids_for(list(street.product_ids)))
     return out
 
@@ -199,7 +216,16 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
     vdir = iv.version_uri(draft.out, draft.version)
     with timer.stage("evaluate"):
         truth = truth if truth is not None else exact_truth(src, sets)
-        evaluation = evaluate(gate, reader or draft.reader(), sets, truth, draft.params["nlist"])
+        if reader is None and version_bytes(draft)["index_bytes"] > EVAL_LOADED_MAX_BYTES:
+            searched, search, loaded = ("one shard at a time",
+                                        ShardSearch(draft.loader(), draft.shards).search_ladder, draft.reader)
+            ladder = ShardSearch.LADDER
+        else:
+            reader = reader or draft.reader()
+            searched, search, loaded, ladder = "loaded reader", one_at_a_time(reader.search), lambda: reader, 1
+        evaluation = evaluate(gate, search, loaded, sets, truth, draft.params["nlist"], ladder)
+        for result in evaluation.values():
+            result["searched"] = searched
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model

@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 
 from mimdex.indexing.kmeans import kmeans, two_level
-from mimdex.indexing.params import IndexParams
-from mimdex.infra.contracts.index_codec import refine_quantizer, searched
+from mimdex.indexing.params import PQ8_TRAIN_POINTS_PER_CENTROID, IndexParams
+from mimdex.infra.contracts.index_codec import refine_quantizer, searched, without_pq_tables
 
 # The HNSW graph over the centroids, and the candidates it keeps while it walks at add
 # (stored in the trained index). Assigning 50k of the 1M benchmark vectors to 16,384
@@ -54,6 +54,14 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
         quantizer.add(centroids)  # a full quantizer: faiss skips its own coarse training
     t_coarse = time.perf_counter() - t0
     ivf.cp.seed = seed
+    pq_ivf = faiss.downcast_index(ivf)
+    if isinstance(pq_ivf, faiss.IndexIVFPQ) and not isinstance(pq_ivf, faiss.IndexIVFPQFastScan):
+        if pq_ivf.pq.nbits == 8:
+            pq_ivf.pq.cp.max_points_per_centroid = PQ8_TRAIN_POINTS_PER_CENTROID
+        # index_factory's "PQmx8" turns on polysemous training (re-ordering the centroids for
+        # Hamming-distance filtering, which our searches never use): 100 s of PQ128x8's 120
+        pq_ivf.do_polysemous_training = False
+        without_pq_tables(index)    # not built at train either
     refine = refine_quantizer(index)
     for sq_index in (searched(index), refine):
         if isinstance(sq_index, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):

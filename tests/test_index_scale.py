@@ -4,6 +4,7 @@ rule and duplicate detection in bounded memory. Real faiss, the Beam DirectRunne
 from __future__ import annotations
 
 import tracemalloc
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +16,11 @@ from conftest import random_bundle
 from mimdex.indexing.evaluate import choose_nprobe
 from mimdex.indexing.exact import ExactTopK, exact_search, merge_nearest
 from mimdex.indexing.params import choose
-from mimdex.indexing.reader import IndexReader
+from mimdex.indexing.reader import IndexReader, ShardLoader
+from mimdex.indexing import release
 from mimdex.indexing.release import Source, sample_vectors
 from mimdex.indexing.sample import draw
+from mimdex.indexing.shard_search import ShardSearch
 from mimdex.infra import storage
 from mimdex.infra.contracts import duplicates
 from mimdex.infra.contracts import embeddings as emb
@@ -97,9 +100,15 @@ def _build(tmp_path, name: str, x: np.ndarray, **kw) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """The default build, evaluated one shard at a time as an index over
+    EVAL_LOADED_MAX_BYTES is (the test below checks every sweep row against the loaded reader)."""
     tmp = tmp_path_factory.mktemp("scale")
     x = clustered(20000)
-    return tmp, x, _build(tmp, "default", x)
+    limit, release.EVAL_LOADED_MAX_BYTES = release.EVAL_LOADED_MAX_BYTES, 0
+    try:
+        return tmp, x, _build(tmp, "default", x)
+    finally:
+        release.EVAL_LOADED_MAX_BYTES = limit
 
 
 def test_beam_found_neighbours_equal_brute_force_and_the_defaults_reach_the_target(built):
@@ -123,7 +132,8 @@ def test_beam_found_neighbours_equal_brute_force_and_the_defaults_reach_the_targ
     assert np.all((nearest == truth) | (gap < 1e-5))           # the same, but for fp32 rounding of near ties
     assert (nearest == truth).mean() >= 0.99
     reader = IndexReader.open(out)
-    for row in report["evaluation"]["held_out"]["sweep"]:         # the evaluation used exactly these
+    assert report["evaluation"]["held_out"]["searched"] == "one shard at a time"
+    for row in report["evaluation"]["held_out"]["sweep"]:         # the evaluation found exactly these
         found = reader.search(sample.held, 11, row["nprobe"])[1]
         found = np.array([[i for i in r if i != own][:10] for r, own in zip(found, sample.held_ids)])
         assert recall_at(found, nearest)["recall@10"] == row["recall@10"]
@@ -144,10 +154,34 @@ def test_hnsw_coarse_quantizer_and_refine_codes_build_merge_and_search(built):
         shard = iv.read_shard(iv.version_uri(out, reader.version), reader.manifest.shards[0])[1]
         assert shard.schema.field(iv.REFINE_COLUMN).type == pa.binary(D)     # SQ8: a byte per dimension
         recalls[name] = {r["nprobe"]: r["recall@10"] for r in report["evaluation"]["held_out"]["sweep"]}
+        _shard_at_a_time_equals_the_loaded_reader(reader, x[::97])
     for nprobe, flat in recalls["flat"].items():
         if nprobe in recalls["hnsw32"]:
             assert recalls["hnsw32"][nprobe] >= flat - 0.0025, (nprobe, recalls)
     assert max(recalls["flat"].values()) >= 0.95    # re-ranking lifts the 16-byte PQ codes past the target
+
+
+class _OneAtATime(ShardLoader):
+    """A loader that fails if a shard it gave out is still alive when the next is read."""
+
+    def load(self, entry):
+        assert all(ref() is None for ref in getattr(self, "given", [])), "two shards in memory at once"
+        index, idmap = super().load(entry)
+        self.given = getattr(self, "given", []) + [weakref.ref(index)]
+        return index, idmap
+
+
+def _shard_at_a_time_equals_the_loaded_reader(reader: IndexReader, queries: np.ndarray) -> None:
+    """The evaluation's search (shard_search) returns what the consolidated reader returns,
+    re-ranking included, holding one shard at a time."""
+    m = reader.manifest
+    loader = _OneAtATime(reader.uri, m.params, m.trained)
+    found = ShardSearch(loader, m.shards).search_ladder(queries, [11, 2], [1, 4])
+    assert len(loader.given) == len(m.shards)                       # each shard read once for the ladder
+    for (k, nprobe), (ids, seconds) in found.items():
+        want = reader.search(queries, k, nprobe)[1]
+        # equal but for the order of equal fast-scan distances at the k x k_factor cut
+        assert ids.shape == want.shape and (ids == want).mean() >= 0.99 and seconds > 0, (k, nprobe)
 
 
 def test_default_nprobe_never_pays_a_large_qps_loss_for_a_small_gain():
@@ -188,9 +222,11 @@ def test_duplicates_in_buckets_equal_the_in_memory_sort(files, per_bucket):
     assert bucketed == _first_seen(files) == duplicates.find(uris, lambda i: arrays[i], total)
 
 
-def test_budget_without_room_for_sq8_falls_back_to_fast_scan_pq_and_says_so():
-    p = choose(1_000_000, 256, max_memory=120 * 1_000_000)
-    assert p.factory == "IVF4096,PQ128x4fs" and "too few for SQ8" in " ".join(p.reasons)
+def test_budget_without_room_for_sq8_falls_back_to_8_bit_pq_and_says_so():
+    p = choose(1_000_000, 256, max_memory=120 * 1_000_000)   # 108 bytes a vector after the ids and lists
+    assert p.factory == "IVF4096,PQ64x8" and "too few for SQ8" in " ".join(p.reasons)
+    assert p.train_size == 64 * 4096 and choose(20_000, 256, max_memory=2_000_000).train_size == 20_000
+    assert choose(1_000_000, 256, max_memory=160 * 2 ** 20).factory == "IVF4096,PQ128x8"
     big = choose(10_000_000, 256)
     assert big.factory == "IVF16384_HNSW32,SQ8" and big.coarse == "hnsw32" and big.train_size == 64 * 16384
     refined = choose(1_000_000, 256, factory="IVF4096,PQ128x4fs,Refine(SQ8)")

@@ -7,7 +7,8 @@
 The vectors are bench_scale.py's (clustered, 256-d, fp16 parts). Ours: the whole
 `mimdex build-index` CLI with its defaults. autofaiss: `build_index` on the same vectors
 (read back from the parts as float32, not timed) with max_index_memory_usage = the bytes
-of our index, so both spend the same memory; it tunes its own search parameters. Both
+of our index, so both spend the same memory; it tunes its own search parameters. With
+``--budget 160M`` both get that budget (ours as --max-index-memory). Both
 are then measured the same way on ours' 1,000 held-out queries (each excluded from its
 own results): recall@10 of a top-10 search at the parameters each chose, queries/s of
 that batch search, bytes per vector of the index in memory.
@@ -31,12 +32,14 @@ from bench_scale import ours, write  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--budget", help="both builds' memory budget, e.g. 160M (default: our index's bytes)")
     ap.add_argument("--out", default="bench-output/autofaiss.json")
     args = ap.parse_args()
     import faiss
     from autofaiss import build_index
 
     from mimdex.indexing.exact import ExactTopK
+    from mimdex.indexing.params import parse_memory
     from mimdex.indexing.release import Source, blocks, sample_vectors
     from mimdex.infra.contracts import embeddings as emb
     from mimdex.infra.contracts.recall import recall_at
@@ -45,7 +48,7 @@ def main() -> None:
     try:
         root = os.path.join(work, "emb")
         write(root, os.path.join(work, "model"), args.n)
-        o = ours(root, os.path.join(work, "index"), 4)
+        o = ours(root, os.path.join(work, "index"), 4, ("--max-index-memory", args.budget) if args.budget else ())
         rep = o.pop("report")
         nprobe = rep["default_nprobe"]
         at = next(r for r in rep["evaluation"]["held_out"]["sweep"] if r["nprobe"] == nprobe)
@@ -59,7 +62,7 @@ def main() -> None:
             acc.add(v, i)
         x, ids, truth = np.concatenate(xs), np.concatenate(ids), acc.result()[1][:, 0]
         del xs
-        budget = int(rep["index_bytes"])
+        budget = parse_memory(args.budget) if args.budget else int(rep["index_bytes"])
         t0 = time.perf_counter()
         index, info = build_index(x, save_on_disk=False, max_index_memory_usage=f"{budget}B",
                                   current_memory_available="16G", metric_type="l2", verbose=30)
@@ -81,7 +84,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"\n{args.n} x 256 clustered, budget {budget / 2 ** 20:.0f} MiB (our index), {os.cpu_count()} CPUs")
+        print(f"\n{args.n} x 256 clustered, budget {budget / 2 ** 20:.0f} MiB "
+              f"({'--budget' if args.budget else 'our index'}), {os.cpu_count()} CPUs")
         print(f"{'':10}{'build s':>9}{'index':>44}{'params':>22}{'R@10':>7}{'qps':>8}{'B/vec':>7}")
         print(f"{'mimdex':10}{mine['build_s']:>9.0f}{mine['factory']:>44}{'nprobe=%d' % nprobe:>22}"
               f"{mine['recall@10']:>7.3f}{mine['qps']:>8.0f}{mine['bytes_per_vector']:>7.0f}")

@@ -9,7 +9,8 @@ removed at the end. Per n, each in its own process, one after the other:
   * ours: the whole `mimdex build-index` CLI with its own defaults (sample, train, Beam
     add/merge with the nearest neighbours found inside, evaluation, publish). Peak RSS is
     the peak of the summed RSS of the CLI and every process it started (Beam workers),
-    sampled every 0.2 s; peak_split_gb: the CLI's and each worker's share at that moment.
+    sampled every 0.2 s; peak_split_gb: the CLI's and each worker's share at that moment;
+    peak_by_stage_gb: the peak within each stage of the report's timings.
   * raw: faiss.index_factory(d, F) with ours' factory F, trained on a random sample of
     ours' training size, then add() block by block (the blocks read from the same parts,
     not timed; train + add are). recall@10 at ours' default nprobe on ours' held-out
@@ -67,14 +68,15 @@ def tree_rss(proc: psutil.Process) -> list[int]:
     return out
 
 
-def ours(emb: str, out: str, shards: int) -> dict:
+def ours(emb: str, out: str, shards: int, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "mimdex.pipelines.cli", "build-index", "--embeddings", emb, "--out", out,
-           "--shards", str(shards)]
+           "--shards", str(shards), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak, split = psutil.Process(proc.pid), 0, []
+    ps, peak, split, timeline = psutil.Process(proc.pid), 0, [], []
     while proc.poll() is None:
         rss = tree_rss(ps)
+        timeline.append((time.perf_counter() - t0, sum(rss)))
         if sum(rss) > peak:
             peak, split = sum(rss), rss
         time.sleep(0.2)
@@ -86,7 +88,24 @@ def ours(emb: str, out: str, shards: int) -> dict:
     with open(report_uri) as f:
         report = json.load(f)
     return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2 ** 30, 2),
-            "peak_split_gb": [round(r / 2 ** 30, 2) for r in split], "report": report}
+            "peak_split_gb": [round(r / 2 ** 30, 2) for r in split],
+            "peak_by_stage_gb": stage_peaks(timeline, report["seconds"], wall), "report": report}
+
+
+def stage_peaks(timeline: list[tuple[float, int]], seconds: dict, wall: float) -> dict:
+    """The summed RSS's peak in each of the report's stages. Stages run one after the other
+    in STAGES order; the time before the first (imports) is wall minus their sum, so the
+    bounds are approximate by the interpreter's exit time."""
+    bounds, t = {}, wall - sum(seconds.values())
+    for name in STAGES:
+        if name in seconds:
+            bounds[name] = (t, t + seconds[name])
+            t += seconds[name]
+    return {name: round(max((r for at, r in timeline if a <= at <= b), default=0) / 2 ** 30, 2)
+            for name, (a, b) in bounds.items()}
+
+
+STAGES = ("validate", "sample", "train", "beam", "collect", "evaluate", "publish")
 
 
 RAW = r'''
@@ -170,6 +189,9 @@ def main() -> None:
               f"{o['wall_s'] / w['train_add_s']:>6.2f} {o['recall10']:>7.3f} /{w['recall@10']:>6.3f} "
               f"{o['qps']:>8.0f} /{w['qps']:>6.0f} /{w['exact_qps']:>5.0f} {o['bytes_per_vector']:>6.0f} "
               f"{o['peak_rss_gb']:>7.2f} /{w['peak_rss_gb']:>6.2f}")
+    for r in results:
+        print(f"{r['n']:>10} ours' peak RSS GB by stage: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["ours"]["peak_by_stage_gb"].items() if v))
     if len(results) > 1:
         print(f"peak RSS growth {results[0]['n']} -> {results[-1]['n']}: "
               f"{results[-1]['ours']['peak_rss_gb'] / results[0]['ours']['peak_rss_gb']:.2f}x (goal <= 1.3x, <= 4 GB)")

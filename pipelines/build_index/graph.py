@@ -30,6 +30,7 @@ from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import PartEntry
 from mimdex.infra.contracts.files import use_system_memory_pool
+from mimdex.infra.memory import release_free_memory
 from mimdex.infra.contracts.vectors import check_unique, shard_of, usable_rows
 from mimdex.infra.errors import DataError
 from mimdex.pipelines.build_index.spec import BUILD_DIR, QUERIES_FILE, BuildSpec
@@ -124,6 +125,8 @@ class AddPart(beam.DoFn):
             dist, ids = acc.result()
             stats["truth"] = {"dist": dist[:, 0].astype(float).tolist(), "ids": ids[:, 0].tolist()}
         storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry.name}.json"), stats)
+        del part, lists, codes, refine, idmap
+        release_free_memory()   # a worker adds part after part: keep one part's arrays, not the largest seen
 
 
 class MergeShard(beam.DoFn):

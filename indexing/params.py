@@ -36,8 +36,8 @@ from mimdex.infra.errors import DataError, UsageError
 MIN_POINTS_PER_CENTROID = 39   # below this faiss warns that k-means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # faiss's own training cap
 # 8-bit PQ codebooks train on 64 points per centroid (16,384), not faiss's 256: faiss's
-# k-means in 2- to 4-d sub-spaces is slow (PQ128x8: 22 s on 16,384 points, about 90 s on
-# 65,536, on this project's 2 cores)
+# k-means in 2- to 4-d sub-spaces is slow and linear in the points (PQ128x8: 22 s on
+# 16,384 points on this project's 2 cores), as for the coarse sample (below)
 PQ8_TRAIN_POINTS_PER_CENTROID = 64
 # 64 per list, not faiss's cap of 256: 0.002 recall@10 at 200k and 1M (docs/benchmarks.md),
 # for a quarter of the k-means time and of the sample's memory

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tracemalloc
 import weakref
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -21,6 +22,7 @@ from mimdex.indexing import release
 from mimdex.indexing.release import Source, sample_vectors
 from mimdex.indexing.sample import draw
 from mimdex.indexing.shard_search import ShardSearch
+from mimdex.indexing.train import train_index
 from mimdex.infra import storage
 from mimdex.infra.contracts import duplicates
 from mimdex.infra.contracts import embeddings as emb
@@ -232,6 +234,22 @@ def test_budget_without_room_for_sq8_falls_back_to_8_bit_pq_and_says_so():
     refined = choose(1_000_000, 256, factory="IVF4096,PQ128x4fs,Refine(SQ8)")
     assert (refined.refine, refined.k_factor, refined.estimated_bytes) == ("SQ8", 10, 1_000_000 * (64 + 256 + 8)
                                                                            + 4096 * 256 * 4 + 16 * 256 * 4)
+
+
+def test_8_bit_pq_trains_and_loads_without_polysemous_codes_or_precomputed_tables():
+    x = clustered(6000, seed=3)
+    index, _ = train_index(x, choose(len(x), D, factory="IVF16,PQ16x8"))
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    # index_factory turns polysemous training on; faiss would hold nlist x 16 x 256 floats of tables
+    assert not ivf.do_polysemous_training and ivf.use_precomputed_table == -1 and ivf.precomputed_table.size() == 0
+    index.add(x)
+    from mimdex.infra.contracts import index_codec as codec
+
+    loaded = codec.deserialize(codec.serialize(index))
+    lv = faiss.downcast_index(faiss.extract_index_ivf(loaded))
+    assert lv.use_precomputed_table == -1 and lv.precomputed_table.size() == 0
+    ivf.nprobe = lv.nprobe = 4
+    assert np.array_equal(index.search(x[:50], 5)[1], loaded.search(x[:50], 5)[1])
 
 
 @pytest.mark.parametrize("n,nlist,code_size", [(1000, 64, 16), (50, 1024, 7), (0, 16, 8)])

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_scale import ours, write  # noqa: E402
+from bench_scale import ours, ours_vectors, write  # noqa: E402
 
 
 def main() -> None:
@@ -38,10 +38,7 @@ def main() -> None:
     import faiss
     from autofaiss import build_index
 
-    from mimdex.indexing.exact import ExactTopK
     from mimdex.indexing.params import parse_memory
-    from mimdex.indexing.release import Source, blocks, sample_vectors
-    from mimdex.infra.contracts import embeddings as emb
     from mimdex.infra.contracts.recall import recall_at
 
     work = tempfile.mkdtemp(prefix="mimdex-autofaiss-")
@@ -52,16 +49,7 @@ def main() -> None:
         rep = o.pop("report")
         nprobe = rep["default_nprobe"]
         at = next(r for r in rep["evaluation"]["held_out"]["sweep"] if r["nprobe"] == nprobe)
-        src = Source(root, emb.read_manifest(root), "image", 0.5)
-        s = sample_vectors(src, args.n, rep["params"]["train_size"], 1000, 0)   # ours' held-out queries
-        xs, ids = [], []
-        acc = ExactTopK(s.held, 1, s.held_ids)
-        for _, v, i in blocks(src):
-            xs.append(v)
-            ids.append(i)
-            acc.add(v, i)
-        x, ids, truth = np.concatenate(xs), np.concatenate(ids), acc.result()[1][:, 0]
-        del xs
+        s, x, ids, truth = ours_vectors(root, args.n, rep["params"]["train_size"])   # ours' held-out queries
         budget = parse_memory(args.budget) if args.budget else int(rep["index_bytes"])
         t0 = time.perf_counter()
         index, info = build_index(x, save_on_disk=False, max_index_memory_usage=f"{budget}B",

@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_scale import ours, write  # noqa: E402
+from bench_scale import ours, ours_vectors, write  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +29,6 @@ def main() -> None:
     args = ap.parse_args()
     import faiss
 
-    from mimdex.indexing.exact import ExactTopK
-    from mimdex.indexing.release import Source, blocks, sample_vectors
-    from mimdex.infra.contracts import embeddings as emb
     from mimdex.infra.contracts.recall import recall_at
 
     work = tempfile.mkdtemp(prefix="mimdex-raw-seeds-")
@@ -41,16 +38,7 @@ def main() -> None:
         rep = ours(root, os.path.join(work, "index"), 4)["report"]
         p, nprobe = rep["params"], rep["default_nprobe"]
         mine = next(r for r in rep["evaluation"]["held_out"]["sweep"] if r["nprobe"] == nprobe)["recall@10"]
-        src = Source(root, emb.read_manifest(root), "image", 0.5)
-        s = sample_vectors(src, args.n, p["train_size"], 1000, 0)     # ours' sample and queries, drawn again
-        xs, ids = [], []
-        acc = ExactTopK(s.held, 1, s.held_ids)
-        for _, v, i in blocks(src):
-            xs.append(v)
-            ids.append(i)
-            acc.add(v, i)
-        x, ids, truth = np.concatenate(xs), np.concatenate(ids), acc.result()[1][:, 0]
-        del xs
+        s, x, ids, truth = ours_vectors(root, args.n, p["train_size"])   # ours' held-out queries
         raw = {}
         for seed in args.seeds:
             index = faiss.index_factory(x.shape[1], p["factory"])

@@ -92,6 +92,26 @@ def ours(emb: str, out: str, shards: int, extra: tuple[str, ...] = ()) -> dict:
             "peak_by_stage_gb": stage_peaks(timeline, report["seconds"], wall), "report": report}
 
 
+def ours_vectors(root: str, n: int, train_size: int):
+    """Ours' sample and held-out queries drawn again, every vector with its id, and each
+    query's exact nearest neighbour: what a side-by-side build is measured on."""
+    import numpy as np
+
+    from mimdex.indexing.exact import ExactTopK
+    from mimdex.indexing.release import Source, blocks, sample_vectors
+    from mimdex.infra.contracts import embeddings as emb
+
+    src = Source(root, emb.read_manifest(root), "image", 0.5)
+    s = sample_vectors(src, n, train_size, 1000, 0)
+    xs, ids = [], []
+    acc = ExactTopK(s.held, 1, s.held_ids)
+    for _, v, i in blocks(src):
+        xs.append(v)
+        ids.append(i)
+        acc.add(v, i)
+    return s, np.concatenate(xs), np.concatenate(ids), acc.result()[1][:, 0]
+
+
 def stage_peaks(timeline: list[tuple[float, int]], seconds: dict, wall: float) -> dict:
     """The summed RSS's peak in each of the report's stages. Stages run one after the other
     in STAGES order; the time before the first (imports) is wall minus their sum, so the

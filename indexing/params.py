@@ -17,13 +17,18 @@ training points per centroid) and the sweep of code options in docs/benchmarks.m
 
 SQ8 in the lists reaches the target with fewer bytes than fast-scan PQ + re-ranking, at
 the same queries/s, and with 4x fewer lists (longer ones, as 10M vectors in 16k lists
-have) it is 2.5x faster (the fast-scan k x 10 candidate heap is its slow part). So SQ8
-is the default wherever the budget (--max-index-memory) holds d + 8 bytes per vector;
-below that, the most 8-bit PQ codes that fit (PQ64x8 reaches 0.93 where fast-scan
-PQ128x4fs, in more bytes, stops at 0.63: fast-scan scans faster but never gets near the
-target; PQ128x8 matches SQ8's recall at 0.43x its queries/s), and the manifest says
-when their recall is capped. Re-ranking (``,Refine(SQ8)`` /
-``,Refine(SQfp16)``), OPQ and fast-scan PQ stay available through --factory.
+have) it is 2.5x faster (the fast-scan k x 10 candidate heap is its slow part). But on
+GloVe 100-d word vectors the target takes nprobe 128 of 2,048 lists, and there SQ8
+answers 614 queries/s (0.9x exact search) against 8,482 for fast-scan PQ50x4fs +
+Refine(SQ8) (docs/benchmarks.md, "Real embeddings"): which codes are faster depends on
+how many codes a query must scan, which only the data says. So wherever the budget
+(--max-index-memory) holds both, from TRIAL_MIN_VECTORS on, SQ8 (the default) and
+PQ{d/2}x4fs + Refine(SQ8) are measured on the training sample (trial.py) and the
+faster at the target is built; where only SQ8 fits, SQ8; below that, the most 8-bit PQ
+codes that fit (PQ64x8 reaches 0.93 where fast-scan PQ128x4fs, in more bytes, stops at
+0.63; PQ128x8 matches SQ8's recall at 0.43x its queries/s), and the manifest says when
+their recall is capped. OPQ, SQfp16 and other combinations stay available through
+--factory.
 """
 from __future__ import annotations
 
@@ -46,6 +51,9 @@ ID_BYTES = 8                   # int64 id stored with every code in the inverted
 HNSW_MIN_NLIST = 8192          # a flat assignment of every vector to 8k+ lists dominates add
 HNSW_M = 32
 REFINE = ("SQ8", "SQfp16")
+# The codes trial (trial.py) runs from this many vectors: below it the default codes
+# answer in well under a millisecond whatever the data, and a build stays timing-free
+TRIAL_MIN_VECTORS = 100_000
 K_FACTOR = 10                  # re-rank k x 10 candidates: k x 4 caps recall@10 at 0.88 at 1M, k x 10 at 0.97
 _FACTORY = re.compile(r"(?:OPQ(?P<opq>\d+)(?:_(?P<opq_d>\d+))?,)?IVF(?P<nlist>\d+)(?:_HNSW(?P<hnsw>\d+))?,"
                       r"(?:PQ(?P<m>\d+)(?:x(?P<bits>\d+))?(?P<fs>fs)?|(?P<sq>SQ8|SQfp16))"
@@ -66,9 +74,12 @@ class IndexParams:
     refine_bytes: int = 0
     k_factor: int = 1
     coarse: str = "flat"           # "flat" or "hnsw32"
+    code_options: tuple[str, ...] = ()   # codes the trial (trial.py) measures, the default first; () when settled
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "reasons": list(self.reasons)}
+        out = {**asdict(self), "reasons": list(self.reasons)}
+        del out["code_options"]   # the trial's record is in the manifest's training, not its params
+        return out
 
 
 def parse_memory(text: str) -> int:
@@ -122,14 +133,20 @@ def _default_nlist(n: int, reasons: list[str]) -> int:
     return nlist
 
 
-def _default_codes(n: int, d: int, nlist: int, max_memory: int | None, reasons: list[str]) -> str:
-    """The list codes for the budget: SQ8, else the largest fast-scan PQ that fits."""
+def _default_codes(n: int, d: int, nlist: int, max_memory: int | None, reasons: list[str]) -> tuple[str, ...]:
+    """The list codes the budget allows, the default first: SQ8, and fast-scan PQ re-ranked
+    with SQ8 where that fits too (the codes trial measures which is faster on the data);
+    else the largest 8-bit PQ that fits."""
     coarse = nlist * d * 4
     per_vector = (max_memory - coarse) / max(n, 1) - ID_BYTES if max_memory else math.inf
     if sq_bytes("SQ8", d) <= per_vector:
         reasons.append(f"SQ8 codes ({d} bytes): at 1M x 256 they reach recall@10 1.00 where fast-scan PQ stops at "
                        "0.63, with fewer bytes than PQ + SQ8 re-ranking at the same queries/s (docs/benchmarks.md)")
-        return "SQ8"
+        m = max(x for x in range(1, d // 2 + 1) if d % x == 0)
+        fast = f"PQ{m}x4fs,Refine(SQ8)"
+        if n >= TRIAL_MIN_VECTORS and math.ceil(m / 2) + sq_bytes("SQ8", d) <= per_vector:
+            return "SQ8", fast
+        return ("SQ8",)
     per_vector -= 2 ** 8 * d * 4 / max(n, 1)   # the PQ centroids
     fits = [m for m in range(d // 2, 0, -1) if d % m == 0 and m <= per_vector]
     if not fits:
@@ -138,12 +155,14 @@ def _default_codes(n: int, d: int, nlist: int, max_memory: int | None, reasons: 
     reasons.append(f"PQ{fits[0]}x8: --max-index-memory leaves {per_vector:.1f} bytes per vector, too few for SQ8 "
                    f"({d} bytes); the most 8-bit PQ codes that fit: the fewer, the lower their recall@10 cap (at "
                    "1M x 256, nprobe 4: PQ128x8 0.979 as SQ8; PQ64x8 stops at 0.93, fast-scan PQ128x4fs at 0.63)")
-    return f"PQ{fits[0]}x8"
+    return (f"PQ{fits[0]}x8",)
 
 
 def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = None,
-           train_size: int | None = None) -> IndexParams:
+           train_size: int | None = None, codes: tuple[str, str] | None = None) -> IndexParams:
+    """``codes``: (list codes, why), the codes trial's choice among a first call's code_options."""
     reasons: list[str] = []
+    options: tuple[str, ...] = ()
     if factory:
         f = _parse_factory(factory, d)
         factory = factory.replace(" ", "")
@@ -154,10 +173,13 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
         if coarse != "flat":
             reasons.append(f"HNSW{HNSW_M} coarse quantizer: nlist >= {HNSW_MIN_NLIST}, where assigning each vector "
                            "to its list by a flat scan of the centroids dominates add and search")
-        codes = _default_codes(n, d, nlist, max_memory, reasons)
-        factory = f"IVF{nlist}{'_HNSW%d' % HNSW_M if coarse != 'flat' else ''},{codes}"
+        options = _default_codes(n, d, nlist, max_memory, reasons)
+        if codes is not None:
+            reasons[-1] = codes[1]
+        factory = f"IVF{nlist}{'_HNSW%d' % HNSW_M if coarse != 'flat' else ''},{codes[0] if codes else options[0]}"
         f = _parse_factory(factory, d)
-    pq_train = 2 ** f.bits * (PQ8_TRAIN_POINTS_PER_CENTROID if f.bits == 8 else MAX_POINTS_PER_CENTROID) if f.m else 0
+    # the sample is drawn before the trial: large enough for every option's codebooks
+    pq_train = max(_pq_train(_parse_factory(f"IVF{f.nlist},{o}", d)) for o in options) if options else _pq_train(f)
     needed = max(f.nlist, 2 ** f.bits if f.m else 1)
     if n < needed:
         raise DataError(f"{n} vectors are too few to train {factory}: it needs at least {needed} "
@@ -176,4 +198,10 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
         raise UsageError(f"{factory} needs about {estimated} bytes for {n} vectors, over --max-index-memory "
                          f"{max_memory}")
     return IndexParams(factory, f.nlist, f.m, f.bits, train_size, f.code_bytes, estimated, tuple(reasons),
-                       f.refine, refine_bytes, K_FACTOR if f.refine else 1, f.coarse)
+                       f.refine, refine_bytes, K_FACTOR if f.refine else 1, f.coarse,
+                       options if codes is None and len(options) > 1 else ())
+
+
+def _pq_train(f: _Factory) -> int:
+    """Points PQ training samples (0 for scalar quantizers)."""
+    return 2 ** f.bits * (PQ8_TRAIN_POINTS_PER_CENTROID if f.bits == 8 else MAX_POINTS_PER_CENTROID) if f.m else 0

@@ -196,14 +196,21 @@ def evaluate(gate: Gate, search: Ladder, reader: Callable[[], IndexReader], sets
     return out
 
 
+def held_bytes(shards, trained_bytes: int, params: dict) -> int:
+    """What serving holds in memory: the lists, the trained index, and each vector's
+    re-ranking codes (stored in the id maps, held beside the lists by the reader)."""
+    return (sum(s.index.bytes for s in shards) + trained_bytes
+            + int(params.get("refine_bytes") or 0) * sum(s.ntotal for s in shards))
+
+
 def version_bytes(draft: VersionDraft) -> dict:
-    """index_bytes: the codes and codebooks (what serving holds); files_bytes: every file
-    the version uses; written_bytes: those it wrote itself (a refresh that references its
-    parent's files writes only its delta)."""
+    """index_bytes: what serving holds (held_bytes); files_bytes: every file the version
+    uses; written_bytes: those it wrote itself (a refresh that references its parent's
+    files writes only its delta)."""
     shards = list(draft.shards) + [s for seg in draft.deltas for s in seg.shards]
     refs = [draft.trained_ref] + [r for s in shards for r in (s.index, s.ids)]
     refs += [seg.deleted for seg in draft.deltas if seg.deleted]
-    return {"index_bytes": sum(s.index.bytes for s in shards) + len(draft.trained),
+    return {"index_bytes": held_bytes(shards, len(draft.trained), draft.params),
             "files_bytes": sum(r.bytes for r in refs),
             "written_bytes": sum(r.bytes for r in refs if not r.file.startswith("../"))}
 

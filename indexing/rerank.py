@@ -24,8 +24,11 @@ def refined_distances(x: np.ndarray, ids: np.ndarray, rows_of: Callable[[np.ndar
     for a in range(0, q, step):
         block = ids[a:a + step]
         valid = block >= 0
-        vec = np.zeros((*block.shape, x.shape[1]), np.float32)
-        vec[valid] = decode(codes[rows_of(block[valid])])
+        if valid.all():   # the common case: no masked copies
+            vec = decode(codes[rows_of(block.ravel())]).reshape(*block.shape, x.shape[1])
+        else:
+            vec = np.zeros((*block.shape, x.shape[1]), np.float32)
+            vec[valid] = decode(codes[rows_of(block[valid])])
         xq = x[a:a + step]
         dist = (np.einsum("qd,qd->q", xq, xq)[:, None] - 2 * np.einsum("qd,qkd->qk", xq, vec)
                 + np.einsum("qkd,qkd->qk", vec, vec))

@@ -26,19 +26,25 @@ HNSW_EF_ADD = 32
 # refresh reuses the trained index for weeks of new products: 5% of the range on either
 # side keeps their codes unclipped for the cost of 10% coarser steps.
 SQ_RANGE_MARGIN = 0.05
-# From this many lists the coarse centroids come from two-level k-means (kmeans.two_level)
-# and then TWO_LEVEL_REFINE flat iterations (docs/benchmarks.md). On isotropic 50-d vectors
-# (the hard case for IVF) two-level alone costs 0.01-0.03 recall@10 at a fixed nprobe and
-# 2 flat iterations from its centroids recover about half of it; on the clustered
-# benchmark vectors two-level alone matches flat k-means (1M -> 4,096 lists: 0.984 against
-# 0.979 at nprobe 4; 1M -> 16,384: 0.996 at nprobe 16 after 0, 2 or 6 flat iterations).
-# Below it, flat k-means is cheap enough.
-TWO_LEVEL_MIN_NLIST = 1024
+# Above this many multiply-adds per k-means iteration (sample x nlist x d) the coarse
+# centroids come from two-level k-means (kmeans.two_level) and then TWO_LEVEL_REFINE flat
+# iterations (docs/benchmarks.md); at or below it, flat k-means takes a few seconds. On
+# isotropic 50-d vectors (the hard case for IVF) two-level alone costs 0.01-0.03 recall@10
+# at a fixed nprobe and 2 flat iterations from its centroids recover about half of it; on
+# GloVe 100-d (131,072 x 2,048 lists, 2.7e10) flat takes 3.2 s against 1.6 s and gains
+# 0.006-0.017 recall@10 at nprobe 32 (0.004 at 64); on the clustered benchmark vectors
+# two-level alone matches flat k-means (1M -> 4,096 lists, 2.7e11: 0.984 against 0.979 at
+# nprobe 4, flat 23.7 s against 3.4 s; 1M -> 16,384: 0.996 at nprobe 16 after 0, 2 or 6
+# flat iterations).
+FLAT_KMEANS_MAX_MACS = 3e10
 TWO_LEVEL_REFINE = 2
+IVF_NITER = 10   # the k-means iterations faiss's IndexIVF gives its coarse quantizer (cp.niter)
 
 
-def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple[faiss.Index, dict]:
-    """The trained, empty index and what training measured (seconds, k-means error)."""
+def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0,
+                coarse: tuple[np.ndarray, float, str] | None = None) -> tuple[faiss.Index, dict]:
+    """The trained, empty index and what training measured (seconds, k-means error).
+    ``coarse``: centroids (coarse_centroids' result) shared by several indexes (trial.py)."""
     d = sample.shape[1]
     index = faiss.index_factory(d, params.factory, faiss.METRIC_L2)
     ivf = faiss.extract_index_ivf(index)
@@ -46,7 +52,7 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
     t0 = time.perf_counter()
     mse, how = None, "faiss"
     if not isinstance(searched(index), faiss.IndexPreTransform):  # OPQ rotates first: faiss trains it all
-        centroids, mse, how = coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
+        centroids, mse, how = coarse if coarse is not None else coarse_centroids(sample, params.nlist, ivf.cp.niter, seed)
         quantizer = faiss.downcast_index(ivf.quantizer)
         if isinstance(quantizer, faiss.IndexHNSW):
             quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -73,9 +79,9 @@ def train_index(sample: np.ndarray, params: IndexParams, seed: int = 0) -> tuple
                    "device": "cuda" if _cuda() else "cpu"}
 
 
-def coarse_centroids(sample: np.ndarray, nlist: int, niter: int, seed: int) -> tuple[np.ndarray, float, str]:
+def coarse_centroids(sample: np.ndarray, nlist: int, niter: int = IVF_NITER, seed: int = 0) -> tuple[np.ndarray, float, str]:
     """The coarse centroids, k-means' error, and which k-means made them (for the manifest)."""
-    if nlist < TWO_LEVEL_MIN_NLIST:
+    if len(sample) * nlist * sample.shape[1] <= FLAT_KMEANS_MAX_MACS:
         return *kmeans(sample, nlist, niter=niter, seed=seed), "flat"
     start, _ = two_level(sample, nlist, niter=niter, seed=seed)
     return *kmeans(sample, nlist, niter=TWO_LEVEL_REFINE, seed=seed, init=start), f"two-level + {TWO_LEVEL_REFINE} flat"

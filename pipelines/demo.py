@@ -89,10 +89,11 @@ def _build(emb_root: str, index_root: str, shards: int, seed: int) -> str:
 
 def _index_facts(reader) -> dict:
     from mimdex.indexing.evaluate import held_out_at
+    from mimdex.indexing.release import held_bytes
 
     m = reader.manifest
     at = held_out_at(m.evaluation, m.default_nprobe)
-    total = sum(s.index.bytes for s in m.shards) + m.trained.bytes
+    total = held_bytes(list(m.shards) + [s for seg in m.deltas for s in seg.shards], m.trained.bytes, m.params)
     return {"version": m.version, "factory": m.factory, "nlist": m.params["nlist"],
             "shards": len(m.shards), "vectors": m.counts["indexed"], "default_nprobe": m.default_nprobe,
             "bytes_per_vector": round(total / max(m.counts["indexed"], 1), 1),

@@ -155,6 +155,8 @@ def test_hnsw_coarse_quantizer_and_refine_codes_build_merge_and_search(built):
         assert reader.ntotal == len(x)
         shard = iv.read_shard(iv.version_uri(out, reader.version), reader.manifest.shards[0])[1]
         assert shard.schema.field(iv.REFINE_COLUMN).type == pa.binary(D)     # SQ8: a byte per dimension
+        m = reader.manifest   # serving holds the re-ranking codes too: counted in the index's bytes
+        assert report["index_bytes"] == sum(s.index.bytes for s in m.shards) + m.trained.bytes + len(x) * D
         recalls[name] = {r["nprobe"]: r["recall@10"] for r in report["evaluation"]["held_out"]["sweep"]}
         _shard_at_a_time_equals_the_loaded_reader(reader, x[::97])
     for nprobe, flat in recalls["flat"].items():

@@ -17,6 +17,7 @@ from mimdex.indexing import release
 from mimdex.indexing.exact import merge_nearest
 from mimdex.indexing.params import choose
 from mimdex.indexing.train import train_index
+from mimdex.indexing.trial import choose_codes
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_codec as codec
@@ -161,7 +162,14 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
                 np.savez(buf, queries=queries, exclude=exclude)
                 storage.write_bytes(storage.join(partials, QUERIES_FILE), buf.getvalue())
         with timer.stage("train"):
+            trials = ()
+            if params.code_options and len(sample.held):  # more than one fits: the data chooses
+                codes, why, trials = choose_codes(sample.train, sample.held, params.code_options, n, params.nlist,
+                                                  cfg.recall_target, cfg.seed)
+                params = choose(n, d, cfg.max_index_memory, None, cfg.train_size, (codes, why))
             index, train_info = train_index(sample.train, params, cfg.seed)
+            if trials:
+                train_info["codes_trial"] = [t.to_dict() for t in trials]
             del sample
             release_free_memory()   # the sample and k-means' buffers: 0.2 GB kept through the Beam job at 10M
             trained = codec.serialize(index)

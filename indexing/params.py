@@ -19,7 +19,7 @@ SQ8 in the lists reaches the target with fewer bytes than fast-scan PQ + re-rank
 the same queries/s, and with 4x fewer lists (longer ones, as 10M vectors in 16k lists
 have) it is 2.5x faster (the fast-scan k x 10 candidate heap is its slow part). But on
 GloVe 100-d word vectors the target takes nprobe 128 of 2,048 lists, and there SQ8
-answers 614 queries/s (0.9x exact search) against 8,482 for fast-scan PQ50x4fs +
+answers 614 queries/s (0.9x exact search) against 9,625 for fast-scan PQ50x4fs +
 Refine(SQ8) (docs/benchmarks.md, "Real embeddings"): which codes are faster depends on
 how many codes a query must scan, which only the data says. So wherever the budget
 (--max-index-memory) holds both, from TRIAL_MIN_VECTORS on, SQ8 (the default) and
@@ -174,7 +174,7 @@ def choose(n: int, d: int, max_memory: int | None = None, factory: str | None = 
             reasons.append(f"HNSW{HNSW_M} coarse quantizer: nlist >= {HNSW_MIN_NLIST}, where assigning each vector "
                            "to its list by a flat scan of the centroids dominates add and search")
         options = _default_codes(n, d, nlist, max_memory, reasons)
-        if codes is not None:
+        if codes is not None:   # the trial's reason replaces the codes' (_default_codes appends it last)
             reasons[-1] = codes[1]
         factory = f"IVF{nlist}{'_HNSW%d' % HNSW_M if coarse != 'flat' else ''},{codes[0] if codes else options[0]}"
         f = _parse_factory(factory, d)

@@ -4,8 +4,8 @@ SQ8 in the lists, or fast-scan PQ (d/2 sub-quantizers of 4 bits) re-ranked with 
 answers faster at the recall target depends on how many codes a query must scan to reach
 it, which only the data says. On the clustered 256-d benchmark vectors nprobe 4 of 4,096
 lists reaches recall@10 0.95 and SQ8 is as fast (1M) or 2.5x faster (longer lists); on
-GloVe 100-d word vectors (bench_real.py) 0.95 takes nprobe 64 of 2,048 and SQ8 answers
-1,168 queries/s against 20,040 for the fast-scan codes (docs/benchmarks.md).
+GloVe 100-d word vectors (bench_real.py) 0.95 takes nprobe 64-128 of 2,048, and at 64 SQ8
+answers 1,150 queries/s against 20,040 for the fast-scan codes (docs/benchmarks.md).
 
 The trial is a scaled model of the index: TRIAL_ROWS sample rows in as many lists as
 make them as long as the index's (n / nlist vectors), every option on the same coarse

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from mimdex.indexing.evaluate import FLAT_STEPS, PAYS
-from mimdex.indexing.exact import ExactTopK
+from mimdex.indexing.exact import exact_search
 from mimdex.indexing.params import choose
 from mimdex.indexing.train import IVF_NITER, coarse_centroids, train_index
 from mimdex.infra.contracts.recall import recall_at
@@ -97,9 +97,7 @@ def choose_codes(sample: np.ndarray, held: np.ndarray, options: tuple[str, ...],
     rng = np.random.default_rng(seed)
     rows = np.ascontiguousarray(sample[np.sort(rng.permutation(len(sample))[:TRIAL_ROWS])], dtype=np.float32)
     held = np.ascontiguousarray(held, dtype=np.float32)
-    acc = ExactTopK(held, 1)
-    acc.add(rows, np.arange(len(rows)))
-    truth = acc.result()[1][:, 0]
+    truth = exact_search(held, [(rows, np.arange(len(rows)))], 1)[1][:, 0]
     lists = trial_nlist(n, nlist, len(rows))
     coarse = coarse_centroids(rows, lists, IVF_NITER, seed)
     trials = []

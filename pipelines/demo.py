@@ -93,7 +93,7 @@ def _index_facts(reader) -> dict:
 
     m = reader.manifest
     at = held_out_at(m.evaluation, m.default_nprobe)
-    total = held_bytes(list(m.shards) + [s for seg in m.deltas for s in seg.shards], m.trained.bytes, m.params)
+    total = held_bytes(m.shards, m.trained.bytes, m.params)   # the demo's indexes are fresh builds: no deltas
     return {"version": m.version, "factory": m.factory, "nlist": m.params["nlist"],
             "shards": len(m.shards), "vectors": m.counts["indexed"], "default_nprobe": m.default_nprobe,
             "bytes_per_vector": round(total / max(m.counts["indexed"], 1), 1),

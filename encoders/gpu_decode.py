@@ -19,8 +19,23 @@ import torch
 from mimdex.encoders.images import ImageDecodeError, load_pixels
 
 
+def decoder(device: torch.device) -> str:
+    """What ``--gpu-decode`` gets on ``device``, as the encode report states it once:
+    ``gpu (nvjpeg, torchvision X)``, or ``cpu (<why not>)`` where every JPEG takes the CPU
+    path (torchvision is in the ``gpu`` extra and the CUDA image; a CPU actor has no nvjpeg)."""
+    try:
+        import torchvision
+    except ImportError:
+        return "cpu (torchvision missing)"
+    if device.type != "cuda":
+        return "cpu (no GPU on the encoder actor)"
+    return f"gpu (nvjpeg, torchvision {torchvision.__version__})"
+
+
 def _nvjpeg(data: list[bytes], size: int, device: torch.device) -> list[torch.Tensor | None]:
-    """Each JPEG decoded and resized on ``device`` (uint8 S x S x 3), None where it failed."""
+    """Each JPEG decoded and resized on ``device`` (uint8 S x S x 3), None where it failed.
+    On a CUDA device this is nvjpeg; on the CPU device torchvision runs libjpeg-turbo
+    through the same calls, which is how the tests reach this code without a GPU."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
@@ -50,7 +65,8 @@ def decode_into(pixels: torch.Tensor, rows: list[int], data: list[bytes], size: 
                 use_gpu: bool = True) -> tuple[list[tuple[int, ImageDecodeError]], int]:
     """Decode ``data`` into ``pixels[rows]`` (a tensor on the encoder's device); returns
     the rows no decoder could read, with the CPU path's error (its reject reason), and how
-    many images went through the fallback."""
+    many images went through the fallback. ``use_gpu``: torchvision's decoder on the
+    pixels' device (the actor passes it only on CUDA), else the CPU path for all."""
     device = pixels.device
     results = _nvjpeg(data, size, device) if use_gpu else [None] * len(data)
     failed, fallbacks = [], 0

@@ -12,16 +12,23 @@ import numpy as np
 import torch
 
 
-def fast_dtype(device: torch.device) -> torch.dtype:
+def cpu_has_bf16(cpu_flags: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); ``cpu_flags``: the
+    flags text to judge instead of this machine's /proc/cpuinfo."""
+    if cpu_flags is None:
+        try:
+            cpu_flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+    return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
+
+
+def fast_dtype(device: torch.device, cpu_flags: str | None = None) -> torch.dtype:
     """bf16 where the hardware multiplies it natively (CUDA, or AVX512-BF16/AMX CPUs: about
-    2x the fp32 GEMM rate on this project's CPU machine), else fp32."""
+    2x the fp32 GEMM rate there), else fp32."""
     if device.type == "cuda":
         return torch.bfloat16
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if cpu_has_bf16(cpu_flags) else torch.float32
 
 
 def _assign(x: torch.Tensor, xl: torch.Tensor, c: torch.Tensor, chunk: int,
@@ -55,9 +62,11 @@ def assign_chunk(device: torch.device, k: int) -> int:
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | None = None,
-           chunk: int | None = None, init: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+           chunk: int | None = None, init: np.ndarray | None = None,
+           dtype: torch.dtype | None = None) -> tuple[np.ndarray, float]:
     """Centroids (k x d float32) and the mean squared distance of the last assignment;
-    ``init``: starting centroids instead of k random points."""
+    ``init``: starting centroids instead of k random points; ``dtype``: the assignment
+    GEMM's type instead of the device's fastest (fast_dtype)."""
     if len(x) < k:
         raise ValueError(f"k-means: {len(x)} points for {k} centroids")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -65,7 +74,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0, device: str | 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     c = (xt[torch.from_numpy(rng.choice(len(x), k, replace=False)).to(dev)].clone() if init is None
          else torch.from_numpy(np.array(init, np.float32)).to(dev))
-    dtype = fast_dtype(dev)
+    dtype = dtype or fast_dtype(dev)
     chunk = chunk or assign_chunk(dev, k)
     xl = xt.to(dtype)
     for _ in range(niter):

@@ -1,11 +1,13 @@
 """The faster decoder, text tower and actor paths give the same answers: reject reasons
 do not depend on draft decoding or on who decodes, vectors of existing bundles do not
-change, and length bucketing leaves text vectors as they were. GPU paths are exercised on
-the CPU by forcing their fallback (no GPU here; torchvision's nvjpeg is not installed)."""
+change, and length bucketing leaves text vectors as they were. The nvjpeg decoder runs here
+through torchvision on the CPU device; its fallback is forced; the CUDA-only branches are
+listed in docs/testing.md."""
 from __future__ import annotations
 
 import dataclasses
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -124,11 +126,51 @@ def test_gpu_decode_falls_back_per_image_to_the_cpu_path(monkeypatch):
     assert [(row, exc.reason) for row, exc in failed] == [(2, "image_corrupt")]
     for row, blob in ((0, data[0]), (1, data[1]), (3, data[3]), (4, data[4])):
         assert torch.equal(pixels[row], torch.from_numpy(np.array(load_pixels(blob, 64, True))))
-    # no torchvision (as here): every image takes the CPU path
+    # no torchvision: every image takes the CPU path, and the actor says so
     monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
     pixels2 = torch.zeros((6, 64, 64, 3), dtype=torch.uint8)
     failed2, fallbacks2 = gpu_decode.decode_into(pixels2, [0, 1, 2, 3, 4], data, 64, True)
     assert fallbacks2 == 5 and [r for r, _ in failed2] == [2] and torch.equal(pixels, pixels2)
+    assert gpu_decode.decoder(torch.device("cuda")) == "cpu (torchvision missing)"
+
+
+def test_the_nvjpeg_decoder_runs_through_torchvision_on_the_cpu_device(monkeypatch):
+    """The function a GPU actor runs, reached here: torchvision.io.decode_jpeg on the CPU
+    device (libjpeg-turbo where a GPU has nvjpeg), one batched call, a batch with a corrupt
+    JPEG retried one by one, that JPEG's reject reason from the CPU path. Replacing the
+    function by the CPU fallback fails this: the fallback count and the pixels differ."""
+    import torchvision.io
+
+    good = [dc.picture(1), dc.picture(3, "exif_rotated"), dc.picture(5, "cmyk"), dc.picture(7)]
+    _, bad, _ = dc.row("truncated_image", "P9", 9)
+    calls = []
+    real = torchvision.io.decode_jpeg
+
+    def spy(data, *args, **kwargs):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    pillow = [torch.from_numpy(np.array(load_pixels(b, 64, True))) for b in good]
+
+    pixels = torch.zeros((5, 64, 64, 3), dtype=torch.uint8)
+    failed, fallbacks = gpu_decode.decode_into(pixels, [0, 1, 2, 3], good, 64, True)
+    assert (failed, fallbacks, calls) == ([], 0, [4])  # one batched call, no image left to the CPU path
+    # torchvision's decode and antialiased bicubic resize: Pillow's picture, not Pillow's bytes
+    assert not all(torch.equal(pixels[i], pillow[i]) for i in range(4))
+    assert all((pixels[i].int() - pillow[i].int()).abs().float().mean() < 2 for i in range(4))
+
+    calls.clear()
+    data = good[:2] + list(bad.values()) + good[2:]
+    pixels2 = torch.zeros((5, 64, 64, 3), dtype=torch.uint8)
+    failed, fallbacks = gpu_decode.decode_into(pixels2, [0, 1, 2, 3, 4], data, 64, True)
+    assert calls == [5, 1, 1, 1, 1, 1]  # the batch fails on the corrupt JPEG: each alone
+    assert fallbacks == 1 and [(row, exc.reason) for row, exc in failed] == [(2, "image_corrupt")]
+    assert all(torch.equal(pixels2[row], pixels[i]) for row, i in ((0, 0), (1, 1), (3, 2), (4, 3)))
+    assert gpu_decode.decoder(torch.device("cpu")) == "cpu (no GPU on the encoder actor)"
+    assert gpu_decode.decoder(torch.device("cuda")) == f"gpu (nvjpeg, torchvision {torchvision.__version__})"
 
 
 def test_assignment_chunks_fit_the_device():
@@ -154,6 +196,7 @@ def test_the_pipeline_with_gpu_decode_forced_to_fall_back_gives_the_same_rows(tm
                                   unit_rows=16, gpu_decode=gpu, progress=False))
         assert result.complete
         assert result.report["throughput"]["bound_by"] in ("decode", "model", "transfer", "write")
+        assert result.report.get("decode") == ("cpu (no GPU on the encoder actor)" if gpu else None)
         manifest = emb.read_manifest(str(tmp_path / f"emb-{gpu}"))
         parts = emb.read_all(str(tmp_path / f"emb-{gpu}"), manifest)
         rejects = emb.read_all(str(tmp_path / f"emb-{gpu}"), manifest, "rejects")

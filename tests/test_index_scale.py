@@ -297,6 +297,43 @@ def test_two_level_kmeans_is_as_good_as_flat_on_clustered_vectors():
         two_level(x[:100], 256)
 
 
+def test_kmeans_runs_its_fp32_and_bf16_branches_whatever_this_cpu_has():
+    """Which GEMM type k-means assigns in follows the CPU (fp32, or bf16 on AVX512-BF16/AMX
+    and CUDA), so each branch is forced here: fp32 assigns each point exactly to its
+    nearest final centroid, bf16 errs only on near-ties, and both reach the same error over
+    seeds."""
+    import torch
+
+    from mimdex.indexing.kmeans import _assign, cpu_has_bf16, fast_dtype, kmeans
+
+    cpu = torch.device("cpu")
+    assert fast_dtype(cpu, "flags : fpu sse avx2 avx512f") is torch.float32
+    assert fast_dtype(cpu, "flags : fpu avx512f avx512_bf16") is torch.bfloat16
+    assert fast_dtype(cpu, "flags : fpu amx_bf16 amx_tile") is torch.bfloat16
+    assert fast_dtype(torch.device("cuda"), "") is torch.bfloat16
+    assert fast_dtype(cpu) is (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((40, 16))[rng.integers(0, 40, 8000)]
+         + 0.2 * rng.standard_normal((8000, 16))).astype(np.float32)
+    out = {dt: kmeans(x, 64, niter=8, seed=1, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    for dt, (c, mse) in out.items():
+        d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+        xt, ct = torch.from_numpy(x), torch.from_numpy(c)
+        labels = _assign(xt, xt.to(dt), ct, 512, dt)[0].numpy()
+        gap = d2[np.arange(len(x)), labels] - d2.min(1)  # how much closer the best centroid was
+        scale = np.linalg.norm(x, axis=1) * np.linalg.norm(c, axis=1).max()
+        if dt is torch.float32:  # exact up to fp32 rounding of the scores
+            assert (gap <= 1e-5 * scale).all() and (labels == d2.argmin(1)).mean() >= 0.999
+        else:  # wrong picks, but only where two scores are within bf16's rounding (2 x 2^-8 |x||c| each)
+            assert (gap > 1e-5 * scale).any() and (gap <= 2 ** -6 * scale).all()
+    # the seed moves the error far more than the type does (0.61 to 1.68 here): over 4 seeds
+    # both types reach the same mean error (1.013 fp32, 1.023 bf16)
+    errs = {dt: np.mean([kmeans(x, 64, niter=8, seed=s, dtype=dt)[1] for s in range(4)])
+            for dt in (torch.float32, torch.bfloat16)}
+    assert abs(errs[torch.float32] - errs[torch.bfloat16]) <= 0.05 * errs[torch.float32]
+
+
 def test_merge_streams_codes_partials_window_by_window_into_the_stored_lists(tmp_path):
     """AddPart's codes partials hold one record batch per list window, each sorted by
     (list, id); MergeShard streams them into exactly the bytes one in-memory encode of all

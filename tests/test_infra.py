@@ -5,6 +5,7 @@ cluster: there is none to reach from this machine."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import re
 import shlex
@@ -162,6 +163,24 @@ def test_dockerfile_installs_match_setup_py(name, extras, stages):
     copied = {ln.split()[1] for ln in lines if ln.startswith("COPY ") and "--from" not in ln}
     assert packaged <= copied
     assert any(ln.startswith("WORKDIR /opt/mimdex/src") for ln in lines)
+
+
+def test_the_gpu_extra_and_the_cuda_image_bring_the_torchvision_built_for_the_pinned_torch():
+    """nvjpeg (`encode --gpu-decode`) needs torchvision: in the gpu extra, in the dev extra
+    (its tests run the decoder on the CPU device), and imported by the CUDA image's check."""
+    torch_pin = next(Requirement(r) for r in SETUP["INSTALL_REQUIRES"] if r.startswith("torch"))
+    pins = {extra: [Requirement(r) for r in SETUP["EXTRAS"][extra] if r.startswith("torchvision")]
+            for extra in ("gpu", "dev")}
+    assert all(len(p) == 1 and str(p[0].specifier).startswith("==") for p in pins.values())
+    assert pins["gpu"][0].specifier == pins["dev"][0].specifier
+    installed = importlib.metadata.version("torchvision").split("+")[0]
+    assert pins["gpu"][0].specifier.contains(installed)
+    # the installed torchvision was built for exactly the torch setup.py pins
+    needs = [Requirement(r) for r in importlib.metadata.requires("torchvision") if "extra" not in r]
+    assert str(next(r for r in needs if r.name == "torch").specifier) == str(torch_pin.specifier)
+    checks = [ln for ln in _dockerfile("Dockerfile") if "python -c" in ln]
+    assert any("torchvision.io" in ln for ln in checks)
+    assert ".[gpu,pretrained]" in " ".join(w for words in _pip_installs(_dockerfile("Dockerfile")) for w in words)
 
 
 def test_beam_sdk_image_pins_beam_to_a_version_setup_py_allows():

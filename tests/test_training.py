@@ -140,3 +140,47 @@ def test_an_epoch_visits_every_training_product_once(dataset, batching, tmp_path
         # groups of 4 from one colour cluster each: a batch of 8 spans at most 2 clusters
         # (3 where a cluster's last group was short).
         assert len({cluster_of[int(p)] for p in batch}) <= 3
+
+
+def test_the_compiled_training_path_runs_on_the_cpu_and_trains_as_eager_does(dataset, tmp_path):
+    """CUDA trains through torch.compile (the default there); on a CPU it compiles too
+    (inductor's C++ backend), so the path runs here: its graphs are really compiled, one
+    step's loss and gradients equal the eager ones up to float rounding, and three steps
+    of AdamW stay within the bound that sign-like first updates allow (2 x the summed lr:
+    a near-zero gradient whose sign rounding flips moves a weight by lr the other way)."""
+    import torch
+    import torch._dynamo
+
+    from mimdex.encoders.config import preset
+    from mimdex.encoders.text import train_tokenizer
+    from mimdex.encoders.train_data import load_train_data
+    from mimdex.encoders.training import Trainer, lr_at
+
+    cfg = preset("tiny", "3-tower")
+    data = load_train_data(dataset, f"{dataset}/catalog", 64, progress=False)
+    tok = train_tokenizer(data.titles, cfg.text.vocab_size, cfg.text.context_length)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        tcfg = TrainConfig(batch_size=8, max_steps=3, seed=11, compile=compiled)
+        tr = Trainer(cfg, tcfg, data, tok, str(tmp_path / str(compiled)), progress=False)
+        assert (tr._encode_image == tr.model.encode_image) is not compiled
+        tr._tokenize_all()
+        torch.manual_seed(0)
+        loss, _ = tr._loss(tr._to_device(tr._batch(0)))
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.grad is not None}
+        tr.opt.zero_grad(set_to_none=True)
+        tr.fit()
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) is compiled
+        runs[compiled] = (float(loss.detach()), grads, {k: v.detach().clone() for k, v in tr.model.state_dict().items()})
+    (loss_e, grads_e, w_e), (loss_c, grads_c, w_c) = runs[False], runs[True]
+    assert abs(loss_e - loss_c) <= 1e-5 * abs(loss_e)
+    assert grads_e.keys() == grads_c.keys() and len(grads_e) > 10
+    for k in grads_e:
+        assert torch.allclose(grads_c[k], grads_e[k], atol=1e-4 * float(grads_e[k].abs().max()) + 1e-8, rtol=1e-3), k
+    bound = 2 * sum(lr_at(s, 3, tcfg) for s in range(3))
+    for k in w_e:
+        if w_e[k].is_floating_point():
+            assert float((w_e[k] - w_c[k]).abs().max()) <= bound, k

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mimdex.encoders.bundle import load_bundle
-from mimdex.encoders.gpu_decode import decode_into
+from mimdex.encoders.gpu_decode import decode_into, decoder
 from mimdex.encoders.inference import ImageEmbedder, embed_texts, pick_device
 
 
@@ -44,6 +44,10 @@ class EncoderActor:
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name() if self.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+    def decoder(self) -> str:
+        """Where this actor decodes the JPEGs that --gpu-decode hands it (gpu_decode.decoder)."""
+        return decoder(self.device)
 
     def _pixels(self, tensors: dict):
         """The unit's pixels; JPEGs the decode task handed over are decoded here (nvjpeg on

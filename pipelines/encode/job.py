@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -171,6 +172,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
                       jpeg_draft=encoder.cfg.image.jpeg_draft, gpu_jpeg=cfg.gpu_decode, reuse=cfg.reuse)
     del encoder
     records, failures, sizing, device, flow = dict(done), [], None, None, None
+    decode_path = None
     seconds: Counter[str] = Counter()
     started, actors = False, []
     try:
@@ -185,6 +187,10 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
                         for _ in range(min(sizing["decode_slots"], len(todo)))]
                 try:
                     device = ray.get(actors[0].device_name.remote(), timeout=cfg.stall_timeout)
+                    if cfg.gpu_decode:  # said once, here and in the report, never a silent fallback
+                        decode_path = ray.get(actors[0].decoder.remote(), timeout=cfg.stall_timeout)
+                        if not decode_path.startswith("gpu"):
+                            print(f"mimdex encode: warning: --gpu-decode: decode: {decode_path}", file=sys.stderr)
                 except ray.exceptions.GetTimeoutError as exc:
                     raise TransientError(f"no encoder actor started within {cfg.stall_timeout:g} s "
                                          f"(--stall-timeout): each needs {sizing['actor_cpus']} CPU"
@@ -205,6 +211,7 @@ def run(cfg: EncodeConfig, on_commit=None) -> EncodeResult:
         "catalog": cfg.catalog, "output": cfg.out, "model": model.to_json(), "dtype": cfg.dtype,
         "plan": {**facts, "units": len(units), "unit_rows": cfg.unit_rows},
         "sizing": flow.size if flow else sizing, "device": device,
+        **({"decode": decode_path} if cfg.gpu_decode else {}),
         "resized": flow.resizes if flow else [],
         "nodes": {k: sorted(v) for k, v in flow.nodes.items()} if flow else {},
         "storage_retries": {"driver": storage.retry_count() - retries,

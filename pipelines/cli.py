@@ -225,6 +225,33 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check this node (torch, CUDA, bf16, nvjpeg, faiss, Ray, Beam, the store); "
+                       "--bench measures it")
+    p.add_argument("--store", metavar="URI", help="an object-store URI this node must reach (s3://bucket/prefix)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="judge as a GPU node (CUDA, bf16, nvjpeg and faiss-gpu required); default: when CUDA is present")
+    p.add_argument("--bench", action="store_true", help="also measure decode, the compiled image tower, the encode "
+                   "actor's path, the text tower and k-means on this node")
+    p.add_argument("--preset", default="efficientnet-lite0-minilm", choices=list(PRESETS),
+                   help="architecture measured by --bench (random weights; `base` is ViT-B/16)")
+    p.add_argument("--batch-size", type=int, help="--bench batch (default 256 on CUDA, 32 on a CPU)")
+    p.add_argument("--batches", type=int, help="timed batches per measure (default 8 on CUDA, 2 on a CPU)")
+    p.add_argument("--out", default="doctor-output", help="where the JSON report goes (default ./doctor-output)")
+    p.set_defaults(handler=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from mimdex.pipelines.doctor import BenchConfig, DoctorConfig, run
+
+    for flag in ("batch_size", "batches"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    bench = BenchConfig(args.preset, args.batch_size, args.batches) if args.bench else None
+    run(DoctorConfig(out=args.out, store=args.store, gpu=args.gpu, bench=bench))
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """No abbreviations: ``--shard 2`` must not silently mean ``--shards 2`` (and a new
     flag must not change what an old abbreviation meant)."""
@@ -244,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode(sub)
     cli_index.add_commands(sub)
     _add_demo(sub)
+    _add_doctor(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ class IOCounts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.read_bytes = self.reads = self.heads = self.lists = self.written_bytes = self.writes = 0
+        self.recognised_writes = 0
         self.trace: list[tuple[str, int]] | None = None
         self._local = threading.local()   # this thread's reads: a DoFn's own, under a threaded runner
 
@@ -51,6 +52,11 @@ class IOCounts:
         """What this thread (and none other) read since ``before`` (``thread_snapshot()``);
         reads made by helper threads it started are not included."""
         return {k: v - before.get(k, 0) for k, v in self._mine().items()}
+
+    def recognised(self) -> None:
+        """A write whose answer was lost and whose retry found our own object standing."""
+        with self._lock:
+            self.recognised_writes += 1
 
     def wrote(self, nbytes: int) -> None:
         with self._lock:

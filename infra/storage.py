@@ -26,7 +26,7 @@ from typing import IO as BinaryIO, Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mimdex.infra.errors import DataError, TransientError
+from mimdex.infra.errors import DataError, TransientError, UsageError
 from mimdex.infra import io_counts
 from mimdex.infra.io_counts import IO, CountingReader
 
@@ -65,11 +65,24 @@ class StorageFailure(TransientError):
     """A read or write failed after the configured retries."""
 
 
+class AccessDenied(UsageError):
+    """The store refused us (403: a missing grant, a wrong key): retrying as is cannot help."""
+
+
+def _options(protocol: str) -> dict[str, Any]:
+    options = STORAGE_OPTIONS.get(protocol, {})
+    attempts = os.environ.get("MIMDEX_S3_MAX_ATTEMPTS")
+    if protocol == "s3" and attempts:  # an operator's bound on the retry budget (a night with a deadline)
+        config = options["config_kwargs"]
+        options = {**options, "config_kwargs": {**config, "retries": {**config["retries"],
+                                                                      "max_attempts": int(attempts)}}}
+    return options
+
+
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and in-filesystem path for ``uri``."""
     protocol, _ = fsspec.core.split_protocol(str(uri))
-    options = STORAGE_OPTIONS.get(protocol or "file", {})
-    return fsspec.core.url_to_fs(str(uri), **options)
+    return fsspec.core.url_to_fs(str(uri), **_options(protocol or "file"))
 
 
 def join(base: str, *parts: str) -> str:
@@ -95,7 +108,7 @@ def _translate_errors(uri: str, op: str) -> Iterator[None]:
     """Turn filesystem exceptions into mimdex errors that name the URI."""
     try:
         yield
-    except (ObjectNotFound, ObjectExists, StorageFailure):
+    except (ObjectNotFound, ObjectExists, StorageFailure, AccessDenied):
         raise
     except FileNotFoundError as exc:
         raise ObjectNotFound(f"{op}: no such object or directory: {uri}") from exc
@@ -104,7 +117,8 @@ def _translate_errors(uri: str, op: str) -> Iterator[None]:
             f"{op}: {uri} already exists (another writer created it first)"
         ) from exc
     except PermissionError as exc:
-        raise StorageFailure(f"{op}: permission denied for {uri}: {exc}") from exc
+        raise AccessDenied(f"{op}: permission denied for {uri} (check the credentials and the bucket "
+                           f"policy): {exc}") from exc
     except OSError as exc:
         # s3fs turns a 412 from a conditional PUT into OSError(EINVAL) with the
         # botocore error as its cause
@@ -132,6 +146,33 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# Objects at least twice this size go up as a multipart upload in parts of this size
+# (s3fs's rule; S3 needs parts of at least 5 MiB).
+MULTIPART_PART_BYTES = 50 * 2 ** 20
+
+
+def _sha256_of(f: BinaryIO[bytes]) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _stands_as_sent(fs: fsspec.AbstractFileSystem, path: str, size: int, sha256: str) -> bool:
+    """Whether the object at ``path`` is byte for byte what we sent. A write whose answer
+    was lost (the store committed it, then the connection dropped) is retried by botocore,
+    and the retry meets our own object: a 412 for a create-only PUT, NoSuchUpload for a
+    completed multipart upload. S3's guidance for conditional writes is to check whether
+    the object that now stands is yours. One HEAD, and a read only when the sizes agree."""
+    try:
+        if int(fs.info(path).get("size", -1)) != size:
+            return False
+        with fs.open(path, "rb") as f:
+            return _sha256_of(f) == sha256
+    except FileNotFoundError:
+        return False
+
+
 def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_only: bool) -> None:
     if _is_local(fs):
         os.chmod(local_tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others read our output
@@ -143,7 +184,16 @@ def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_onl
         return
     # mode="create" is a conditional PUT (If-None-Match: *): the store refuses it if
     # the key exists, so of two racing writers exactly one wins.
-    fs.put_file(local_tmp, path, mode="create" if create_only else "overwrite")
+    try:
+        fs.put_file(local_tmp, path, mode="create" if create_only else "overwrite", chunksize=MULTIPART_PART_BYTES)
+    except Exception:
+        # Another writer's different bytes stay a conflict (create-only: ObjectExists).
+        with open(local_tmp, "rb") as sent:
+            ours = _sha256_of(sent)
+        if _stands_as_sent(fs, path, os.path.getsize(local_tmp), ours):
+            IO.recognised()
+            return
+        raise
 
 
 class HashingWriter(io.RawIOBase):
@@ -299,8 +349,16 @@ def replace_if(uri: str, data: bytes, expected: str | None) -> None:
     try:
         with _translate_errors(uri, "replace"):
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-    except ObjectExists as exc:
-        raise lost from exc
+    except (ObjectExists, StorageFailure) as exc:
+        # Our own update, answered late: the retry's 412 meets the bytes we sent, which
+        # carry a token of their writer (LATEST names its publisher), so no other writer's
+        # object can look like ours.
+        if read_versioned(uri)[0] == data:
+            IO.recognised()
+            return
+        if isinstance(exc, ObjectExists):
+            raise lost from exc
+        raise
 
 
 def read_manifest(uri: str, fmt: str, missing: str) -> dict:
@@ -339,9 +397,14 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 
 def delete(uri: str, *, recursive: bool = False) -> None:
+    """Delete the object (or, ``recursive``, the prefix). What is already gone counts as
+    deleted: a retried DELETE whose first answer was lost, or two cleaners of one path."""
     fs, path = resolve(uri)
     with _translate_errors(uri, "delete"):
-        fs.rm(path, recursive=recursive)
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
 
 
 def head(uri: str) -> dict:

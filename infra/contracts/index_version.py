@@ -200,7 +200,9 @@ def latest_version(root: str) -> str | None:
 def point_latest(root: str, version: str, expected_token: str | None, previous: str | None) -> None:
     """Replace LATEST with ``version`` if it is still what the caller read (exit 75 if not)."""
     read_manifest(root, version)  # never point at an incomplete version
-    body = json.dumps({"version": version, "previous": previous,
+    # "writer": this publish's token, so that a retry whose first answer was lost knows
+    # the pointer that stands for its own (storage.replace_if compares the bytes)
+    body = json.dumps({"version": version, "previous": previous, "writer": uuid.uuid4().hex,
                        "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
                       indent=2, sort_keys=True).encode() + b"\n"
     storage.replace_if(latest_uri(root), body, expected_token)

@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mimdex-installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo install bench system-deps wheel images clean
+.PHONY: test test-slow demo install bench system-deps wheel images clean
 
 install: $(STAMP)
 
@@ -22,6 +22,15 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The slow tier (.ci/run runs it after `make test`): the slow tests, then the short forms of
+# the kill soak, the 30% fault benchmark and the racing benchmark, each failing on a broken
+# invariant. Their full forms: docs/benchmarks.md, "Faults".
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) tests/benchmarks/bench_kill_soak.py --trials 2 --products 300
+	$(PY) tests/benchmarks/bench_faults.py --rate 0.3 --latency-rate 0.05 --products 160 --seeds 1 2
+	$(PY) tests/benchmarks/bench_racing.py --trials 3
 
 demo: $(STAMP)
 	$(VENV)/bin/mimdex demo

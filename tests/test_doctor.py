@@ -10,7 +10,6 @@ import os
 import socket
 import sys
 
-import pytest
 
 from mimdex.infra import storage
 from mimdex.pipelines import cli

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -81,7 +79,7 @@ def test_storage_retries_exhausted_exit_75_naming_the_object(proxied, monkeypatc
     monkeypatch.setenv("MIMDEX_S3_MAX_ATTEMPTS", "1")  # production's 8 take 4.7 minutes here
     assert cli.main(["versions", "--index", bucket + "/index"]) == 75
     err = capsys.readouterr().err
-    assert err.startswith(f"mimdex versions: error: ") and f"{bucket}/index" in err
+    assert err.startswith("mimdex versions: error: ") and f"{bucket}/index" in err
     assert err.strip() == f"mimdex versions: error: read: {bucket}/index/LATEST: [Errno 16] Service Unavailable"
 
 
@@ -90,7 +88,7 @@ def test_access_denied_exits_2_naming_the_object(proxied, capsys):
     start(rate=1.0, kinds=("denied",))
     assert cli.main(["versions", "--index", bucket + "/index"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"mimdex versions: error: ") and f"permission denied for {bucket}/index" in err
+    assert err.startswith("mimdex versions: error: ") and f"permission denied for {bucket}/index" in err
     assert "check the credentials and the bucket policy" in err
 
 

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import os
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def _start_ray(address: str | None, runtime_env: dict | None = None) -> Reaper |
         common["runtime_env"] = runtime_env
     try:
         if address:
+            _reachable(address)
             ray.init(address=address, **common)
         else:
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -102,6 +104,19 @@ def _start_ray(address: str | None, runtime_env: dict | None = None) -> Reaper |
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TransientError(f"cannot start or join Ray (--ray-address {address or 'embedded'}): {exc}") from exc
     return True
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a head that does not answer: ray.init waits for a GCS at a closed port
+    for longer than 5 minutes (measured). ``auto`` and addresses without a port are Ray's."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {hostport} within {timeout:g} s ({exc})") from exc
 
 
 @contextlib.contextmanager

@@ -106,6 +106,9 @@ def run(cfg: RefreshConfig) -> dict:
             elif prev_emb.model.sha256 != model_sha:
                 full_reason = (f"model changed ({prev_emb.model.sha256[:12]} -> {model_sha[:12]}): "
                                "full re-encode and retrain")
+            elif prev_index.embeddings.get("manifest_created_at") not in (None, prev_emb.created_at):
+                prev_emb, full_reason = _embeddings_of(cfg.embeddings, prev_index)
+                report["diff_base"] = "the embeddings LATEST was built from (it is not the current ones)"
             d = None
             if not full_reason or cfg.ids_file:
                 forced = tuple(_read_ids(cfg.ids_file)) if cfg.ids_file else ()
@@ -177,6 +180,20 @@ def run(cfg: RefreshConfig) -> dict:
                   storage_retries={"driver": storage.retry_count() - retries,
                                    "workers": report["encode"]["storage_retries_of_workers"]})
     return report
+
+
+def _embeddings_of(root: str, version: iv.IndexManifest) -> tuple[emb.EmbeddingsManifest | None, str | None]:
+    """The embeddings manifest ``version`` was built from, where LATEST names a version
+    older than the current embeddings (a rollback): the diff must start from what the index
+    holds, so that every change made since is applied again. Its copy under manifests/
+    (each refresh keeps one); without it, a full run."""
+    want = version.embeddings.get("manifest_created_at")
+    for uri in reversed(storage.list_files(storage.join(root, "manifests"), ".json")):
+        m = emb.read_manifest(root, "manifests/" + uri.rsplit("/", 1)[-1])
+        if m.created_at == want:
+            return m, None
+    return None, (f"LATEST {version.version} was built from the embeddings of {want}, not the current ones "
+                  "(a rollback), and no copy of that manifest is kept: full re-encode and build")
 
 
 def _delta_share(counts: dict) -> float:

@@ -179,6 +179,11 @@ def main() -> None:
           "over 0.5 s .. 90% of those)")
     for cmd in LEFT:
         print("left behind:", cmd)
+    # a failed check fails the run (the slow tier of `.ci/run` runs the short form)
+    bad = [f"{job}: re-run exit {r[2]}, left {r[1]}, {r[3]}" for job, rows in results.items() for r in rows
+           if r[2] != 0 or r[1] or r[3]]
+    if bad:
+        sys.exit("kill soak failed: " + "; ".join(bad[:5]))
 
 
 if __name__ == "__main__":

@@ -179,9 +179,12 @@ def main() -> None:
           "over 0.5 s .. 90% of those)")
     for cmd in LEFT:
         print("left behind:", cmd)
-    # a failed check fails the run (the slow tier of `.ci/run` runs the short form)
-    bad = [f"{job}: re-run exit {r[2]}, left {r[1]}, {r[3]}" for job, rows in results.items() for r in rows
-           if r[2] != 0 or r[1] or r[3]]
+    # a broken invariant or a re-run that did not finish fails the run (the slow tier of
+    # `.ci/run` runs the short form); a refresh whose killed run had already published
+    # finds nothing to do (99). Processes left behind are reported above, not failed on:
+    # runs 1 and 4 in docs/benchmarks.md saw Ray's leftovers go only after 30 s.
+    bad = [f"{job}: re-run exit {r[2]}, {r[3]}" for job, rows in results.items() for r in rows
+           if r[2] not in (0, 99) or r[3]]
     if bad:
         sys.exit("kill soak failed: " + "; ".join(bad[:5]))
 

@@ -16,7 +16,7 @@ from mimdex.indexing.evaluate import held_out_at
 from mimdex.infra import storage
 from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
-from mimdex.infra.errors import UsageError
+from mimdex.infra.errors import TransientError, UsageError
 
 
 def describe(root: str) -> list[dict]:
@@ -51,6 +51,15 @@ def rollback(root: str, to: str) -> dict:
     pointer, token = iv.read_latest(root)
     previous = pointer.version if pointer else None
     iv.point_latest(root, to, token, previous)
+    # Retention takes no lease: it may have deleted `to` after we read its manifest. It
+    # checks LATEST after deleting a manifest, we check the manifest after moving LATEST,
+    # so one of us sees the other; if it is us, LATEST goes back to what it named.
+    if not iv.is_complete(root, to):
+        _, ours = iv.read_latest(root)
+        if previous:
+            iv.point_latest(root, previous, ours, to)
+        raise TransientError(f"--to {to}: retention deleted that version while LATEST was moved to it; LATEST "
+                             f"names {previous} again")
     return {"index_root": root, "from": previous, "to": to}
 
 
@@ -76,11 +85,21 @@ def prune(root: str, keep: int, grace_hours: float = 24.0, now: dt.datetime | No
         if iv.is_complete(root, version):
             used |= index_delta.files_of(iv.read_manifest(root, version))
     still_used = {}
-    for version in deleted:
+    for version in list(deleted):
         vdir = iv.version_uri(root, version)
         manifest = storage.join(vdir, "manifest.json")
         if storage.exists(manifest):
+            body = storage.read_bytes(manifest)
             storage.delete(manifest)
+            # a rollback may have pointed LATEST here since we read it (rollback() checks
+            # the manifest after its write, we check LATEST after our delete): keep it whole
+            now_at, _ = iv.read_latest(root)
+            if now_at and version in (now_at.version, now_at.previous):
+                storage.write_bytes(manifest, body, create_only=True)
+                deleted.remove(version)
+                kept.append(version)
+                used |= index_delta.files_of(iv.read_manifest(root, version))
+                continue
         keep_files = {name for home, name in used if home == version}
         if not keep_files:
             storage.delete(vdir, recursive=True)

@@ -75,3 +75,40 @@ def test_retention_keeps_newest_latest_and_what_latest_replaced(three_versions):
     # within the grace period nothing is deleted, whatever --keep says
     assert versions.prune(out, keep=1, grace_hours=24)["deleted"] == []
     assert json.loads(storage.read_bytes(publish.latest_uri(out)))["version"] == built[1]
+
+
+def test_a_rollback_and_retention_racing_never_leave_latest_on_a_deleted_version(three_versions, monkeypatch):
+    """Retention takes no lease. Both interleavings of the race, made to happen: retention
+    deletes the target right after rollback moved LATEST (rollback sees it, puts LATEST
+    back, exit 75); a rollback moves LATEST to a version right after retention deleted its
+    manifest (retention sees it and puts the manifest back: the version stays whole)."""
+    from mimdex.infra.errors import TransientError
+
+    out, built = three_versions
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    real_point = publish.point_latest
+
+    def deleted_right_after(root, version, token, previous):
+        real_point(root, version, token, previous)
+        if version == built[0]:
+            storage.delete(storage.join(publish.version_uri(root, version), "manifest.json"))
+
+    monkeypatch.setattr(publish, "point_latest", deleted_right_after)
+    with pytest.raises(TransientError, match=f"--to {built[0]}: retention deleted that version"):
+        versions.rollback(out, built[0])
+    assert publish.latest_version(out) == built[2]
+    monkeypatch.undo()
+
+    real_delete = storage.delete
+
+    def rolled_back_meanwhile(uri, **kw):
+        real_delete(uri, **kw)
+        if uri.endswith(f"{built[1]}/manifest.json"):  # a rollback to built[1] lands now
+            _, token = publish.read_latest(out)
+            storage.replace_if(publish.latest_uri(out), json.dumps(
+                {"version": built[1], "previous": built[2], "writer": "x"}).encode(), token)
+
+    monkeypatch.setattr(storage, "delete", rolled_back_meanwhile)
+    result = versions.prune(out, keep=1, grace_hours=24, now=later)
+    assert built[1] in result["kept"] and built[1] not in result["deleted"]
+    assert IndexReader.open(out).version == built[1]  # whole: every file verified

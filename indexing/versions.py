@@ -45,9 +45,15 @@ def rollback(root: str, to: str) -> dict:
     if to not in iv.list_versions(root):
         raise UsageError(f"--to {to}: no such version under {root} (see `mimdex versions --index {root}`)")
     try:
-        iv.read_manifest(root, to)
+        manifest = iv.read_manifest(root, to)
     except storage.ObjectNotFound as exc:
         raise UsageError(f"--to {to}: that version is incomplete (no manifest.json); it cannot be served") from exc
+    # an unpublished version may reference files retention removed since (its parent's,
+    # when LATEST had moved on while it was built): never serve one
+    lost = sorted(f"{home}/{name}" for home, name in index_delta.files_of(manifest)
+                  if not storage.exists(storage.join(iv.version_uri(root, home), name)))
+    if lost:
+        raise UsageError(f"--to {to}: that version lost {len(lost)} file(s) (first: {lost[0]}); it cannot be served")
     pointer, token = iv.read_latest(root)
     previous = pointer.version if pointer else None
     iv.point_latest(root, to, token, previous)

@@ -112,3 +112,13 @@ def test_a_rollback_and_retention_racing_never_leave_latest_on_a_deleted_version
     result = versions.prune(out, keep=1, grace_hours=24, now=later)
     assert built[1] in result["kept"] and built[1] not in result["deleted"]
     assert IndexReader.open(out).version == built[1]  # whole: every file verified
+
+
+def test_rollback_refuses_a_version_that_lost_a_file(three_versions, capsys):
+    out, built = three_versions
+    shard = publish.read_manifest(out, built[0]).shards[0].index.file
+    storage.delete(storage.join(publish.version_uri(out, built[0]), shard))
+    assert cli.main(["rollback", "--index", out, "--to", built[0]]) == 2
+    assert f"--to {built[0]}: that version lost 1 file(s) (first: {built[0]}/{shard}); it cannot be served" in \
+        capsys.readouterr().err
+    assert publish.latest_version(out) == built[2]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -29,6 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mimdex.infra.errors import DataError, TransientError, UsageError
 from mimdex.infra import io_counts
 from mimdex.infra.io_counts import IO, CountingReader
+from mimdex.infra.written import HashingWriter, sha256_of, stands_as_sent
 
 # storage's API for reports and tests (counted in io_counts)
 io_since, trace_reads, retry_count = io_counts.io_since, io_counts.trace_reads, io_counts.retry_count
@@ -70,13 +70,11 @@ class AccessDenied(UsageError):
 
 
 def _options(protocol: str) -> dict[str, Any]:
-    options = STORAGE_OPTIONS.get(protocol, {})
-    attempts = os.environ.get("MIMDEX_S3_MAX_ATTEMPTS")
-    if protocol == "s3" and attempts:  # an operator's bound on the retry budget (a night with a deadline)
-        config = options["config_kwargs"]
-        options = {**options, "config_kwargs": {**config, "retries": {**config["retries"],
-                                                                      "max_attempts": int(attempts)}}}
-    return options
+    options, attempts = STORAGE_OPTIONS.get(protocol, {}), os.environ.get("MIMDEX_S3_MAX_ATTEMPTS")
+    if protocol != "s3" or not attempts:  # else: an operator's bound on the retry budget (a deadline)
+        return options
+    config = options["config_kwargs"]
+    return {**options, "config_kwargs": {**config, "retries": {**config["retries"], "max_attempts": int(attempts)}}}
 
 
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -151,28 +149,6 @@ os.umask(_UMASK)
 MULTIPART_PART_BYTES = 50 * 2 ** 20
 
 
-def _sha256_of(f: BinaryIO[bytes]) -> str:
-    h = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
-def _stands_as_sent(fs: fsspec.AbstractFileSystem, path: str, size: int, sha256: str) -> bool:
-    """Whether the object at ``path`` is byte for byte what we sent. A write whose answer
-    was lost (the store committed it, then the connection dropped) is retried by botocore,
-    and the retry meets our own object: a 412 for a create-only PUT, NoSuchUpload for a
-    completed multipart upload. S3's guidance for conditional writes is to check whether
-    the object that now stands is yours. One HEAD, and a read only when the sizes agree."""
-    try:
-        if int(fs.info(path).get("size", -1)) != size:
-            return False
-        with fs.open(path, "rb") as f:
-            return _sha256_of(f) == sha256
-    except FileNotFoundError:
-        return False
-
-
 def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_only: bool) -> None:
     if _is_local(fs):
         os.chmod(local_tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others read our output
@@ -186,41 +162,11 @@ def _commit(fs: fsspec.AbstractFileSystem, local_tmp: str, path: str, create_onl
     # the key exists, so of two racing writers exactly one wins.
     try:
         fs.put_file(local_tmp, path, mode="create" if create_only else "overwrite", chunksize=MULTIPART_PART_BYTES)
-    except Exception:
-        # Another writer's different bytes stay a conflict (create-only: ObjectExists).
+    except Exception:  # another writer's different bytes stay a conflict (create-only: ObjectExists)
         with open(local_tmp, "rb") as sent:
-            ours = _sha256_of(sent)
-        if _stands_as_sent(fs, path, os.path.getsize(local_tmp), ours):
-            IO.recognised()
-            return
-        raise
-
-
-class HashingWriter(io.RawIOBase):
-    """A write-only binary file that keeps the sha256 and size of what passed through."""
-
-    def __init__(self, raw: BinaryIO[bytes]):
-        self._raw = raw
-        self._hash = hashlib.sha256()
-        self.bytes_written = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self.bytes_written += len(view)
-        return self._raw.write(view)
-
-    def tell(self) -> int:
-        return self.bytes_written
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
+            if not stands_as_sent(fs, path, os.path.getsize(local_tmp), sha256_of(sent)):
+                raise
+        IO.recognised()
 
 
 @contextlib.contextmanager

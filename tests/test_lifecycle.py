@@ -1,6 +1,6 @@
 """A dirty catalog through the whole lifecycle: encode -> build-index -> refresh (nothing
 changed: 99) -> refresh after edits, deletions, additions and newly broken rows ->
-backfill -> rollback -> refresh (99). Real Ray, Beam's DirectRunner, the local S3 server.
+backfill -> rollback -> refresh (the changes since that version again) -> refresh (99). Real Ray, Beam's DirectRunner, the local S3 server.
 
 The checks read what the jobs wrote as a reader would (manifest JSON, Parquet parts and
 rejects, the published id maps), not through mimdex's own readers: at every step each
@@ -205,6 +205,10 @@ def test_a_dirty_catalog_through_the_whole_lifecycle(world, capsys, tmp_path):
     assert _mimdex("rollback", "--index", index, "--to", first_version) == 0
     assert _published(index) == (first_version, first_good)
 
-    # and the catalog has not changed since the backfill: nothing to do
-    assert _mimdex("refresh", *refresh) == 99
+    # the next refresh re-applies every change made since that version (it diffs against the
+    # embeddings the version was built from), so the index converges to the catalog again
+    assert _mimdex("refresh", *refresh) == 0
+    assert _published(index)[1] == cat.good
     _check(cat, emb)
+    # and then the catalog has not changed: nothing to do
+    assert _mimdex("refresh", *refresh) == 99

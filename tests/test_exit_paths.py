@@ -163,7 +163,9 @@ def test_an_interrupt_exits_130_with_nothing_half_written(tmp_path):
     index = str(tmp_path / "index")
     proc = subprocess.Popen(MIMDEX + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", index,
                                       "--shards", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    deadline = time.monotonic() + 120  # interrupt the build itself, not the interpreter's start-up
+    while not os.path.exists(index) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

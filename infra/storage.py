@@ -7,13 +7,12 @@ multipart upload on an object store), so a reader sees either the old object, th
 one, or nothing, never a prefix. Create-only writes use a conditional PUT
 (``If-None-Match: *``) so that of two writers racing for a key exactly one wins.
 
-S3 credentials and endpoint come from the standard AWS environment
-(``AWS_ENDPOINT_URL_S3`` points at a local server in tests); transient S3 failures are
-retried by botocore's own retry modes, configured below, not by loops of ours.
-"""
+S3 credentials and endpoint come from the standard AWS environment; transient S3 failures
+are retried by botocore's own retry modes, configured below, not by loops of ours."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -70,7 +69,8 @@ class AccessDenied(UsageError):
 
 
 def _options(protocol: str) -> dict[str, Any]:
-    options, attempts = STORAGE_OPTIONS.get(protocol, {}), os.environ.get("MIMDEX_S3_MAX_ATTEMPTS")
+    # a copy: botocore writes total_max_attempts into the dict, outranking MIMDEX_S3_MAX_ATTEMPTS
+    options, attempts = copy.deepcopy(STORAGE_OPTIONS.get(protocol, {})), os.environ.get("MIMDEX_S3_MAX_ATTEMPTS")
     if protocol != "s3" or not attempts:  # else: an operator's bound on the retry budget (a deadline)
         return options
     config = options["config_kwargs"]

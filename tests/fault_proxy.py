@@ -71,7 +71,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a HEAD answer has no body: one sent would be read as the next answer
+                        self.wfile.write(payload)
                     return
                 if delay:
                     time.sleep(proxy.latency)

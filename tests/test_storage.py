@@ -153,3 +153,14 @@ def test_transient_s3_errors_are_retried_by_botocore(s3_bucket, monkeypatch):
             assert storage.retry_count() - before >= 4  # and were counted
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_retry_budget_from_the_environment_holds_after_a_client_was_made(monkeypatch):
+    """botocore writes total_max_attempts into the retries dict it is given; had it been
+    STORAGE_OPTIONS' own, MIMDEX_S3_MAX_ATTEMPTS would be outranked by the 8 of an earlier
+    client (CI saw 9 attempts, 5 minutes, where 2 were asked for)."""
+    monkeypatch.delenv("MIMDEX_S3_MAX_ATTEMPTS", raising=False)
+    assert storage.resolve("s3://any-bucket/x")[0].s3.meta.config.retries["total_max_attempts"] == 9
+    monkeypatch.setenv("MIMDEX_S3_MAX_ATTEMPTS", "1")
+    assert storage.resolve("s3://any-bucket/x")[0].s3.meta.config.retries["total_max_attempts"] == 2
+    assert storage.STORAGE_OPTIONS["s3"]["config_kwargs"]["retries"] == {"max_attempts": 8, "mode": "adaptive"}

@@ -23,7 +23,7 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The slow tier (not yet in .ci/run: not shown to pass end to end on a clean clone): the slow tests, then the short forms of
+# The slow tier (.ci/run runs it after `make test`): the slow tests, then the short forms of
 # the kill soak, the 30% fault benchmark and the racing benchmark, each failing on a broken
 # invariant. Their full forms: docs/benchmarks.md, "Faults".
 test-slow: $(STAMP)

@@ -117,6 +117,26 @@ def test_mismatched_parts_are_refused_with_65_naming_them(s3_bucket, capsys):
     assert not storage.exists(s3_bucket + "/index/LATEST")
 
 
+def test_a_part_with_no_usable_vector_still_builds_and_evaluates(tmp_path):
+    """Every row of one part is a bad vector, so that part has no candidate for any
+    evaluation query (its ground truth was inf, which JSON cannot hold: the build died with a
+    traceback, which the kill soak's 300-product catalog met)."""
+    x = clustered(600, seed=4)
+    x[400:] = np.nan
+    model = str(tmp_path / "model")
+    sha = random_bundle(model, ["t"], "3-tower")
+    write_embeddings(str(tmp_path / "emb"), x, [f"p{i}" for i in range(600)], model, sha, parts=3)
+    out = str(tmp_path / "index")
+    assert cli.main(["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out, "--shards", "2",
+                     "--eval-queries", "50"]) == 0
+    reader = IndexReader.open(out)
+    assert sorted(reader.idmap.column("product_id").to_pylist()) == sorted(f"p{i}" for i in range(400))
+    manifest = publish.read_manifest(out, publish.latest_version(out))
+    assert manifest.counts["skipped"] and manifest.counts["indexed"] == 400
+    held = manifest.evaluation["held_out"]
+    assert held["queries"] > 0 and held["sweep"][0]["recall@10"] >= 0.95
+
+
 def test_min_recall_gate_keeps_a_weak_index_unpublished(emb_root, capsys):
     bucket, emb, _, _ = emb_root
     out = bucket + "/index"

@@ -123,7 +123,9 @@ class AddPart(beam.DoFn):
             acc = ExactTopK(self._queries[0], 1, self._queries[1])
             acc.add(part.vectors, part.ids)
             dist, ids = acc.result()
-            stats["truth"] = {"dist": dist[:, 0].astype(float).tolist(), "ids": ids[:, 0].tolist()}
+            # null where this part has no candidate for a query (all its rows skipped): JSON has no inf
+            stats["truth"] = {"dist": [float(d) if i >= 0 else None for d, i in zip(dist[:, 0], ids[:, 0])],
+                              "ids": ids[:, 0].tolist()}
         storage.write_json(storage.join(spec.version_dir, BUILD_DIR, f"stats-{entry.name}.json"), stats)
         del part, lists, codes, refine, idmap
         release_free_memory()   # a worker adds part after part: keep one part's arrays, not the largest seen

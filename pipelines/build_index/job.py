@@ -117,7 +117,7 @@ def _collect(spec: BuildSpec, trained: bytes) -> tuple[tuple[iv.ShardEntry, ...]
                                        np.zeros((0, code_size), np.uint8))
             records[shard] = iv.write_shard(spec.version_dir, shard, blob, 0, iv.empty_idmap())
     truths = [s["truth"] for s in stats if "truth" in s]
-    nearest = (merge_nearest([np.array(t["dist"], np.float64) for t in truths],
+    nearest = (merge_nearest([np.array([np.inf if d is None else d for d in t["dist"]], np.float64) for t in truths],
                              [np.array(t["ids"], np.int64) for t in truths])[1] if truths else None)
     return tuple(records[s] for s in range(spec.shards)), {
         "rows": sum(s["rows"] for s in stats), "indexed": sum(s["indexed"] for s in stats),

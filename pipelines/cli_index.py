@@ -29,6 +29,10 @@ def unknown_beam_flags(flags: list[str]) -> list[str]:
         return []
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
+    from mimdex.pipelines.beam_runner import register_runner_options
+
+    register_runner_options(flags)  # a runner Beam does not import itself (Dask): its options
+
     parser = _BeamArgumentParser(allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options builds its parser
@@ -39,7 +43,10 @@ def unknown_beam_flags(flags: list[str]) -> list[str]:
 def check_beam_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> list[str]:
     """Flags mimdex did not take: Beam options (given anywhere, or after ``--``), or exit 2."""
     flags = [a for a in extra if a != "--"]
-    unknown = unknown_beam_flags(flags)
+    try:
+        unknown = unknown_beam_flags(flags)
+    except UsageError as exc:  # a runner's extra is missing: one line, exit 2
+        parser.error(f"{command}: {exc}")
     if unknown:
         parser.error(f"{command}: unrecognized arguments: {' '.join(unknown)} (neither a mimdex flag nor a Beam "
                      f"pipeline option; see `mimdex {command} --help`)")
@@ -60,7 +67,9 @@ def beam_args(args: argparse.Namespace) -> list[str]:
         unknown = unknown_beam_flags(lines)
         if unknown:
             raise UsageError(f"--beam-options-file {uri}: not Beam pipeline options: {' '.join(unknown)}")
-    return lines + list(args.extra)
+    from mimdex.pipelines.beam_runner import resolve
+
+    return resolve(lines + list(args.extra))  # a runner's missing flag fails here, before any work
 
 
 def add_commands(sub) -> None:

@@ -45,6 +45,19 @@ def local_ray():
     reaper.done()
 
 
+@pytest.fixture(scope="module")
+def dask_two(s3_server):
+    """A dask.distributed cluster on 127.0.0.1 (tests/dask_cluster.py): a scheduler and 2
+    one-thread workers, each with a private /tmp; started after the S3 server, whose
+    endpoint they get from the environment. Stopped with the module, whatever happens."""
+    from dask_cluster import dask_cluster, private_tmp
+
+    if not private_tmp():
+        _require_or_skip("Dask workers with a private /tmp need root and unshare (CI runs as root)")
+    with dask_cluster(2) as cluster:
+        yield cluster
+
+
 @pytest.fixture(params=["local", "s3"])
 def store_root(request, tmp_path):
     """The same test against a local directory and against the S3 server."""

@@ -156,7 +156,9 @@ def test_a_ray_cluster_that_cannot_be_joined_exits_75(tmp_path):
 def test_an_interrupt_exits_130_with_nothing_half_written(tmp_path):
     """Ctrl-C during build-index: exit 130, one line, and no manifest or LATEST: a
     version is complete only when its manifest is written, last."""
-    x = clustered(60000)
+    # 300k: 4.6 s from the first write to the end here (60k left 1.8 s, which a loaded CI
+    # machine's poller missed: the build finished before the interrupt landed)
+    x = clustered(300000)
     model = str(tmp_path / "model")
     sha = random_bundle(model, ["a title"], "3-tower")
     write_embeddings(str(tmp_path / "emb"), x, [f"p{i}" for i in range(len(x))], model, sha, parts=4)
@@ -165,7 +167,7 @@ def test_an_interrupt_exits_130_with_nothing_half_written(tmp_path):
                                       "--shards", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120  # interrupt the build itself, not the interpreter's start-up
     while not os.path.exists(index) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

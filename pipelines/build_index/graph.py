@@ -150,7 +150,7 @@ class MergeShard(beam.DoFn):
 
     def process(self, element):
         shard, names = element
-        names = sorted(names)
+        names = sorted(set(names))   # a task a cluster runner re-ran (lost worker) names its partials again
         nlist, code_size = codec.lists_shape(_trained(self.spec))
         idmap = pa.concat_tables([_read_arrow(n + IDS_FILE) for n in names], promote_options="permissive")
         ids = idmap.column("id").to_numpy()

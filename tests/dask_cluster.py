@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,13 +64,26 @@ def private_tmp() -> bool:
     return os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
-def _worker_command(address: str, private: bool) -> list[str]:
+def _kept_under_tmp() -> list[str]:
+    """The code a worker runs (this checkout, its virtualenv) where it lies under /tmp (a
+    clone in /tmp): bound back into the worker's private /tmp, as a worker's image has it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = {os.path.realpath(p) for p in (here, sys.prefix)}
+    return sorted(p for p in paths if p.startswith("/tmp/") and not any(
+        p.startswith(q + "/") for q in paths if q != p))
+
+
+def _worker_command(address: str, hold: str) -> list[str]:
+    """``dask worker`` in its own mount namespace with a fresh tmpfs on /tmp; ``hold``, a
+    directory outside /tmp, briefly holds the old /tmp so the kept code can be bound back."""
     dask = [DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1",
             "--death-timeout", "30", "--local-directory", "/tmp/dask-worker", "--memory-limit", "0"]
-    if not private:
-        return dask
-    script = "mount -t tmpfs -o size=2g tmpfs /tmp && exec " + " ".join(dask)
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    steps = [f"mount --bind /tmp {shlex.quote(hold)}", "mount -t tmpfs -o size=2g tmpfs /tmp"]
+    for path in _kept_under_tmp():
+        old = shlex.quote(os.path.join(hold, os.path.relpath(path, "/tmp")))
+        steps += [f"mkdir -p {shlex.quote(path)}", f"mount --bind {old} {shlex.quote(path)}"]
+    steps += [f"umount -l {shlex.quote(hold)}", "exec " + " ".join(shlex.quote(a) for a in dask)]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(steps)]
 
 
 @contextlib.contextmanager
@@ -79,7 +93,7 @@ def dask_cluster(workers: int = 2, idle_timeout: int = 600) -> Iterator[DaskClus
         raise RuntimeError("a Dask cluster whose workers share no /tmp with the driver needs root and unshare")
     from distributed import Client
 
-    state = tempfile.mkdtemp(prefix="mimdex-dask-")
+    state = tempfile.mkdtemp(prefix="mimdex-dask-", dir="/var/tmp")   # outside /tmp: also the workers' hold
     file = os.path.join(state, "scheduler.json")
     log = open(os.path.join(state, "cluster.log"), "ab")
     scheduler = subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -88,11 +102,18 @@ def dask_cluster(workers: int = 2, idle_timeout: int = 600) -> Iterator[DaskClus
     procs: list[subprocess.Popen] = [scheduler]
     try:
         address = _wait_for_address(file, scheduler)
-        started = [subprocess.Popen(_worker_command(address, True), stdout=log, stderr=log, start_new_session=True)
+        hold = os.path.join(state, "hold")
+        os.mkdir(hold)
+        started = [subprocess.Popen(_worker_command(address, hold), stdout=log, stderr=log, start_new_session=True)
                    for _ in range(workers)]
         procs += started
         with Client(address, timeout=60) as client:
-            client.wait_for_workers(workers, timeout=120)
+            try:
+                client.wait_for_workers(workers, timeout=120)
+            except Exception as exc:  # what the workers said is in the log: show it
+                log.flush()
+                with open(os.path.join(state, "cluster.log"), errors="replace") as f:
+                    raise RuntimeError(f"Dask workers did not join: {exc}\n{f.read()[-3000:]}") from exc
         yield DaskCluster(address, scheduler, tuple(started))
     finally:
         for proc in reversed(procs):

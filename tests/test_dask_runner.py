@@ -220,5 +220,8 @@ def test_a_dask_worker_killed_mid_build_costs_only_time(s3_server, dask_two):
     assert published(bucket + "/dask") == published(bucket + "/direct")
     same_search(bucket + "/dask", bucket + "/direct", x[::50])
     no_scratch_left(bucket + "/dask")
-    # the nanny replaced the killed worker: the cluster is whole again for what follows
+    # the nanny replaces the killed worker: the cluster is whole again for what follows
+    deadline = time.monotonic() + 60
+    while len(dask_two.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert victim not in dask_two.worker_pids() and len(dask_two.worker_pids()) == 2

@@ -5,7 +5,9 @@ with the faults S3 really gives under load, in two families:
   request reaches the server (as S3's own throttling: a retry is never applied twice);
   and ``ambiguous``: the request is forwarded, the server commits it, and then the answer
   is dropped (the connection reset), so the client's retry meets its own write. A read
-  drawn as ambiguous is dropped the same way (reads are idempotent);
+  drawn as ambiguous passes, and the next write that draws no fault takes the fault in its
+  place: a lost answer is news only for a write (reads are idempotent), and the failure
+  rate stays what was asked;
 - latency: an answer delayed by ``latency`` seconds, which is not a failure.
 
 ``rate`` is the failure rate (each failure kind an equal share), ``latency_rate`` the share
@@ -43,8 +45,10 @@ class FaultProxy:
         self.upstream, self.rate, self.first, self.latency = upstream, rate, first, latency
         self.kinds = tuple(k for k in kinds if k != "latency")
         self.latency_rate = latency_rate or (rate / len(KINDS) if "latency" in kinds else 0.0)
-        self.ambiguous_once, self._seen, self.only = ambiguous_once, set(), only
-        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.ambiguous_once, self._seen, self.only, self._owed = ambiguous_once, set(), only, 0
+        # writes draw from a stream of their own: a change in how many reads a job makes (a
+        # cache) must not move which writes fail, nor leave a run without an ambiguous write
+        self.rng, self.write_rng, self.lock = random.Random(seed), random.Random(seed + 7919), threading.Lock()
         self.requests, self.injected = 0, Counter()
         self.committed_then_dropped: list[tuple[str, str]] = []  # (method, path) of ambiguous writes
         proxy = self
@@ -125,7 +129,12 @@ class FaultProxy:
                 fault = None if key in self._seen else "ambiguous"
                 self._seen.add(key)
             else:
-                fault = self.rng.choice(self.kinds) if self.kinds and self.rng.random() < self.rate else None
+                rng = self.write_rng if method in WRITES else self.rng
+                fault = rng.choice(self.kinds) if self.kinds and rng.random() < self.rate else None
+                if fault == "ambiguous" and method not in WRITES:   # passed on to the next write
+                    fault, self._owed = None, self._owed + 1
+                elif fault is None and self._owed and method in WRITES:
+                    fault, self._owed = "ambiguous", self._owed - 1
             delay = fault is None and self.rng.random() < self.latency_rate
             if fault:
                 self.injected[fault] += 1

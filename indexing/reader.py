@@ -18,6 +18,7 @@ import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -25,11 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.indexing.collapse import ProductOf, collapse
-from mimdex.indexing.rerank import rerank, top_k
+from mimdex.indexing import filters
+from mimdex.indexing.rerank import refined_distances, top_k
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
-from mimdex.infra.contracts.index_codec import deserialize, lists_shape, refine_quantizer, shard_index
+from mimdex.infra.contracts.index_codec import coarse_bytes, deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
@@ -94,9 +96,14 @@ class IndexReader:
             tables = [t for _, t in loaded]
         self.idmap = pa.concat_tables(tables, promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
+        for index in ([self.index] if self.index is not None else self.shards):
+            lists_to_rows(index, self._ids, self.uri)
         self._refine_codes = (iv.refine_codes(self.idmap, self._refine.sa_code_size())
                               if self._refine is not None else None)
         self.ntotal = self.index.ntotal if self.index is not None else sum(s.ntotal for s in self.shards)
+        self._refined = (refine_index(self.index, self._refine, self._refine_codes, self.k_factor)
+                         if self._refine is not None and self.index is not None else None)
+        self._selections: dict[filters.Filter, Selection] = {}
         self._product_of, self.products = None, self.ntotal
         if "photo" in self.idmap.column_names:  # several vectors per product: search_distinct collapses
             encoded = pc.dictionary_encode(self.idmap.column("product_id")).combine_chunks()
@@ -119,35 +126,91 @@ class IndexReader:
     def version(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
-    def search(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+               filter: "str | filters.Filter | None" = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each queries x k; score = cosine similarity for unit vectors
-        (1 - L2^2 / 2), best first; id -1 where fewer than k results exist."""
+        (1 - L2^2 / 2), best first; id -1 where fewer than k results exist. With a
+        ``filter`` (filters.py: text or Filter) every result satisfies it, and a query gets
+        k results whenever k rows do."""
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.params["d"])
         nprobe = nprobe or self.default_nprobe
-        fetch = k * self.k_factor
-        if self.index is not None:
-            set_nprobe(self.index, nprobe)
-            dist, ids = self.index.search(x, fetch)
+        if filter is None:
+            dist, rows = self._search_rows(x, k, nprobe, None)
         else:
-            dist, ids = self._search_shards(x, fetch, nprobe)
-        if self._refine is not None:  # the IVF's k x k_factor candidates, ordered by the finer codes
-            dist, ids = rerank(x, ids, self._rows_of, self._refine_codes, self._refine.sa_decode, k)
+            dist, rows = self._filtered(x, k, nprobe, self.selection(filter))
+        ids = self._ids[np.maximum(rows, 0)] if len(self._ids) else np.zeros_like(rows)
+        ids = np.where(rows >= 0, ids, -1)
         return np.where(ids >= 0, 1.0 - dist / 2.0, -np.inf).astype(np.float32), ids
 
-    def _search_shards(self, x: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_rows(self, x: np.ndarray, k: int, nprobe: int, sel) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2, id-map rows), queries x k, ties by row (= by id: the map is sorted by
+        id). The lists hold rows, so an IDSelector over rows filters inside the scan, and
+        re-ranking is faiss's IndexRefine over the id map's codes in row order."""
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel) if sel is not None else None
+        if self._refined is not None:
+            set_nprobe(self.index, nprobe)
+            base = params or faiss.SearchParametersIVF(nprobe=nprobe)
+            dist, rows = self._refined.search(x, k, params=faiss.IndexRefineSearchParameters(
+                k_factor=float(self.k_factor), base_index_params=base))
+        elif self.index is not None:
+            set_nprobe(self.index, nprobe)
+            dist, rows = self.index.search(x, k, params=params)
+        else:
+            dist, rows = self._search_shards(x, k * self.k_factor, nprobe, params)
+            if self._refine is not None:  # the merged shards' candidates, ordered by the finer codes
+                dist = refined_distances(x, rows, _same, self._refine_codes, self._refine.sa_decode)
+        return top_k(dist, rows, k)
+
+    def _search_shards(self, x: np.ndarray, k: int, nprobe: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """Coarse-quantise once (shared quantizer), search every shard's lists, merge."""
         for shard in self.shards:
             set_nprobe(shard, nprobe)
         quantizer = faiss.extract_index_ivf(self.shards[0]).quantizer
         cdist, assign = quantizer.search(x, nprobe)
-        parts = [s.search_preassigned(x, k, assign, cdist) for s in self.shards]
+        parts = [s.search_preassigned(x, k, assign, cdist, params=params) for s in self.shards]
         return top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
 
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        rows = np.searchsorted(self._ids, ids)
-        if len(rows) and (rows.max() >= len(self._ids) or (self._ids[rows] != ids).any()):
-            raise DataError(f"{self.uri}: the index returned ids that its id map does not hold")
-        return rows
+    def selection(self, flt: "str | filters.Filter") -> "Selection":
+        """The rows a filter selects, as faiss's bitmap selector (a few recent ones kept)."""
+        flt = filters.parse(flt)
+        if flt not in self._selections:
+            if len(self._selections) >= 8:
+                self._selections.pop(next(iter(self._selections)))
+            self._selections[flt] = Selection.of(filters.mask(self.idmap, flt))
+        return self._selections[flt]
+
+    def _filtered(self, x: np.ndarray, k: int, nprobe: int, sel: "Selection") -> tuple[np.ndarray, np.ndarray]:
+        """Filtered search: exact over the selected rows when they are few (EXACT_SHARE),
+        else the IVF scan with the selector, its nprobe widened as the filter narrows (the
+        nearest selected rows lie in farther lists), and queries still short of k searched
+        again with twice the lists until every list was probed."""
+        if sel.count == 0:
+            return np.full((len(x), k), np.inf, np.float32), np.full((len(x), k), -1, np.int64)
+        if sel.count <= EXACT_SHARE * self.ntotal:
+            return self._exact(x, k, sel)
+        want, nlist = min(k, sel.count), self.nlist
+        nprobe = min(nlist, math.ceil(nprobe / math.sqrt(sel.count / self.ntotal)))
+        dist, rows = self._search_rows(x, k, nprobe, sel.selector)
+        todo = np.flatnonzero((rows >= 0).sum(1) < want)
+        while len(todo) and nprobe < nlist:
+            nprobe = min(nlist, nprobe * 2)
+            dist[todo], rows[todo] = self._search_rows(x[todo], k, nprobe, sel.selector)
+            todo = todo[(rows[todo] >= 0).sum(1) < want]
+        return dist, rows
+
+    def _exact(self, x: np.ndarray, k: int, sel: "Selection") -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over the selected rows: their re-ranking codes decoded once per
+        filter, or (an index without them) every list scanned with the selector."""
+        if sel.decoded is None:
+            if self._refine is not None:
+                sel.decoded = self._refine.sa_decode(self._refine_codes[sel.rows])
+            elif self.index is not None:
+                sel.decoded = selected_vectors(self.index, sel)
+            if sel.decoded is None:   # packed (fast-scan) lists: every list scanned with the selector
+                return self._search_rows(x, k, self.nlist, sel.selector)
+        dist, found = faiss.knn(x, np.ascontiguousarray(sel.decoded, np.float32), min(k, sel.count))
+        rows = np.where(found >= 0, sel.rows[np.maximum(found, 0)], -1)
+        return top_k(dist, rows, k)
 
     @property
     def nlist(self) -> int:
@@ -157,21 +220,21 @@ class IndexReader:
         """The int64 id of each result's product (the id itself for one vector per product); -1 stays -1."""
         return ids if self._product_of is None else self._product_of(ids)
 
-    def search_distinct(self, vectors: np.ndarray, k: int = 10,
-                        nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search_distinct(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+                        filter: "str | filters.Filter | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, ids, product ids), each queries x k: k distinct products per query, each
         with its best-scoring vector (photo). Photos are over-fetched; a query still short
         of k products is searched again with twice the fetch (and twice the nprobe when its
         probed lists ran out), so it gets k whenever the index holds k products."""
         if self._product_of is None:
-            scores, ids = self.search(vectors, k, nprobe)
+            scores, ids = self.search(vectors, k, nprobe, filter)
             return scores, ids, ids
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.params["d"])
         nprobe, want = nprobe or self.default_nprobe, min(k, self.products)
         # halfway between k and k x (mean photos per product): photos of one product are rarely
         # all near a query, and the few queries left short search again
         fetch = min(max(math.ceil(k * (1 + self.ntotal / max(self.products, 1)) / 2), k), self.ntotal)
-        scores, ids = self.search(x, fetch, nprobe)
+        scores, ids = self.search(x, fetch, nprobe, filter)
         out = self._collapse(scores, ids, k)
         todo = np.flatnonzero(out[3] < want)
         ids = ids[todo]
@@ -181,7 +244,7 @@ class IndexReader:
                 break
             fetch = min(fetch * 2, self.ntotal)
             nprobe = min(nprobe * 2, self.nlist) if exhausted else nprobe
-            scores, ids = self.search(x[todo], fetch, nprobe)
+            scores, ids = self.search(x[todo], fetch, nprobe, filter)
             again = self._collapse(scores, ids, k)
             for full, part in zip(out, again):
                 full[todo] = part
@@ -209,15 +272,99 @@ class IndexReader:
         it = iter(table.to_pylist())
         return [next(it) if f else None for f in found]
 
-    def search_products(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[dict]]:
+    def search_products(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+                        filter: "str | filters.Filter | None" = None) -> list[list[dict]]:
         """k distinct products per query: id map rows (with ``photo``, the one that matched,
-        for a multi-photo index) and score."""
-        scores, ids, _ = self.search_distinct(vectors, k, nprobe)
+        for a multi-photo index) and score; with ``filter``, only rows that satisfy it."""
+        scores, ids, _ = self.search_distinct(vectors, k, nprobe, filter)
         out = []
         for srow, irow in zip(scores, ids):
             rows = self.rows(irow[irow >= 0])
             out.append([{**r, "score": float(s)} for r, s in zip(rows, srow[irow >= 0])])
         return out
+
+
+# Filtered search goes exact (the selected rows' codes, decoded) at or below this share of
+# the index's rows: measured on GloVe-100 in tests/benchmarks/bench_filters.py
+EXACT_SHARE = 0.02
+
+
+@dataclass(eq=False)
+class Selection:
+    """The id-map rows a filter selects: positions, and faiss's bitmap selector over them
+    (its bits kept alive here). ``decoded``: their re-ranking vectors, once exact search
+    has needed them."""
+    rows: np.ndarray
+    bits: np.ndarray
+    selector: faiss.IDSelector
+    decoded: np.ndarray | None = field(default=None)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "Selection":
+        bits = np.packbits(mask, bitorder="little")
+        return cls(np.flatnonzero(mask), bits, faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)))
+
+
+def lists_to_rows(index: faiss.Index, sorted_ids: np.ndarray, uri: str) -> None:
+    """Rewrite the ids in every inverted list (product-id hashes, as stored) as positions
+    in the reader's id map, in place: re-ranking then reads codes by position (faiss's
+    IndexRefine) and a filter is a bitmap over positions (IDSelectorBitmap)."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    for lst in range(ivf.nlist):
+        n = invlists.list_size(lst)
+        if not n:
+            continue
+        held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)   # the list's own ids, writable
+        rows = np.searchsorted(sorted_ids, held)
+        if rows.max() >= len(sorted_ids) or (sorted_ids[rows] != held).any():
+            raise DataError(f"{uri}: inverted list {lst} holds ids that the id maps do not")
+        held[:] = rows
+
+
+def selected_vectors(index: faiss.Index, sel: Selection) -> np.ndarray | None:
+    """The selected rows' vectors as the index's codes decode them, in ``sel.rows`` order;
+    None where the lists are packed (fast-scan) and hold no plain codes."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(invlists, faiss.ArrayInvertedLists):
+        return None
+    prefix, size = coarse_bytes(ivf.nlist), ivf.code_size
+    wanted = np.unpackbits(sel.bits, bitorder="little")[:ivf.ntotal].astype(bool)
+    codes, rows = [], []
+    for lst in range(ivf.nlist):
+        n = invlists.list_size(lst)
+        if not n:
+            continue
+        held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)
+        hit = wanted[held]
+        if hit.any():
+            code = faiss.rev_swig_ptr(invlists.get_codes(lst), n * size).reshape(n, size)[hit]
+            head = np.frombuffer(np.int64(lst).tobytes()[:prefix], np.uint8)
+            codes.append(np.hstack([np.broadcast_to(head, (len(code), prefix)), code]))
+            rows.append(held[hit])
+    order = np.argsort(np.concatenate(rows))   # list order -> row order, as sel.rows is
+    return index.sa_decode(np.ascontiguousarray(np.concatenate(codes)[order]))
+
+
+def refine_index(index: faiss.Index, quantizer: faiss.Index, codes: np.ndarray, k_factor: int) -> faiss.IndexRefine:
+    """faiss's IndexRefine over ``index`` (lists of rows) and the re-ranking codes in row
+    order, so re-ranking runs in faiss's C++ and not in numpy."""
+    refine = faiss.clone_index(quantizer)   # faiss returns it downcast and owned
+    faiss.copy_array_to_vector(np.ascontiguousarray(codes).ravel(), refine.codes)
+    refine.ntotal = len(codes)
+    out = faiss.IndexRefine(index, refine)
+    out.k_factor = float(k_factor)
+    out.referenced_objects = [index, refine]
+    return out
+
+
+def _same(rows: np.ndarray) -> np.ndarray:
+    return rows
 
 
 _WORKERS = min(4, os.cpu_count() or 1)

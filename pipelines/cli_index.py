@@ -177,6 +177,8 @@ def _add_search(sub) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, help="default: the manifest's, chosen at build time")
     p.add_argument("--version", help="search this version instead of LATEST")
+    p.add_argument("--filter", help="only products whose id-map columns satisfy this, e.g. "
+                   "'category=mug,in_stock=true', 'colour=red|blue', 'family=3..7' (docs/cli.md)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--with-vector", action="store_true",
                    help="with --json: include the query vector (to compare with the encode pipeline's)")
@@ -186,28 +188,38 @@ def _add_search(sub) -> None:
 def _run_search(args: argparse.Namespace) -> int:
     import json
 
+    from mimdex.indexing.filters import parse
     from mimdex.indexing.reader import IndexReader
     from mimdex.infra import storage
-    from mimdex.pipelines.query import encoder_for, query_vectors
 
     if args.k < 1:
         raise UsageError("-k must be at least 1")
+    flt = parse(args.filter) if args.filter is not None else None   # a malformed one fails before any load
     reader = IndexReader.open(args.index, args.version)
+    if flt is not None:
+        reader.selection(flt)   # an unknown column or a mistyped value: exit 2 before the model loads
+    # torch only now: a process that imported torch and faiss and exits without running
+    # torch can abort at exit in their OpenMP runtimes ("terminate called ...")
+    from mimdex.pipelines.query import encoder_for, query_vectors
+
     enc = encoder_for(reader)
     image = storage.read_bytes(args.image) if args.image else None
     try:
         vector = query_vectors(enc, [image] if image else None, [args.text] if args.text else None)
     except ValueError as exc:  # an undecodable query image
         raise DataError(f"--image {args.image}: {exc}") from exc
-    results = reader.search_products(vector, args.k, args.nprobe)[0]
+    results = reader.search_products(vector, args.k, args.nprobe, flt)[0]
     if args.json:
         out = {"version": reader.version, "results": results}
+        if flt is not None:
+            out["filter"] = {"text": str(flt), "rows": reader.selection(flt).count}
         if args.with_vector:  # float32 -> float is exact, and so is its JSON repr
             out["query_vector"] = [float(x) for x in vector[0]]
         print(json.dumps(out, ensure_ascii=False, default=str))
         return 0
     print(f"index version {reader.version}, {reader.products} products"
-          + (f" ({reader.ntotal} photos)" if reader.ntotal != reader.products else ""))
+          + (f" ({reader.ntotal} photos)" if reader.ntotal != reader.products else "")
+          + (f"; filter {flt}: {reader.selection(flt).count} rows" if flt is not None else ""))
     for rank, r in enumerate(results, 1):
         photo = f"  photo {r['photo']}" if r.get("photo") is not None else ""
         print(f"{rank:>3}  {r['score']:.4f}  {r['product_id']}{photo}  {r.get('title') or ''}")

@@ -239,6 +239,19 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
     # a catalog product's own image + title is its own fused vector: it comes back first,
     # with the catalog's metadata from the id map
     assert results[0]["product_id"] == catalog["product_id"] and results[0]["category"] == catalog["category"]
+    # a filter applies inside the search: k results, each of the other category
+    cats = storage.parquet_dataset(data + "/catalog").to_table(columns=["category"]).column("category").to_pylist()
+    other = next(c for c in sorted(set(cats)) if c != catalog["category"])
+    hit = subprocess.run(mimdex + ["search", "--index", out, "--image", str(tmp_path / "q.jpg"), "-k", "4", "--json",
+                                   "--filter", f"category={other}"], capture_output=True, text=True, timeout=120)
+    assert hit.returncode == 0, hit.stderr
+    got = json.loads(hit.stdout)
+    assert [r["category"] for r in got["results"]] == [other] * 4
+    assert got["filter"] == {"text": f"category={other}", "rows": cats.count(other)}
+    for bad, message in (("size=m", "no column 'size'"), ("family=x", "family holds integers, not 'x'")):
+        miss = subprocess.run(mimdex + ["search", "--index", out, "--image", str(tmp_path / "q.jpg"),
+                                        "--filter", bad], capture_output=True, text=True, timeout=120)
+        assert miss.returncode == 2 and message in miss.stderr and "Traceback" not in miss.stderr, miss.stderr
     ev = subprocess.run(mimdex + ["eval", "--index", out, "--queries", data + "/queries", "--json"],
                         capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr

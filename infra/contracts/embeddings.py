@@ -362,24 +362,38 @@ def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -
 
 
 def write_vectors(root: str, vectors: np.ndarray, product_ids: list[str], model: ModelRef, dtype: str = "float16",
-                  parts: int = 1, text_vectors: np.ndarray | None = None) -> EmbeddingsManifest:
+                  parts: int = 1, text_vectors: np.ndarray | None = None,
+                  metadata: pa.Table | None = None) -> EmbeddingsManifest:
     """An embeddings root from vectors computed elsewhere (an import, a benchmark, a test):
-    the parts and manifest encode writes, content_hash "-" (no catalog behind them)."""
+    the parts and manifest encode writes, content_hash "-" (no catalog behind them).
+    ``metadata``: catalog columns of the same rows (product_id first), written beside the
+    parts (``_metadata/catalog.parquet``, a row group per part) for their id maps."""
+    cuts = np.array_split(np.arange(len(product_ids)), max(1, parts))
     blocks = ((vectors[sl], [product_ids[j] for j in sl], None if text_vectors is None else text_vectors[sl])
-              for sl in np.array_split(np.arange(len(product_ids)), max(1, parts)))
-    return write_vector_parts(root, blocks, model, dtype)
+              for sl in cuts)
+    source = None if metadata is None else storage.join(root, "_metadata/catalog.parquet")
+    if metadata is not None:
+        if metadata.column("product_id").to_pylist() != list(product_ids):
+            raise ValueError("metadata rows must be the vectors' products, in order")
+        with storage.open_write(source) as f, pq.ParquetWriter(f, metadata.schema) as writer:
+            for sl in cuts:
+                writer.write_table(metadata.slice(int(sl[0]) if len(sl) else 0, len(sl)), row_group_size=max(1, len(sl)))
+    return write_vector_parts(root, blocks, model, dtype, source)
 
 
-def write_vector_parts(root: str, blocks, model: ModelRef, dtype: str = "float16") -> EmbeddingsManifest:
+def write_vector_parts(root: str, blocks, model: ModelRef, dtype: str = "float16",
+                       source: str | None = None) -> EmbeddingsManifest:
     """write_vectors for vectors made block by block: (vectors, product_ids, text vectors
-    or None) per part, so a 10M-vector benchmark never holds them all."""
+    or None) per part, so a 10M-vector benchmark never holds them all. ``source``: a
+    Parquet file with a row group of catalog columns per part (id maps carry them)."""
     entries = []
     for i, (vectors, pids, text_vectors) in enumerate(blocks):
         name = f"part-{i:05d}"
         text = (vectors if text_vectors is None else text_vectors) if model.has_text else None
         table = part_table(model, dtype, name, "-", list(pids), ["-"] * len(pids), vectors, text)
         part, _, _ = write_part(root, name, table, [])
-        entries.append(PartEntry(name=name, part=part, unit=i, input_rows=len(pids)))
+        entries.append(PartEntry(name=name, part=part, unit=i, input_rows=len(pids), source=source,
+                                 row_groups=(i,) if source else ()))
     manifest = build_manifest(entries, model, dtype, "-", 0)
     write_manifest(root, manifest)
     return manifest

@@ -180,16 +180,17 @@ class IndexReader:
         return self._selections[flt]
 
     def _filtered(self, x: np.ndarray, k: int, nprobe: int, sel: "Selection") -> tuple[np.ndarray, np.ndarray]:
-        """Filtered search: exact over the selected rows when they are few (EXACT_SHARE),
+        """Filtered search: exact over the selected rows when they are few (EXACT_SHARE of
+        the rows the scan would visit),
         else the IVF scan with the selector, its nprobe widened as the filter narrows (the
         nearest selected rows lie in farther lists), and queries still short of k searched
         again with twice the lists until every list was probed."""
         if sel.count == 0:
             return np.full((len(x), k), np.inf, np.float32), np.full((len(x), k), -1, np.int64)
-        if sel.count <= EXACT_SHARE * self.ntotal:
-            return self._exact(x, k, sel)
         want, nlist = min(k, sel.count), self.nlist
         nprobe = min(nlist, math.ceil(nprobe / math.sqrt(sel.count / self.ntotal)))
+        if sel.count <= EXACT_SHARE * self.ntotal * nprobe / nlist:   # fewer rows than the scan would visit
+            return self._exact(x, k, sel)
         dist, rows = self._search_rows(x, k, nprobe, sel.selector)
         todo = np.flatnonzero((rows >= 0).sum(1) < want)
         while len(todo) and nprobe < nlist:
@@ -284,9 +285,10 @@ class IndexReader:
         return out
 
 
-# Filtered search goes exact (the selected rows' codes, decoded) at or below this share of
-# the index's rows: measured on GloVe-100 in tests/benchmarks/bench_filters.py
-EXACT_SHARE = 0.02
+# Filtered search goes exact (the selected rows' codes, decoded) when the filter selects at
+# most this share of the rows the IVF scan would visit: measured on GloVe-100 with the
+# default codes (tests/benchmarks/bench_filters.py, docs/benchmarks.md "Filtered search")
+EXACT_SHARE = 0.7
 
 
 @dataclass(eq=False)

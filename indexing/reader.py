@@ -18,7 +18,6 @@ import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -26,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.indexing.collapse import ProductOf, collapse
-from mimdex.indexing import filters
+from mimdex.indexing import filters, mapped as mapping
+from mimdex.indexing.rows import Selection, codes_index, lists_to_rows, refine_index, selected_vectors
 from mimdex.indexing.rerank import refined_distances, top_k
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
-from mimdex.infra.contracts.index_codec import coarse_bytes, deserialize, lists_shape, refine_quantizer, shard_index
+from mimdex.infra.contracts.index_codec import deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
@@ -70,13 +70,15 @@ class ShardLoader:
 class IndexReader:
     def __init__(self, uri: str, params: dict, shards: tuple[iv.ShardEntry, ...], trained: FileRef,
                  default_nprobe: int = 1, manifest: iv.IndexManifest | None = None, consolidate: bool = True,
-                 deltas: tuple[iv.DeltaSegment, ...] = ()):
+                 deltas: tuple[iv.DeltaSegment, ...] = (), mapped: mapping.Mapped | None = None):
         self.uri, self.manifest, self.params = uri, manifest, params
         self.default_nprobe = int(default_nprobe or 1)
         loader = ShardLoader(uri, params, trained, deltas)
         self._refine, self.k_factor = loader.refine, loader.k_factor
         self.index = None
-        if consolidate:
+        if mapped is not None:   # a cached version, mapped (mapped.py): lists already hold rows
+            self.index, self.shards, tables = mapped.index, [], [mapped.idmap]
+        elif consolidate:
             # one shard at a time, its lists moved into the index (merge_from) before the
             # next is read: a shard's file and its deserialised lists are both in memory
             # while it loads (1.3 GB for a 2.5M-vector SQ8 shard; four loaded at once held 4x that)
@@ -94,15 +96,20 @@ class IndexReader:
                 loaded = list(pool.map(loader.load, shards))
             self.shards = [index for index, _ in loaded]
             tables = [t for _, t in loaded]
-        self.idmap = pa.concat_tables(tables, promote_options="permissive").sort_by("id")
+        self.idmap = mapped.idmap if mapped is not None else pa.concat_tables(
+            tables, promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
-        for index in ([self.index] if self.index is not None else self.shards):
-            lists_to_rows(index, self._ids, self.uri)
+        self._parts = list(mapped.parts) if mapped is not None else [self.index] if self.index is not None else self.shards
+        if mapped is None:
+            for index in self._parts:
+                lists_to_rows(index, self._ids, self.uri)
         self._refine_codes = (iv.refine_codes(self.idmap, self._refine.sa_code_size())
-                              if self._refine is not None else None)
+                              if self._refine is not None and mapped is None else None)
         self.ntotal = self.index.ntotal if self.index is not None else sum(s.ntotal for s in self.shards)
-        self._refined = (refine_index(self.index, self._refine, self._refine_codes, self.k_factor)
-                         if self._refine is not None and self.index is not None else None)
+        self._refined = None
+        if self._refine is not None and self.index is not None:
+            codes = mapped.refine if mapped is not None else codes_index(self._refine, self._refine_codes)
+            self._refined = refine_index(self.index, codes, self.k_factor)
         self._selections: dict[filters.Filter, Selection] = {}
         self._product_of, self.products = None, self.ntotal
         if "photo" in self.idmap.column_names:  # several vectors per product: search_distinct collapses
@@ -113,14 +120,24 @@ class IndexReader:
                 self._product_of = ProductOf(self._ids, keys)
 
     @classmethod
-    def open(cls, root: str, version: str | None = None, consolidate: bool = True) -> "IndexReader":
+    def open(cls, root: str, version: str | None = None, consolidate: bool = True, mmap: bool = False,
+             cache_dir: str | None = None) -> "IndexReader":
+        """LATEST (or ``version``) of the index at ``root``. ``mmap``: from a local cache
+        (``cache_dir``, default $MIMDEX_INDEX_CACHE or ~/.cache/mimdex/index) that the
+        version is downloaded, verified and folded into once, its files mapped rather
+        than read (mapped.py)."""
         if version is None:
             version = iv.latest_version(root)
             if version is None:
                 raise DataError(f"index {root}: no LATEST (nothing has been published here)")
         m = iv.read_manifest(root, version)
-        return cls(iv.version_uri(root, version), m.params, m.shards, m.trained, m.default_nprobe, m, consolidate,
-                   m.deltas)
+        uri = iv.version_uri(root, version)
+        if not mmap:
+            return cls(uri, m.params, m.shards, m.trained, m.default_nprobe, m, consolidate, m.deltas)
+        loader = ShardLoader(uri, m.params, m.trained, m.deltas)
+        path = mapping.ensure(cache_dir or mapping.default_cache(), root, version, loader, m.shards)
+        return cls(uri, m.params, m.shards, m.trained, m.default_nprobe, m,
+                   mapped=mapping.open_mapped(path, loader.trained))   # the deltas are folded into the cache
 
     @property
     def version(self) -> str:
@@ -203,10 +220,12 @@ class IndexReader:
         """Exact search over the selected rows: their re-ranking codes decoded once per
         filter, or (an index without them) every list scanned with the selector."""
         if sel.decoded is None:
-            if self._refine is not None:
+            if self._refined is not None:
+                sel.decoded = self._refined.refine_index.reconstruct_batch(sel.rows)
+            elif self._refine is not None:
                 sel.decoded = self._refine.sa_decode(self._refine_codes[sel.rows])
-            elif self.index is not None:
-                sel.decoded = selected_vectors(self.index, sel)
+            else:
+                sel.decoded = selected_vectors(self._parts, sel)
             if sel.decoded is None:   # packed (fast-scan) lists: every list scanned with the selector
                 return self._search_rows(x, k, self.nlist, sel.selector)
         dist, found = faiss.knn(x, np.ascontiguousarray(sel.decoded, np.float32), min(k, sel.count))
@@ -270,6 +289,8 @@ class IndexReader:
         pos = np.clip(pos, 0, max(len(self._ids) - 1, 0))
         found = (len(self._ids) > 0) & (self._ids[pos] == ids)
         table = self.idmap.take(pa.array(pos[found], pa.int64()))
+        if iv.REFINE_COLUMN in table.column_names:   # codes are the index's, not a product's
+            table = table.drop_columns([iv.REFINE_COLUMN])
         it = iter(table.to_pylist())
         return [next(it) if f else None for f in found]
 
@@ -289,80 +310,6 @@ class IndexReader:
 # most this share of the rows the IVF scan would visit: measured on GloVe-100 with the
 # default codes (tests/benchmarks/bench_filters.py, docs/benchmarks.md "Filtered search")
 EXACT_SHARE = 0.7
-
-
-@dataclass(eq=False)
-class Selection:
-    """The id-map rows a filter selects: positions, and faiss's bitmap selector over them
-    (its bits kept alive here). ``decoded``: their re-ranking vectors, once exact search
-    has needed them."""
-    rows: np.ndarray
-    bits: np.ndarray
-    selector: faiss.IDSelector
-    decoded: np.ndarray | None = field(default=None)
-
-    @property
-    def count(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> "Selection":
-        bits = np.packbits(mask, bitorder="little")
-        return cls(np.flatnonzero(mask), bits, faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)))
-
-
-def lists_to_rows(index: faiss.Index, sorted_ids: np.ndarray, uri: str) -> None:
-    """Rewrite the ids in every inverted list (product-id hashes, as stored) as positions
-    in the reader's id map, in place: re-ranking then reads codes by position (faiss's
-    IndexRefine) and a filter is a bitmap over positions (IDSelectorBitmap)."""
-    ivf = faiss.extract_index_ivf(index)
-    invlists = faiss.downcast_InvertedLists(ivf.invlists)
-    for lst in range(ivf.nlist):
-        n = invlists.list_size(lst)
-        if not n:
-            continue
-        held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)   # the list's own ids, writable
-        rows = np.searchsorted(sorted_ids, held)
-        if rows.max() >= len(sorted_ids) or (sorted_ids[rows] != held).any():
-            raise DataError(f"{uri}: inverted list {lst} holds ids that the id maps do not")
-        held[:] = rows
-
-
-def selected_vectors(index: faiss.Index, sel: Selection) -> np.ndarray | None:
-    """The selected rows' vectors as the index's codes decode them, in ``sel.rows`` order;
-    None where the lists are packed (fast-scan) and hold no plain codes."""
-    ivf = faiss.extract_index_ivf(index)
-    invlists = faiss.downcast_InvertedLists(ivf.invlists)
-    if not isinstance(invlists, faiss.ArrayInvertedLists):
-        return None
-    prefix, size = coarse_bytes(ivf.nlist), ivf.code_size
-    wanted = np.unpackbits(sel.bits, bitorder="little")[:ivf.ntotal].astype(bool)
-    codes, rows = [], []
-    for lst in range(ivf.nlist):
-        n = invlists.list_size(lst)
-        if not n:
-            continue
-        held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)
-        hit = wanted[held]
-        if hit.any():
-            code = faiss.rev_swig_ptr(invlists.get_codes(lst), n * size).reshape(n, size)[hit]
-            head = np.frombuffer(np.int64(lst).tobytes()[:prefix], np.uint8)
-            codes.append(np.hstack([np.broadcast_to(head, (len(code), prefix)), code]))
-            rows.append(held[hit])
-    order = np.argsort(np.concatenate(rows))   # list order -> row order, as sel.rows is
-    return index.sa_decode(np.ascontiguousarray(np.concatenate(codes)[order]))
-
-
-def refine_index(index: faiss.Index, quantizer: faiss.Index, codes: np.ndarray, k_factor: int) -> faiss.IndexRefine:
-    """faiss's IndexRefine over ``index`` (lists of rows) and the re-ranking codes in row
-    order, so re-ranking runs in faiss's C++ and not in numpy."""
-    refine = faiss.clone_index(quantizer)   # faiss returns it downcast and owned
-    faiss.copy_array_to_vector(np.ascontiguousarray(codes).ravel(), refine.codes)
-    refine.ntotal = len(codes)
-    out = faiss.IndexRefine(index, refine)
-    out.k_factor = float(k_factor)
-    out.referenced_objects = [index, refine]
-    return out
 
 
 def _same(rows: np.ndarray) -> np.ndarray:

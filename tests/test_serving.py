@@ -1,7 +1,10 @@
 """The published index as serving reads it: attribute filters inside the IVF scan (faiss
-IDSelectorBitmap over id-map rows) and re-ranking in faiss's IndexRefine. Real faiss, the
-Beam DirectRunner, seeded data with a category at 50%, 5% and 0.5% selectivity."""
+IDSelectorBitmap over id-map rows), re-ranking in faiss's IndexRefine, and versions mapped
+from a local cache. Real faiss, the Beam DirectRunner, seeded data with a category at 50%,
+5% and 0.5% selectivity."""
 from __future__ import annotations
+
+import os
 
 import faiss
 import numpy as np
@@ -11,13 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_bundle
-from mimdex.indexing import filters, reader as reader_mod
+from mimdex.indexing import filters, mapped, reader as reader_mod
 from mimdex.indexing.reader import IndexReader, set_nprobe
 from mimdex.indexing.rerank import rerank
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.vectors import ids_for
-from mimdex.infra.errors import UsageError
+from mimdex.infra.contracts import index_codec as codec
+from mimdex.infra.contracts import index_delta
+from mimdex.infra.contracts import index_version as iv
+from mimdex.infra.contracts.vectors import shard_of
+from mimdex.infra.errors import DataError, UsageError
 from mimdex.pipelines.build_index import BuildConfig, run
 
 D, N = 64, 20000
@@ -160,3 +167,93 @@ def test_the_mask_is_the_and_of_its_clauses_and_nulls_never_match(rows, s, lo, h
     # the same on dictionary-encoded strings
     encoded = table.set_column(0, "s", table.column("s").dictionary_encode())
     assert filters.mask(encoded, filters.parse(",".join(text[c] for c in use))).tolist() == got.tolist()
+
+
+def _with_delta(root: str, x: np.ndarray, replaced: np.ndarray, seed: int) -> tuple[str, np.ndarray]:
+    """A version over LATEST's files plus one delta segment that gives ``replaced`` products
+    new vectors (their old ones deleted), written as a refresh writes one."""
+    from dataclasses import replace
+
+    base = iv.read_manifest(root, iv.latest_version(root))
+    version = iv.new_version()
+    vdir = iv.version_uri(root, version)
+    index = codec.deserialize(iv.read_trained(iv.version_uri(root, base.version), base.trained))
+    nlist, code_size = codec.lists_shape(index)
+    v = _clustered(len(replaced), seed)
+    lists, codes, refine = codec.encode(index, v)
+    pids = [f"p{i:06d}" for i in replaced.tolist()]
+    ids = ids_for(pids)
+    idmap = iv.with_refine(pa.table({"id": pa.array(ids, pa.int64()), "product_id": pids,
+                                     "category": ["delta"] * len(pids)}), refine)
+    shard = shard_of(ids, len(base.shards))
+    parts = {int(s): (codec.encoded_lists(nlist, code_size, ids[shard == s], lists[shard == s], codes[shard == s]),
+                      int((shard == s).sum()), idmap.filter(pa.array(shard == s))) for s in np.unique(shard)}
+    segment = index_delta.write_segment(vdir, version, parts, pids)
+    home = base.version
+    iv.write_manifest(root, replace(base, version=version, parent=base.version, deltas=(segment,),
+                                    shards=tuple(index_delta.rebase_shard(s, home) for s in base.shards),
+                                    trained=index_delta.rebased(base.trained, home)))
+    out = x.copy()
+    out[replaced] = v
+    return version, out
+
+
+@pytest.mark.parametrize("name", ["sq8", "refine"])
+def test_a_mapped_version_searches_as_the_read_one_and_is_cached_once(built, name, tmp_path, monkeypatch):
+    _, _, outs, q = built
+    cache = str(tmp_path / "cache")
+    read = IndexReader.open(outs[name])
+    mapped_reader = IndexReader.open(outs[name], mmap=True, cache_dir=cache)
+    path = mapped.cache_path(cache, outs[name], read.version)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == sorted(
+        ["idmap.arrow", "ready.json", "shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]
+        + (["refine.faiss"] if name == "refine" else []))
+    for flt in (None, "category=common", "category=niche", "category=rare,in_stock=true"):
+        want, got = read.search(q, 10, filter=flt), mapped_reader.search(q, 10, filter=flt)
+        assert np.array_equal(want[1], got[1]) and np.allclose(want[0], got[0], atol=1e-6), flt
+    assert mapped_reader.search_products(q[:2], 3) == read.search_products(q[:2], 3)
+    # a later open maps the cache: nothing is read from the index root again
+    monkeypatch.setattr(reader_mod.ShardLoader, "load", lambda *a: pytest.fail("read a shard again"))
+    again = IndexReader.open(outs[name], mmap=True, cache_dir=cache)
+    assert np.array_equal(again.search(q, 10)[1], want[1] if flt is None else read.search(q, 10)[1])
+    assert (tmp_path / "cache").exists() and path.endswith(read.version)
+
+
+def test_delta_segments_are_folded_into_the_cache_and_a_bad_file_leaves_no_cache(built, tmp_path):
+    x, meta, outs, q = built
+    import shutil
+
+    root = str(tmp_path / "index")
+    shutil.copytree(outs["refine"], root)
+    replaced = np.arange(0, N, 40)
+    version, now = _with_delta(root, x, replaced, seed=3)
+    read = IndexReader.open(root, version)
+    mapped_reader = IndexReader.open(root, version, mmap=True, cache_dir=str(tmp_path / "cache"))
+    assert read.ntotal == mapped_reader.ntotal == N
+    for flt in (None, "category=delta", "category=common"):
+        want, got = read.search(q, 10, filter=flt), mapped_reader.search(q, 10, filter=flt)
+        assert np.array_equal(want[1], got[1]), flt
+    # the replaced products are found at their new vectors, and only there
+    scores, ids = mapped_reader.search(now[replaced[:50]], 1, nprobe=64)
+    assert (ids[:, 0] == ids_for([f"p{i:06d}" for i in replaced[:50].tolist()])).mean() >= 0.95
+    assert mapped_reader.search_products(now[replaced[:1]], 1, nprobe=64)[0][0]["category"] == "delta"
+    # a shard whose bytes are not the manifest's: exit 65 naming it, and no cache left behind
+    m = iv.read_manifest(root, version)
+    bad = os.path.normpath(os.path.join(iv.version_uri(root, version), m.shards[1].index.file))
+    with open(bad, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    with pytest.raises(DataError, match=m.shards[1].index.file.rsplit("/", 1)[-1]):
+        IndexReader.open(root, version, mmap=True, cache_dir=str(tmp_path / "cache2"))
+    assert not [p for p in (tmp_path / "cache2").rglob("*") if p.is_file()]
+
+
+def test_prune_keeps_the_named_versions_and_drops_the_rest(built, tmp_path):
+    _, _, outs, _ = built
+    cache = str(tmp_path / "cache")
+    version = IndexReader.open(outs["sq8"], mmap=True, cache_dir=cache).version
+    home = tmp_path / "cache" / mapped.cache_path(cache, outs["sq8"], "x").split("/")[-2]
+    (home / "20200101T000000Z-old").mkdir()
+    (home / f"{version}.tmp-abcd1234").mkdir()       # a build in progress elsewhere: kept
+    assert mapped.prune(cache, outs["sq8"], {version}) == ["20200101T000000Z-old"]
+    assert sorted(p.name for p in home.iterdir()) == sorted([version, f"{version}.tmp-abcd1234"])

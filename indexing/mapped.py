@@ -1,0 +1,141 @@
+"""A published version as a serving host maps it: downloaded and verified once into a
+local cache, then opened without reading its shards into memory.
+
+    <cache>/<root key>/<version>/     written under a temporary name, renamed when whole
+        shard-00000.faiss ...         each shard as a complete faiss index: the trained
+                                      quantizer, its lists with delta segments folded in,
+                                      list ids = rows of the version's id map
+        refine.faiss                  the re-ranking codes in row order (Refine(...) only)
+        idmap.arrow                   the id map, sorted by id, without the codes (Arrow IPC)
+        ready.json                    version, rows, shards: written last
+
+Every source file is checked against the manifest's sha256 as it is read (ShardLoader), so
+the cache holds only verified bytes; folding delta segments is paid here, once per host
+and version, not at every load. Opening maps the files: faiss ``IO_FLAG_MMAP_IFC`` makes
+plain inverted lists and the re-ranking codes views of the file (fast-scan's packed lists
+are read, as faiss has no mapped form of them), and the shards' lists are searched as one
+(rows.stacked); the id map is an Arrow memory map.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+import faiss
+import pyarrow as pa
+
+from mimdex.indexing.rows import codes_index, lists_to_rows, stacked
+from mimdex.infra.contracts import index_version as iv
+from mimdex.infra.contracts.index_codec import deserialize, searched
+
+READY = "ready.json"
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """What a mapped version opens to: one searchable index over every shard's lists (rows
+    as ids), the re-ranking codes index or None, the id map."""
+    index: faiss.Index
+    refine: faiss.Index | None
+    idmap: pa.Table
+    path: str
+    parts: tuple[faiss.Index, ...]    # the indexes holding the lists (the shards when stacked)
+
+
+def cache_path(cache_dir: str, root: str, version: str) -> str:
+    key = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, key, version)
+
+
+def ensure(cache_dir: str, root: str, version: str, loader, shards: tuple[iv.ShardEntry, ...]) -> str:
+    """The version's cache directory, built from storage unless a whole one is there."""
+    dest = cache_path(cache_dir, root, version)
+    if os.path.exists(os.path.join(dest, READY)):
+        return dest
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        _build(tmp, loader, shards)
+        with open(os.path.join(tmp, READY), "w") as f:
+            json.dump({"root": root, "version": version, "shards": len(shards)}, f)
+        try:
+            os.rename(tmp, dest)
+        except OSError:   # another process cached it first: theirs stands
+            if not os.path.exists(os.path.join(dest, READY)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _build(tmp: str, loader, shards: tuple[iv.ShardEntry, ...]) -> None:
+    """One shard in memory at a time: each written with its stored ids, then, once every
+    id map is known, read again and rewritten with rows as ids."""
+    tables = []
+    for n, entry in enumerate(shards):
+        index, table = loader.load(entry)
+        faiss.write_index(index, os.path.join(tmp, f"pending-{n:05d}.faiss"))
+        tables.append(table)
+        del index
+    idmap = pa.concat_tables(tables, promote_options="permissive").sort_by("id")
+    del tables
+    ids = idmap.column("id").to_numpy()
+    for n in range(len(shards)):
+        pending = os.path.join(tmp, f"pending-{n:05d}.faiss")
+        index = faiss.read_index(pending)
+        lists_to_rows(index, ids, loader.uri)
+        faiss.write_index(index, os.path.join(tmp, f"shard-{n:05d}.faiss"))
+        os.remove(pending)
+        del index
+    if loader.refine is not None:
+        refine = codes_index(loader.refine, iv.refine_codes(idmap, loader.refine.sa_code_size()))
+        faiss.write_index(refine, os.path.join(tmp, "refine.faiss"))
+        del refine
+        idmap = idmap.drop_columns([iv.REFINE_COLUMN])
+    with pa.OSFile(os.path.join(tmp, "idmap.arrow"), "wb") as sink, pa.ipc.new_file(sink, idmap.schema) as w:
+        w.write_table(idmap)
+
+
+def open_mapped(path: str, trained: bytes) -> Mapped:
+    """The cached version at ``path``, mapped. ``trained``: the version's trained index
+    (the empty index the shards' lists are stacked into)."""
+    names = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".faiss"))
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE   # the stacked index computes its own
+    shards = [faiss.read_index(os.path.join(path, f), flags) for f in names]
+    plain = all(isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists),
+                           faiss.ArrayInvertedLists) for s in shards)
+    if plain:
+        index, parts = stacked(searched(deserialize(trained)), shards), tuple(shards)
+    else:   # fast-scan: packed lists are read, and merged as IndexReader merges them
+        index = shards[0]
+        for s in shards[1:]:
+            index.merge_from(s, 0)
+        parts = (index,)
+    refine_path = os.path.join(path, "refine.faiss")
+    refine = faiss.read_index(refine_path, faiss.IO_FLAG_MMAP_IFC) if os.path.exists(refine_path) else None
+    idmap = pa.ipc.open_file(pa.memory_map(os.path.join(path, "idmap.arrow"))).read_all()
+    return Mapped(index, refine, idmap, path, parts)
+
+
+def default_cache() -> str:
+    return os.environ.get("MIMDEX_INDEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mimdex", "index")
+
+
+def prune(cache_dir: str, root: str, keep: set[str]) -> list[str]:
+    """Remove this root's cached versions other than ``keep``, and partial builds an hour
+    old (a crashed build's); returns what was removed. A process that still maps a removed
+    version keeps reading it: the files go when the last mapping closes."""
+    home = os.path.dirname(cache_path(cache_dir, root, "-"))
+    removed = []
+    for name in sorted(os.listdir(home)) if os.path.isdir(home) else []:
+        path = os.path.join(home, name)
+        stale = ".tmp-" in name and time.time() - os.path.getmtime(path) > 3600
+        if stale or (".tmp-" not in name and name not in keep):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed

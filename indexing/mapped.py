@@ -2,9 +2,10 @@
 local cache, then opened without reading its shards into memory.
 
     <cache>/<root key>/<version>/     written under a temporary name, renamed when whole
-        shard-00000.faiss ...         each shard as a complete faiss index: the trained
-                                      quantizer, its lists with delta segments folded in,
-                                      list ids = rows of the version's id map
+        index.faiss                   one faiss index of every shard's lists (plain lists:
+                                      SQ8, PQ, flat), delta segments folded in, list ids =
+                                      rows of the version's id map; or, for fast-scan,
+        shard-00000.faiss ...         each shard as such an index
         refine.faiss                  the re-ranking codes in row order (Refine(...) only)
         idmap.arrow                   the id map, sorted by id, without the codes (Arrow IPC)
         ready.json                    version, rows, shards: written last
@@ -13,8 +14,8 @@ Every source file is checked against the manifest's sha256 as it is read (ShardL
 the cache holds only verified bytes; folding delta segments is paid here, once per host
 and version, not at every load. Opening maps the files: faiss ``IO_FLAG_MMAP_IFC`` makes
 plain inverted lists and the re-ranking codes views of the file (fast-scan's packed lists
-are read, as faiss has no mapped form of them), and the shards' lists are searched as one
-(rows.stacked); the id map is an Arrow memory map.
+are read, as faiss has no mapped form of them, and merged); the id map is an Arrow memory
+map.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ import uuid
 from dataclasses import dataclass
 
 import faiss
+import numpy as np
 import pyarrow as pa
 
-from mimdex.indexing.rows import codes_index, lists_to_rows, stacked
+from mimdex.indexing.rows import codes_index, lists_to_rows
 from mimdex.infra.contracts import index_version as iv
-from mimdex.infra.contracts.index_codec import deserialize, searched
+from mimdex.infra.contracts.index_codec import deserialize, lists_header, searched, serialize, without_pq_tables
 
 READY = "ready.json"
 
@@ -44,7 +46,6 @@ class Mapped:
     refine: faiss.Index | None
     idmap: pa.Table
     path: str
-    parts: tuple[faiss.Index, ...]    # the indexes holding the lists (the shards when stacked)
 
 
 def cache_path(cache_dir: str, root: str, version: str) -> str:
@@ -92,6 +93,7 @@ def _build(tmp: str, loader, shards: tuple[iv.ShardEntry, ...]) -> None:
         faiss.write_index(index, os.path.join(tmp, f"shard-{n:05d}.faiss"))
         os.remove(pending)
         del index
+    _consolidate(tmp, len(shards), loader.trained)
     if loader.refine is not None:
         refine = codes_index(loader.refine, iv.refine_codes(idmap, loader.refine.sa_code_size()))
         faiss.write_index(refine, os.path.join(tmp, "refine.faiss"))
@@ -101,25 +103,52 @@ def _build(tmp: str, loader, shards: tuple[iv.ShardEntry, ...]) -> None:
         w.write_table(idmap)
 
 
-def open_mapped(path: str, trained: bytes) -> Mapped:
-    """The cached version at ``path``, mapped. ``trained``: the version's trained index
-    (the empty index the shards' lists are stacked into)."""
-    names = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".faiss"))
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE   # the stacked index computes its own
-    shards = [faiss.read_index(os.path.join(path, f), flags) for f in names]
-    plain = all(isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists),
-                           faiss.ArrayInvertedLists) for s in shards)
-    if plain:
-        index, parts = stacked(searched(deserialize(trained)), shards), tuple(shards)
+def _consolidate(tmp: str, count: int, trained: bytes) -> None:
+    """Plain lists: the shards' lists written as one index file, list by list from the
+    mapped shard files (never all in memory), so a search maps one list where it would
+    otherwise join four. The file is the empty trained index as faiss serialises it, its
+    empty lists replaced by the full ones in faiss's own stored form (index_codec)."""
+    paths = [os.path.join(tmp, f"shard-{n:05d}.faiss") for n in range(count)]
+    shards = [faiss.read_index(p, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE) for p in paths]
+    lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists) for s in shards]
+    if not lists or not all(isinstance(il, faiss.ArrayInvertedLists) for il in lists):
+        return   # fast-scan's packed lists: kept per shard, merged when opened
+    nlist, size = lists[0].nlist, lists[0].code_size
+    empty = serialize(searched(deserialize(trained)))
+    tail = lists_header(nlist, size, np.zeros(nlist))
+    if not empty.endswith(tail):
+        return   # a layout this writer does not know: per shard
+    sizes = np.array([sum(il.list_size(lst) for il in lists) for lst in range(nlist)], np.uint64)
+    with open(os.path.join(tmp, "index.faiss"), "wb") as f:
+        f.write(empty[:-len(tail)] + lists_header(nlist, size, sizes))
+        for lst in np.flatnonzero(sizes).tolist():
+            pieces = [(il.list_size(lst), il) for il in lists if il.list_size(lst)]
+            for n, il in pieces:
+                f.write(faiss.rev_swig_ptr(il.get_codes(lst), n * size).tobytes())
+            for n, il in pieces:
+                f.write(faiss.rev_swig_ptr(il.get_ids(lst), n).tobytes())
+    del lists, shards
+    for p in paths:
+        os.remove(p)
+
+
+def open_mapped(path: str) -> Mapped:
+    """The cached version at ``path``, mapped."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
+    if os.path.exists(one := os.path.join(path, "index.faiss")):   # plain lists, consolidated
+        index = faiss.read_index(one, flags)
+        without_pq_tables(index)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.ntotal = index.ntotal = sum(ivf.invlists.list_size(lst) for lst in range(ivf.nlist))
     else:   # fast-scan: packed lists are read, and merged as IndexReader merges them
-        index = shards[0]
-        for s in shards[1:]:
-            index.merge_from(s, 0)
-        parts = (index,)
+        names = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".faiss"))
+        index = faiss.read_index(os.path.join(path, names[0]), flags)
+        for name in names[1:]:
+            index.merge_from(faiss.read_index(os.path.join(path, name), flags), 0)
     refine_path = os.path.join(path, "refine.faiss")
     refine = faiss.read_index(refine_path, faiss.IO_FLAG_MMAP_IFC) if os.path.exists(refine_path) else None
     idmap = pa.ipc.open_file(pa.memory_map(os.path.join(path, "idmap.arrow"))).read_all()
-    return Mapped(index, refine, idmap, path, parts)
+    return Mapped(index, refine, idmap, path)
 
 
 def default_cache() -> str:

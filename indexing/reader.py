@@ -99,7 +99,7 @@ class IndexReader:
         self.idmap = mapped.idmap if mapped is not None else pa.concat_tables(
             tables, promote_options="permissive").sort_by("id")
         self._ids = self.idmap.column("id").to_numpy()
-        self._parts = list(mapped.parts) if mapped is not None else [self.index] if self.index is not None else self.shards
+        self._parts = [self.index] if self.index is not None else self.shards
         if mapped is None:
             for index in self._parts:
                 lists_to_rows(index, self._ids, self.uri)
@@ -137,7 +137,7 @@ class IndexReader:
         loader = ShardLoader(uri, m.params, m.trained, m.deltas)
         path = mapping.ensure(cache_dir or mapping.default_cache(), root, version, loader, m.shards)
         return cls(uri, m.params, m.shards, m.trained, m.default_nprobe, m,
-                   mapped=mapping.open_mapped(path, loader.trained))   # the deltas are folded into the cache
+                   mapped=mapping.open_mapped(path))   # the deltas are folded into the cache
 
     @property
     def version(self) -> str:
@@ -184,7 +184,7 @@ class IndexReader:
             set_nprobe(shard, nprobe)
         quantizer = faiss.extract_index_ivf(self.shards[0]).quantizer
         cdist, assign = quantizer.search(x, nprobe)
-        parts = [s.search_preassigned(x, k, assign, cdist, params=params) for s in self.shards]
+        parts = [_preassigned(s, x, k, assign, cdist, params) for s in self.shards]
         return top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
 
     def selection(self, flt: "str | filters.Filter") -> "Selection":
@@ -310,6 +310,17 @@ class IndexReader:
 # most this share of the rows the IVF scan would visit: measured on GloVe-100 with the
 # default codes (tests/benchmarks/bench_filters.py, docs/benchmarks.md "Filtered search")
 EXACT_SHARE = 0.7
+
+
+def _preassigned(index: faiss.Index, x: np.ndarray, k: int, assign: np.ndarray, cdist: np.ndarray, params):
+    """search_preassigned with search parameters (faiss's Python wrapper refuses them)."""
+    if params is None:
+        return index.search_preassigned(x, k, assign, cdist)
+    dist, ids = np.empty((len(x), k), np.float32), np.empty((len(x), k), np.int64)
+    assign, cdist = np.ascontiguousarray(assign, np.int64), np.ascontiguousarray(cdist, np.float32)
+    index.search_preassigned_c(len(x), faiss.swig_ptr(x), k, faiss.swig_ptr(assign), faiss.swig_ptr(cdist),
+                               faiss.swig_ptr(dist), faiss.swig_ptr(ids), False, params)
+    return dist, ids
 
 
 def _same(rows: np.ndarray) -> np.ndarray:

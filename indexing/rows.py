@@ -101,18 +101,3 @@ def refine_index(index: faiss.Index, refine: faiss.Index, k_factor: int) -> fais
     out.k_factor = float(k_factor)
     out.referenced_objects = [index, refine]
     return out
-
-
-def stacked(trained: faiss.Index, shards: list[faiss.Index]) -> faiss.Index:
-    """One searchable index over several shards' plain lists without copying them (faiss's
-    HStackInvertedLists: each list is the shards' pieces of it, read in turn). ``trained``
-    is an empty index of the same kind; the shards must stay alive as long as it does."""
-    ivf = faiss.extract_index_ivf(trained)
-    lists = faiss.InvertedListsPtrVector()
-    for shard in shards:
-        lists.push_back(faiss.extract_index_ivf(shard).invlists)
-    stack = faiss.HStackInvertedLists(lists.size(), lists.data())
-    ivf.replace_invlists(stack, False)
-    ivf.ntotal = trained.ntotal = sum(s.ntotal for s in shards)
-    trained.referenced_objects = [*shards, stack, lists]   # freed with the index, not before
-    return trained

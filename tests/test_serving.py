@@ -112,6 +112,10 @@ def test_a_filter_with_fewer_rows_than_k_returns_exactly_them_and_none_returns_n
     assert (ids == -1).all()
     products = reader.search_products(q[:3], 4, filter="category=niche,in_stock=false")
     assert all(len(r) == 4 and all(p["category"] == "niche" and p["in_stock"] is False for p in r) for r in products)
+    # shards searched apart (one coarse quantisation, merged) filter the same way
+    split = IndexReader.open(outs["refine"], consolidate=False)
+    for flt in ("category=niche,in_stock=false", "category=common"):
+        assert (split.search(q[:50], 10, filter=flt)[1] == reader.search(q[:50], 10, filter=flt)[1]).mean() >= 0.99
 
 
 def test_reranking_in_faiss_gives_the_numpy_reranking_results(built):
@@ -205,9 +209,10 @@ def test_a_mapped_version_searches_as_the_read_one_and_is_cached_once(built, nam
     read = IndexReader.open(outs[name])
     mapped_reader = IndexReader.open(outs[name], mmap=True, cache_dir=cache)
     path = mapped.cache_path(cache, outs[name], read.version)
+    files = {"sq8": ["index.faiss"],   # plain lists: one file of all shards' lists
+             "refine": ["shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss", "refine.faiss"]}[name]
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == sorted(
-        ["idmap.arrow", "ready.json", "shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]
-        + (["refine.faiss"] if name == "refine" else []))
+        ["idmap.arrow", "ready.json"] + files)
     for flt in (None, "category=common", "category=niche", "category=rare,in_stock=true"):
         want, got = read.search(q, 10, filter=flt), mapped_reader.search(q, 10, filter=flt)
         assert np.array_equal(want[1], got[1]) and np.allclose(want[0], got[0], atol=1e-6), flt

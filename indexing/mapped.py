@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from mimdex.indexing.rows import codes_index, lists_to_rows
+from mimdex.indexing.rows import codes_index, lists_to_rows, rows_of
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.index_codec import deserialize, lists_header, searched, serialize, without_pq_tables
 from mimdex.infra.errors import DataError
@@ -77,25 +77,27 @@ def ensure(cache_dir: str, root: str, version: str, loader, shards: tuple[iv.Sha
 
 
 def _build(tmp: str, loader, shards: tuple[iv.ShardEntry, ...]) -> None:
-    """One shard in memory at a time: each written with its stored ids, then, once every
-    id map is known, read again and rewritten with rows as ids."""
-    tables = []
+    """One shard in memory at a time: each written with its stored ids; once every id map
+    is known, their lists are written again with rows as ids (one file of all shards'
+    lists, or, fast-scan, each shard rewritten)."""
+    tables, pending = [], []
     for n, entry in enumerate(shards):
         index, table = loader.load(entry)
-        faiss.write_index(index, os.path.join(tmp, f"pending-{n:05d}.faiss"))
+        pending.append(os.path.join(tmp, f"pending-{n:05d}.faiss"))
+        faiss.write_index(index, pending[-1])
         tables.append(table)
         del index
     idmap = pa.concat_tables(tables, promote_options="permissive").sort_by("id")
     del tables
     ids = idmap.column("id").to_numpy()
-    for n in range(len(shards)):
-        pending = os.path.join(tmp, f"pending-{n:05d}.faiss")
-        index = faiss.read_index(pending)
-        lists_to_rows(index, ids, loader.uri)
-        faiss.write_index(index, os.path.join(tmp, f"shard-{n:05d}.faiss"))
-        os.remove(pending)
-        del index
-    _consolidate(tmp, len(shards), loader.trained)
+    if not _consolidate(tmp, pending, ids, loader):
+        for n, path in enumerate(pending):
+            index = faiss.read_index(path)
+            lists_to_rows(index, ids, loader.uri)
+            faiss.write_index(index, os.path.join(tmp, f"shard-{n:05d}.faiss"))
+            del index
+    for path in pending:
+        os.remove(path)
     if loader.refine is not None:
         refine = codes_index(loader.refine, iv.refine_codes(idmap, loader.refine.sa_code_size()))
         faiss.write_index(refine, os.path.join(tmp, "refine.faiss"))
@@ -105,21 +107,21 @@ def _build(tmp: str, loader, shards: tuple[iv.ShardEntry, ...]) -> None:
         w.write_table(idmap)
 
 
-def _consolidate(tmp: str, count: int, trained: bytes) -> None:
-    """Plain lists: the shards' lists written as one index file, list by list from the
-    mapped shard files (never all in memory), so a search maps one list where it would
-    otherwise join four. The file is the empty trained index as faiss serialises it, its
-    empty lists replaced by the full ones in faiss's own stored form (index_codec)."""
-    paths = [os.path.join(tmp, f"shard-{n:05d}.faiss") for n in range(count)]
+def _consolidate(tmp: str, paths: list[str], ids: np.ndarray, loader) -> bool:
+    """Plain lists: the shards' lists written as one index file with rows as ids, list by
+    list from the mapped shard files (never all in memory), so a search maps one list
+    where it would otherwise join four. The file is the empty trained index as faiss
+    serialises it, its empty lists replaced by the full ones in faiss's own stored form
+    (index_codec). False (nothing written) for fast-scan's packed lists."""
     shards = [faiss.read_index(p, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE) for p in paths]
     lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists) for s in shards]
     if not lists or not all(isinstance(il, faiss.ArrayInvertedLists) for il in lists):
-        return   # fast-scan's packed lists: kept per shard, merged when opened
+        return False
     nlist, size = lists[0].nlist, lists[0].code_size
-    empty = serialize(searched(deserialize(trained)))
+    empty = serialize(searched(deserialize(loader.trained)))
     tail = lists_header(nlist, size, np.zeros(nlist))
     if not empty.endswith(tail):
-        return   # a layout this writer does not know: per shard
+        return False   # a layout this writer does not know: per shard
     sizes = np.array([sum(il.list_size(lst) for il in lists) for lst in range(nlist)], np.uint64)
     with open(os.path.join(tmp, "index.faiss"), "wb") as f:
         f.write(empty[:-len(tail)] + lists_header(nlist, size, sizes))
@@ -128,10 +130,9 @@ def _consolidate(tmp: str, count: int, trained: bytes) -> None:
             for n, il in pieces:
                 f.write(faiss.rev_swig_ptr(il.get_codes(lst), n * size).tobytes())
             for n, il in pieces:
-                f.write(faiss.rev_swig_ptr(il.get_ids(lst), n).tobytes())
-    del lists, shards
-    for p in paths:
-        os.remove(p)
+                held = faiss.rev_swig_ptr(il.get_ids(lst), n)
+                f.write(rows_of(ids, held, loader.uri, lst).astype(np.int64).tobytes())
+    return True
 
 
 def open_mapped(path: str) -> Mapped:

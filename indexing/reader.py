@@ -114,6 +114,9 @@ class IndexReader:
         if self._refine is not None and self.index is not None:
             codes = mapped.refine if mapped is not None else codes_index(self._refine, self._refine_codes)
             self._refined = refine_index(self.index, codes, self.k_factor)
+            self._refine_codes = None   # faiss holds them now
+        if iv.REFINE_COLUMN in self.idmap.column_names:   # the codes are the index's, not a product's
+            self.idmap = self.idmap.drop_columns([iv.REFINE_COLUMN])
         self._selections: dict[filters.Filter, Selection] = {}
         self._product_of, self.products = None, self.ntotal
         if "photo" in self.idmap.column_names:  # several vectors per product: search_distinct collapses
@@ -293,8 +296,6 @@ class IndexReader:
         pos = np.clip(pos, 0, max(len(self._ids) - 1, 0))
         found = (len(self._ids) > 0) & (self._ids[pos] == ids)
         table = self.idmap.take(pa.array(pos[found], pa.int64()))
-        if iv.REFINE_COLUMN in table.column_names:   # codes are the index's, not a product's
-            table = table.drop_columns([iv.REFINE_COLUMN])
         it = iter(table.to_pylist())
         return [next(it) if f else None for f in found]
 

@@ -1,6 +1,8 @@
-"""Re-ranking: the top k x k_factor candidates of the IVF scan, ordered again by their
-distance to the query under finer codes (faiss's IndexRefine does the same, but needs
-ids that are positions; ours are product hashes, looked up in the reader's id table).
+"""Re-ranking where shards are searched apart (evaluation one shard at a time, a reader
+with ``consolidate=False``): the top k x k_factor candidates of the IVF scans, ordered
+again by their distance to the query under finer codes. A consolidated reader re-ranks
+in faiss's IndexRefine instead (rows.py); ``rerank`` is what that replaced, and the
+tests' reference for it.
 
 Pure numerics: ids in, decoded distances and ids out.
 """

@@ -40,19 +40,23 @@ def _lists(index: faiss.Index):
     return ivf, faiss.downcast_InvertedLists(ivf.invlists)
 
 
+def rows_of(sorted_ids: np.ndarray, held: np.ndarray, uri: str, lst: int) -> np.ndarray:
+    """The positions in ``sorted_ids`` of list ``lst``'s ids; every one must be there."""
+    rows = np.searchsorted(sorted_ids, held)
+    if len(rows) and (rows.max() >= len(sorted_ids) or (sorted_ids[rows] != held).any()):
+        raise DataError(f"{uri}: inverted list {lst} holds ids that the id maps do not")
+    return rows
+
+
 def lists_to_rows(index: faiss.Index, sorted_ids: np.ndarray, uri: str) -> None:
     """Rewrite the ids in every inverted list (product-id hashes) as positions in
     ``sorted_ids``, in place."""
     ivf, invlists = _lists(index)
     for lst in range(ivf.nlist):
         n = invlists.list_size(lst)
-        if not n:
-            continue
-        held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)   # the list's own ids, writable
-        rows = np.searchsorted(sorted_ids, held)
-        if rows.max() >= len(sorted_ids) or (sorted_ids[rows] != held).any():
-            raise DataError(f"{uri}: inverted list {lst} holds ids that the id maps do not")
-        held[:] = rows
+        if n:
+            held = faiss.rev_swig_ptr(invlists.get_ids(lst), n)   # the list's own ids, writable
+            held[:] = rows_of(sorted_ids, held, uri, lst)
 
 
 def selected_vectors(indexes: list[faiss.Index], sel: Selection) -> np.ndarray | None:

@@ -124,10 +124,11 @@ def test_reranking_in_faiss_gives_the_numpy_reranking_results(built):
     _, _, outs, q = built
     reader = IndexReader.open(outs["refine"])
     assert reader._refined is not None and reader.k_factor == 10
+    codes = faiss.vector_to_array(faiss.downcast_index(reader._refined.refine_index).codes).reshape(reader.ntotal, -1)
     for nprobe in (1, 4, 16):
         set_nprobe(reader.index, nprobe)
         _, candidates = reader.index.search(q, 10 * reader.k_factor)
-        want_d, want_rows = rerank(q, candidates, lambda r: r, reader._refine_codes, reader._refine.sa_decode, 10)
+        want_d, want_rows = rerank(q, candidates, lambda r: r, codes, reader._refine.sa_decode, 10)
         scores, ids = reader.search(q, 10, nprobe)
         assert np.array_equal(ids, np.where(want_rows >= 0, reader._ids[want_rows], -1)), nprobe
         found = want_rows >= 0      # nprobe 1: some queries' probed lists hold fewer than 10

@@ -1,7 +1,8 @@
 """Attribute filters for search: which id-map rows a query may return.
 
-A filter is an AND of clauses on id-map columns (the catalog's metadata, carried into
-every shard's id map): equality or set membership on strings, ints and bools, and
+A filter is an AND of clauses on the version's filter columns (contracts.attributes:
+catalog columns named by ``build-index --filter-columns``, kept current by refreshes, and
+carried in every shard's id map): equality or set membership on strings, ints and bools, and
 inclusive ranges on ints. Its text form is the CLI's ``--filter``::
 
     category=mug,in_stock=true          equality, AND
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mimdex.infra.contracts.attributes import kind as _kind
 from mimdex.infra.errors import UsageError
 
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|=|<|>)\s*(.*?)\s*$")
@@ -82,23 +84,6 @@ def _clause(column: str, op: str, value: str, text: str) -> Clause:
     return Clause(column, low=low, high=high, text=text)
 
 
-def filterable(schema: pa.Schema) -> list[str]:
-    """The columns a filter can name: strings, integers and bools."""
-    return [f.name for f in schema if _kind(f.type) is not None and f.name != "id"]
-
-
-def _kind(t: pa.DataType) -> str | None:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_boolean(t):
-        return "bool"
-    return None
-
-
 def _typed(clause: Clause, kind: str) -> list:
     out = []
     for v in clause.values:
@@ -116,14 +101,18 @@ def _typed(clause: Clause, kind: str) -> list:
     return out
 
 
-def mask(table: pa.Table, flt: Filter) -> np.ndarray:
-    """A bool per row of ``table``: every clause holds (nulls never match)."""
+def mask(table: pa.Table, flt: Filter, columns: tuple[str, ...]) -> np.ndarray:
+    """A bool per row of ``table``: every clause holds (nulls never match). ``columns``:
+    the version's filter columns, the only ones a clause may name (another id-map column
+    is not kept current by refreshes)."""
     keep = np.ones(table.num_rows, bool)
-    names = filterable(table.schema)
     for clause in flt.clauses:
-        if clause.column not in table.column_names:
-            raise UsageError(f"--filter: no column {clause.column!r} in this index's id maps "
-                             f"(it can filter on: {', '.join(names) or 'nothing'})")
+        if clause.column not in columns:
+            raise UsageError(f"--filter: {clause.column!r} is not a filter column of this version (it filters on: "
+                             f"{', '.join(columns) or 'nothing; build it with --filter-columns'})")
+        if clause.column not in table.column_names:  # a column no row ever had: nothing matches
+            keep[:] = False
+            continue
         col = table.column(clause.column)
         kind = _kind(col.type)
         if kind is None:

@@ -32,6 +32,7 @@ from mimdex.indexing.collapse import ProductOf, collapse
 from mimdex.indexing import filters, mapped as mapping
 from mimdex.indexing.rows import Selection, codes_index, lists_to_rows, refine_index, selected_vectors
 from mimdex.indexing.rerank import refined_distances, top_k
+from mimdex.infra.contracts import attributes
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
@@ -200,7 +201,8 @@ class IndexReader:
         if flt not in self._selections:
             if len(self._selections) >= 8:
                 self._selections.pop(next(iter(self._selections)))
-            self._selections[flt] = Selection.of(filters.mask(self.idmap, flt))
+            columns = tuple(self.params.get(attributes.PARAM, ()))
+            self._selections[flt] = Selection.of(filters.mask(self.idmap, flt, columns))
         return self._selections[flt]
 
     def _filtered(self, x: np.ndarray, k: int, nprobe: int, sel: "Selection") -> tuple[np.ndarray, np.ndarray]:

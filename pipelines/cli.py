@@ -15,7 +15,7 @@ from typing import Callable
 from mimdex.encoders.config import AUGMENTS, PRESETS
 from mimdex.infra.errors import MimdexError, NothingToDo, UsageError
 from mimdex.infra.redact import RedactingFilter, redact
-from mimdex.pipelines import cli_index
+from mimdex.pipelines import cli_beam, cli_index
 from mimdex.pipelines.cli_index import add_job_flags
 
 Handler = Callable[[argparse.Namespace], int]
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "passes_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.extra = cli_index.check_beam_flags(parser, args.command, extra)
+        args.extra = cli_beam.check_beam_flags(parser, args.command, extra)
     except ModuleNotFoundError as exc:  # Beam itself is missing
         return _missing_package(args.command, exc)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

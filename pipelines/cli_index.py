@@ -6,70 +6,13 @@ from __future__ import annotations
 import argparse
 
 from mimdex.infra.errors import DataError, NothingToDo, UsageError
+from mimdex.pipelines.cli_beam import add_beam_flags, beam_args
 
 
 def add_job_flags(p) -> None:
     """Flags every long-running job shares."""
     p.add_argument("--pushgateway-url", help="push job metrics (duration, counts, exit code, last success) to "
                                              "this Prometheus Pushgateway at the end, e.g. http://pushgateway:9091")
-
-
-def add_beam_flags(p) -> None:
-    """Beam pipeline options: unrecognised --flags, and/or a file of them (one per line)."""
-    p.add_argument("--beam-options-file", help="file (any URI) of Beam pipeline options, one per line, '#' "
-                                               "comments; e.g. infra/beam/flink.options. Options given on the "
-                                               "command line come after, so they win")
-    p.set_defaults(passes_through=True)
-
-
-def unknown_beam_flags(flags: list[str]) -> list[str]:
-    """The flags that no Beam pipeline option accepts, parsed as Beam parses its options
-    (every registered PipelineOptions class, no abbreviations)."""
-    if not flags:
-        return []
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
-
-    from mimdex.pipelines.beam_runner import register_runner_options
-
-    register_runner_options(flags)  # a runner Beam does not import itself (Dask): its options
-
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options builds its parser
-    _, unknown = parser.parse_known_args(flags)
-    return unknown
-
-
-def check_beam_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> list[str]:
-    """Flags mimdex did not take: Beam options (given anywhere, or after ``--``), or exit 2."""
-    flags = [a for a in extra if a != "--"]
-    try:
-        unknown = unknown_beam_flags(flags)
-    except UsageError as exc:  # a runner's extra is missing: one line, exit 2
-        parser.error(f"{command}: {exc}")
-    if unknown:
-        parser.error(f"{command}: unrecognized arguments: {' '.join(unknown)} (neither a mimdex flag nor a Beam "
-                     f"pipeline option; see `mimdex {command} --help`)")
-    return flags
-
-
-def beam_args(args: argparse.Namespace) -> list[str]:
-    from mimdex.infra import storage
-
-    lines = []
-    if getattr(args, "beam_options_file", None):
-        uri = args.beam_options_file
-        try:
-            text = storage.read_bytes(uri).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--beam-options-file {uri}: not UTF-8 text: {exc}") from exc
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-        unknown = unknown_beam_flags(lines)
-        if unknown:
-            raise UsageError(f"--beam-options-file {uri}: not Beam pipeline options: {' '.join(unknown)}")
-    from mimdex.pipelines.beam_runner import resolve
-
-    return resolve(lines + list(args.extra))  # a runner's missing flag fails here, before any work
 
 
 def add_commands(sub) -> None:
@@ -135,6 +78,9 @@ def _add_build_index(sub) -> None:
     p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="id maps without the catalog's metadata columns")
+    p.add_argument("--filter-columns", metavar="A,B,...",
+                   help="catalog columns (strings, integers, bools) that search --filter may name; refreshes keep "
+                        "them current without re-encoding, e.g. marketplace,category,in_stock")
     p.add_argument("--photos", choices=["every", "main", "pooled"], default="every",
                    help="a multi-photo catalog: index every photo (default; search returns distinct products), "
                         "the main (first usable) photo only, or one pooled vector per product")
@@ -144,6 +90,7 @@ def _add_build_index(sub) -> None:
 def _run_build_index(args: argparse.Namespace) -> int:
     from mimdex.indexing.params import parse_memory
     from mimdex.indexing.release import QualityGateFailed
+    from mimdex.infra.contracts.attributes import parse_flag
     from mimdex.pipelines.build_index import BuildConfig, run
     from mimdex.pipelines.report import write_report
 
@@ -152,7 +99,8 @@ def _run_build_index(args: argparse.Namespace) -> int:
                       max_index_memory=parse_memory(args.max_index_memory) if args.max_index_memory else None,
                       recall_target=args.recall_target, min_recall=args.min_recall, queries=args.queries,
                       eval_queries=args.eval_queries, train_size=args.train_size, seed=args.seed, metadata=not args.no_metadata,
-                      photos=args.photos, stall_timeout=args.stall_timeout)
+                      filter_columns=parse_flag(args.filter_columns), photos=args.photos,
+                      stall_timeout=args.stall_timeout)
     try:
         result = run(cfg, beam_args(args))
     except QualityGateFailed as exc:
@@ -177,7 +125,7 @@ def _add_search(sub) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", type=int, help="default: the manifest's, chosen at build time")
     p.add_argument("--version", help="search this version instead of LATEST")
-    p.add_argument("--filter", help="only products whose id-map columns satisfy this, e.g. "
+    p.add_argument("--filter", help="only products whose filter columns (build-index --filter-columns) satisfy this, e.g. "
                    "'category=mug,in_stock=true', 'colour=red|blue', 'family=3..7' (docs/cli.md)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--with-vector", action="store_true",
@@ -325,6 +273,9 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--vector", choices=["image", "text", "fused"], default="image", help="for a first build")
     p.add_argument("--photos", choices=["every", "main", "pooled"], default="every",
                    help="for a first build of a multi-photo catalog (build-index --photos); later versions keep theirs")
+    p.add_argument("--filter-columns", metavar="A,B,...",
+                   help="build-index --filter-columns for a first build, or to change the index's set (default: "
+                        "the index's); a product whose filter columns alone changed is retagged, not re-encoded")
     p.add_argument("--max-drift", type=float, default=1.25,
                    help="retrain when the new vectors' coarse MSE exceeds this multiple of the training MSE")
     p.add_argument("--max-change", type=float, default=0.25,
@@ -364,12 +315,14 @@ def _add_backfill(sub) -> None:
 
 
 def _run_refresh(args: argparse.Namespace) -> int:
+    from mimdex.infra.contracts.attributes import parse_flag
     from mimdex.pipelines.refresh import RefreshConfig, check, run
     from mimdex.pipelines.report import write_report
 
     cfg = RefreshConfig(catalog=args.catalog, model=args.model, embeddings=args.embeddings, index=args.index,
                         ids_file=getattr(args, "ids", None), shards=args.shards, vector=args.vector,
                         photos=args.photos,
+                        filter_columns=parse_flag(args.filter_columns) if args.filter_columns is not None else None,
                         max_drift=args.max_drift, max_change=args.max_change,
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
@@ -388,7 +341,7 @@ def _run_refresh(args: argparse.Namespace) -> int:
         raise NothingToDo("nothing changed since the current version")
     what = ("the whole catalog" if "full" in c else
             f"{c['new']} new, {c['changed']} changed, {c['rejudged']} re-judged, {c['deleted']} deleted, "
-            f"{c['unchanged']} unchanged")
+            f"{c['retagged']} retagged, {c['unchanged']} unchanged")
     print(f"{job}: {what}; encoded {report['encode']['rows']} rows; {report['decision']}; "
           f"published version {report['version']}")
     print(write_report(args.index, job, report))

@@ -225,10 +225,19 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
     out = str(tmp_path / "index")
     build = subprocess.run(mimdex + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out,
                                      "--shards", "3", "--vector", "fused", "--queries", data + "/queries",
-                                     "--runner=DirectRunner"], capture_output=True, text=True, timeout=300)
+                                     "--filter-columns", "category,family", "--runner=DirectRunner"],
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     report = json.loads(open(build.stdout.strip().splitlines()[-1]).read())
     assert report["published"] and "street" in report["evaluation"] and report["vector"] == "fused"
+    assert report["params"]["filter_columns"] == ["category", "family"]
+    for flag, code, message in (("category,size", 65, "no filter column 'size'"),
+                                ("title", 2, "'title' cannot be a filter column")):
+        bad = subprocess.run(mimdex + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out + "-bad",
+                                       "--filter-columns", flag], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == code and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        if code == 65:
+            assert "catalog" in bad.stderr and data + "/catalog/" in bad.stderr   # the file is named
 
     catalog = storage.parquet_dataset(data + "/catalog").to_table().slice(0, 1).to_pylist()[0]
     (tmp_path / "q.jpg").write_bytes(catalog["image"])
@@ -248,7 +257,9 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
     got = json.loads(hit.stdout)
     assert [r["category"] for r in got["results"]] == [other] * 4
     assert got["filter"] == {"text": f"category={other}", "rows": cats.count(other)}
-    for bad, message in (("size=m", "no column 'size'"), ("family=x", "family holds integers, not 'x'")):
+    for bad, message in (("size=m", "'size' is not a filter column of this version (it filters on: category, family)"),
+                         ("colour=red", "'colour' is not a filter column"),
+                         ("family=x", "family holds integers, not 'x'")):
         miss = subprocess.run(mimdex + ["search", "--index", out, "--image", str(tmp_path / "q.jpg"),
                                         "--filter", bad], capture_output=True, text=True, timeout=120)
         assert miss.returncode == 2 and message in miss.stderr and "Traceback" not in miss.stderr, miss.stderr

@@ -128,6 +128,40 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         assert got(diffs.CHANGED, diffs.DELETED) == {p for p in got(*diffs.SUPERSEDED) if judged[p][1] is None}
 
 
+@settings(max_examples=200, deadline=None)
+@given(products=st.lists(st.tuples(st.booleans(), st.sampled_from(["s1", "s2"]), st.sampled_from([None, 1, 2]),
+                                   st.booleans(), st.sampled_from(["s1", "s2"]), st.booleans(),
+                                   st.sampled_from([None, 1, 2])), max_size=25))
+def test_a_product_is_retagged_exactly_when_its_state_held_and_the_index_shows_other_filter_values(products):
+    """classify, after shown_attrs, against the rule written out per product: (in the
+    catalog, its state, its filter digest or None where the index has no filter columns;
+    in the embeddings, their state, encoded; the digest the index's newest id map shows)."""
+    cat, prev, shown, want = [], [], [], {}
+    for i, (in_cat, state, attrs, in_prev, was, encoded, seen) in enumerate(products):
+        pid = f"p{i:03d}"
+        if in_cat:
+            cat.append({"product_id": pid, "state": state, "attrs": attrs})
+        if in_prev:
+            prev.append({"product_id": pid, "state": was, "encoded": encoded, "part": "part-00000"})
+            if encoded and seen is not None:   # an older id map's row is superseded by the newer one's
+                shown += [{"product_id": pid, "attrs": 99, "seq": 0}, {"product_id": pid, "attrs": seen, "seq": 2}]
+        if in_cat and not in_prev:
+            want[pid] = diffs.NEW
+        elif in_prev and not in_cat:
+            want[pid] = diffs.DELETED if encoded else diffs.FORGOTTEN
+        elif in_cat and state != was:
+            want[pid] = diffs.CHANGED if encoded else diffs.REJUDGED
+        elif in_cat and encoded and attrs is not None and seen is not None and attrs != seen:
+            want[pid] = diffs.RETAGGED
+    cat_t = pa.Table.from_pylist(cat, pa.schema([("product_id", pa.string()), ("state", pa.string()), diffs.ATTRS]))
+    prev_t = pa.Table.from_pylist(prev, emb.PREVIOUS_SCHEMA)
+    out, counts = diffs.classify(cat_t, diffs.shown_attrs(prev_t, pa.Table.from_pylist(shown, diffs.SHOWN_SCHEMA)))
+    assert dict(zip(out["product_id"].to_pylist(), out["change"].to_pylist())) == want
+    assert counts[diffs.RETAGGED] == sum(1 for c in want.values() if c == diffs.RETAGGED)
+    assert counts["unchanged"] == sum(1 for i, p in enumerate(products) if p[0] and p[3] and p[1] == p[4] and p[5]
+                                      and f"p{i:03d}" not in want)
+
+
 def test_duplicate_rows_the_first_occurrence_wins_across_files():
     ids = [pa.array(["a", "b", None, "a"]), pa.array(["", "b", "c", "a"])]
     dups = catalog.duplicate_rows(["f0", "f1"], ids)

@@ -97,6 +97,7 @@ def same_outcome(faulty: dict, clean: dict) -> None:
     assert faulty["reports"]["compact"]["delta_segments"] == clean["reports"]["compact"]["delta_segments"] >= 1
 
 
+@pytest.mark.slow   # 2 min (the clean lifecycle, then the faulty one): it keeps `make test` under 20 min
 def test_a_sustained_fault_rate_changes_nothing_but_the_retry_count(s3_server, clean):
     model_src, clean = clean
     faulty, proxy = faulty_lifecycle(s3_server, model_src, "mimdex-faulty", rate=0.10, latency_rate=0.03, seed=1)

@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 
 from mimdex.infra import errors
 from mimdex.infra.errors import UsageError
-from mimdex.pipelines import cli, cli_index
+from mimdex.pipelines import cli, cli_beam
 from mimdex.infra.contracts.embeddings import PartEntry
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts.model import ModelRef
@@ -106,7 +106,7 @@ def test_build_index_graph_builds_with_each_runners_options(runner, expect, tmp_
             "--job_name=mimdex-test"]
     args, extra = cli.build_parser().parse_known_args(argv)
     args.extra = extra
-    options = cli_index.beam_args(args)
+    options = cli_beam.beam_args(args)
     assert options[-1] == "--job_name=mimdex-test"  # the command line comes last, so it wins
     pipeline = beam_pipeline(options)
     model = ModelRef("s3://mimdex-models/3-tower", "0" * 64, "3-tower", 256, True)

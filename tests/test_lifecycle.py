@@ -173,8 +173,8 @@ def test_a_dirty_catalog_through_the_whole_lifecycle(world, capsys, tmp_path):
     report = json.loads(storage.read_bytes(done.stdout.strip().splitlines()[-1]))
     assert report["read"]["catalog_rows"] == len(cat.rows) and report["read"]["image_bytes"] == 0
     assert report["decision"].startswith("incremental")
-    assert report["diff"] == {"new": 5, "changed": 5, "rejudged": 1, "deleted": 3, "forgotten_rejects": 1,
-                              "unchanged": len(first_good) - 8, "still_rejected": len(dc.BAD) - 2,
+    assert report["diff"] == {"new": 5, "changed": 5, "rejudged": 1, "deleted": 3, "retagged": 0,
+                              "forgotten_rejects": 1, "unchanged": len(first_good) - 8, "still_rejected": len(dc.BAD) - 2,
                               "row_only_rejects": 3}
     assert report["encode"]["rows"] == 11  # exactly the new, changed and re-judged products
     assert sorted(r["product_id"] for r in report["removed_now_rejected"]) == sorted([corrupt, untitled])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +23,7 @@ from mimdex.infra.contracts.vectors import ids_for
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra.contracts.vectors import column_matrix
 from mimdex.infra import storage
+from mimdex.infra.errors import UsageError
 from mimdex.infra.lock import Lease, Locked
 from mimdex.pipelines import cli
 from mimdex.pipelines.build_index import BuildConfig
@@ -95,7 +98,7 @@ def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, cat
     report = run(cfg)
     assert report["diff"] == {"new": len(new), "changed": len(changed), "deleted": len(deleted),
                               "unchanged": 800 - len(changed) - len(deleted), "rejudged": 0,
-                              "forgotten_rejects": 0, "still_rejected": 0, "row_only_rejects": 0}
+                              "retagged": 0, "forgotten_rejects": 0, "still_rejected": 0, "row_only_rejects": 0}
     assert report["encode"]["rows"] == report["encode"]["encoded"] == len(new) + len(changed)
     assert report["decision"].startswith("incremental") and report["drift"]["ratio"] is not None
     assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
@@ -242,3 +245,76 @@ def test_a_refresh_killed_at_random_points_never_breaks_latest_and_the_next_run_
                           timeout=300)
     assert done.returncode in (0, 99), done.stderr[-2000:]
     assert _index_ids(cfg.index) == new_ids
+
+
+def test_an_out_of_stock_change_reaches_filtered_search_through_a_refresh_without_re_encoding(
+        s3_bucket, catalog_rows, local_ray):
+    """build-index --filter-columns category,in_stock; then 7 products go out of stock, one
+    moves category, and one is retitled and goes out of stock: the refresh encodes the
+    retitled one alone, copies the others' vectors under their new catalog rows, and
+    filtered search sees every change."""
+    table = catalog_rows.append_column("in_stock", pa.array([True] * catalog_rows.num_rows))
+    random_bundle(s3_bucket + "/model", table.column("title").to_pylist(), "3-tower")
+    _write_catalog(s3_bucket + "/cat/catalog.parquet", table.to_pylist(), table.schema)
+    cfg = RefreshConfig(catalog=s3_bucket + "/cat", model=s3_bucket + "/model", embeddings=s3_bucket + "/emb",
+                        index=s3_bucket + "/index", shards=3, unit_rows=100, eval_queries=200, progress=False,
+                        filter_columns=("category", "in_stock"))
+    first = run(cfg)
+    before = IndexReader.open(cfg.index)
+    assert before.params["filter_columns"] == ["category", "in_stock"]
+    assert before.selection("in_stock=false").count == 0
+
+    rows = table.to_pylist()
+    pick = np.random.default_rng(5).permutation(len(rows))[:9].tolist()
+    out_of_stock, moved, retitled = pick[:7], pick[7], pick[8]
+    for i in out_of_stock + [retitled]:
+        rows[i]["in_stock"] = False
+    rows[moved]["category"] = "clearance"
+    rows[retitled]["title"] += " (2027 edition)"
+    _write_catalog(cfg.catalog + "/catalog.parquet", rows, table.schema)
+    report = run(replace(cfg, filter_columns=None))   # the index's filter columns, as a nightly job runs it
+    assert report["diff"]["retagged"] == 8 and report["diff"]["changed"] == 1 and report["diff"]["new"] == 0
+    assert report["encode"]["rows"] == 1                   # the retitled product alone is encoded
+    assert report["retag"]["products"] == report["retag"]["rows_copied"] == 8
+    assert report["decision"].startswith("incremental") and report["version"] != first["version"]
+
+    reader = IndexReader.open(cfg.index)
+    pid = lambda i: rows[i]["product_id"]  # noqa: E731
+    gone = {int(x) for x in ids_for([pid(i) for i in out_of_stock + [retitled]])}
+    sel = reader.selection("in_stock=false")
+    assert sel.count == 8
+    current = shards.read_manifest(cfg.embeddings)
+    vectors = shards.read_all(cfg.embeddings, current)
+    pids = vectors.column("product_id").to_pylist()
+    x = column_matrix(vectors, "image_emb")
+    queries = x[[pids.index(pid(i)) for i in out_of_stock]]
+    _, found = reader.search(queries, 20, filter="in_stock=false")
+    assert {int(v) for v in found.ravel() if v >= 0} == gone   # exactly the 8, for every query
+    _, found = reader.search(x, 10, filter="in_stock=true")
+    assert not gone & set(found.ravel().tolist())
+    _, found = reader.search(queries[:2], 5, filter="category=clearance")
+    assert found[:, 0].tolist() == [int(ids_for([pid(moved)])[0])] * 2 and (found[:, 1:] == -1).all()
+    # a retagged product's vector is the one it had: it finds itself first, with the same score
+    own = x[[pids.index(pid(i)) for i in out_of_stock]]
+    old_scores, old_ids = before.search(own, 1, 64)
+    new_scores, new_ids = reader.search(own, 1, 64, filter="in_stock=false")
+    assert (new_ids == old_ids).all() and np.allclose(new_scores, old_scores, atol=1e-6)
+
+    # the embeddings remember the new values: the next night has nothing to do
+    assert run(cfg).get("nothing_to_do")
+    # a column added to the set: a version that can filter on it, nothing encoded or retagged
+    # (the id maps already show the catalog's colours)
+    with pytest.raises(UsageError, match="'colour' is not a filter column"):
+        reader.search(queries[:1], 5, filter="colour=red")
+    more = run(replace(cfg, filter_columns=("category", "in_stock", "colour")))
+    assert more["diff"]["retagged"] == 0 and more["encode"]["rows"] == 0 and more["published"]
+    colour = rows[out_of_stock[0]]["colour"]
+    _, found = IndexReader.open(cfg.index).search(queries, 10, filter=f"colour={colour}")
+    assert {rows[i]["colour"] for i, r in enumerate(rows) if int(ids_for([r["product_id"]])[0])
+            in set(found.ravel().tolist())} == {colour}
+    # and a full rebuild from them (its id maps from the retag parts' rows) filters the same
+    rebuilt = _build(BuildConfig(embeddings=cfg.embeddings, out=cfg.index + "-full", shards=3, eval_queries=100,
+                                 filter_columns=("category", "in_stock")))
+    full = IndexReader.open(cfg.index + "-full", rebuilt.version)
+    _, found = full.search(queries, 20, filter="in_stock=false")
+    assert {int(v) for v in found.ravel() if v >= 0} == gone

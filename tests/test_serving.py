@@ -56,14 +56,17 @@ def built(tmp_path_factory):
     for name, factory in (("sq8", None), ("refine", "IVF256,PQ32x4fs,Refine(SQ8)")):
         outs[name] = str(tmp / f"index-{name}")
         run(BuildConfig(embeddings=str(tmp / "emb"), out=outs[name], shards=3, eval_queries=200,
-                        **({"factory": factory} if factory else {})))
+                        filter_columns=COLUMNS, **({"factory": factory} if factory else {})))
     noise = 0.05 * np.random.default_rng(9).standard_normal((300, D)).astype(np.float32)
     q = x[::N // 300][:300] + noise
     return x, meta, outs, q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
+COLUMNS = ("category", "in_stock", "family")
+
+
 def _exact_filtered(x, meta, flt, q, k=10):
-    keep = filters.mask(meta, filters.parse(flt))
+    keep = filters.mask(meta, filters.parse(flt), COLUMNS)
     rows = np.flatnonzero(keep)
     _, nn = faiss.knn(q, x[rows], min(k, len(rows)))
     return ids_for(meta.column("product_id").to_pylist())[rows][nn]
@@ -96,7 +99,7 @@ def test_a_filter_with_fewer_rows_than_k_returns_exactly_them_and_none_returns_n
     x, meta, outs, q = built
     reader = IndexReader.open(outs["refine"])
     flt = "category=rare,in_stock=true,family=0..4"
-    expected = set(ids_for(meta.filter(filters.mask(meta, filters.parse(flt))).column("product_id").to_pylist()).tolist())
+    expected = set(ids_for(meta.filter(filters.mask(meta, filters.parse(flt), COLUMNS)).column("product_id").to_pylist()).tolist())
     assert 0 < len(expected) < 10
     for exact_share in (0.0, 1e9):
         reader._selections.clear()
@@ -138,8 +141,9 @@ def test_reranking_in_faiss_gives_the_numpy_reranking_results(built):
 def test_a_bad_filter_is_a_usage_error_naming_the_clause(built):
     _, _, outs, q = built
     reader = IndexReader.open(outs["sq8"])
-    for text, message in (("colour=red", "no column 'colour' in this index's id maps (it can filter on: "
-                                          "product_id, category, in_stock, family)"),
+    for text, message in (("colour=red", "'colour' is not a filter column of this version (it filters on: "
+                                          "category, in_stock, family)"),
+                          ("product_id=p000001", "'product_id' is not a filter column"),
                            ("family=x", "'family=x': family holds integers, not 'x'"),
                            ("category=1..3", "ranges need an integer column; category holds strings"),
                            ("in_stock=maybe", "in_stock holds true/false, not 'maybe'"),
@@ -167,11 +171,12 @@ def test_the_mask_is_the_and_of_its_clauses_and_nulls_never_match(rows, s, lo, h
             "b": f"b={'true' if flag else 'false'}"}
     checks = {"s": lambda r: r["s"] in s, "b": lambda r: r["b"] is flag,
               "i": lambda r: r["i"] is not None and (lo is None or r["i"] >= lo) and (hi is None or r["i"] <= hi)}
-    got = filters.mask(table, filters.parse(",".join(text[c] for c in use)))
+    got = filters.mask(table, filters.parse(",".join(text[c] for c in use)), ("s", "i", "b"))
     assert got.tolist() == [all(checks[c](r) for c in use) for r in rows]
     # the same on dictionary-encoded strings
     encoded = table.set_column(0, "s", table.column("s").dictionary_encode())
-    assert filters.mask(encoded, filters.parse(",".join(text[c] for c in use))).tolist() == got.tolist()
+    assert filters.mask(encoded, filters.parse(",".join(text[c] for c in use)), ("s", "i", "b")).tolist() \
+        == got.tolist()
 
 
 def _with_delta(root: str, x: np.ndarray, replaced: np.ndarray, seed: int) -> tuple[str, np.ndarray]:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
-from mimdex.infra.contracts import duplicates
+from mimdex.infra.contracts import attributes, duplicates
 from mimdex.infra.contracts.files import column_bytes
 from mimdex.infra.contracts.photos import LIST_COLUMNS
 from mimdex.infra.errors import DataError
@@ -145,12 +145,15 @@ def read_columns(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Tabl
     return table, cols
 
 
-def read_unit(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Table, Columns, int]:
-    """read_columns, and the stored bytes of what was read (a job's report), from the
-    footer the read used."""
+def read_unit(uri: str, row_groups: list[int] | None = None,
+              filter_columns: tuple[str, ...] = ()) -> tuple[pa.Table, Columns, int]:
+    """read_columns (and the index's filter columns, exit 65 naming the file where one is
+    missing or not a string, integer or bool), and the stored bytes of what was read (a
+    job's report), from the footer the read used."""
     with open_file(uri) as pf:
         cols = check_schema(uri, pf.schema_arrow)
-        names = ["product_id", "title", cols.image]
+        attributes.check(f"catalog {uri}", pf.schema_arrow, filter_columns)
+        names = ["product_id", "title", cols.image] + list(filter_columns)
         if cols.image == "image_uri":
             names += [c for c in FINGERPRINT_COLUMNS if c in pf.schema_arrow.names]
         groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
@@ -273,37 +276,49 @@ def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) ->
 
 def write_subset(catalog: str, wanted: pa.Array, out: str) -> int:
     """The first catalog row of each wanted product_id, as one Parquet file at ``out``
-    (relative image_uris made absolute so they resolve from there). Returns its rows.
-    The catalog is streamed a row group at a time: memory follows the wanted set, not
-    the catalog."""
+    (relative image_uris made absolute so they resolve from there). Returns its rows."""
+    return write_subsets(catalog, [(wanted, out)])[0]
+
+
+def write_subsets(catalog: str, subsets: list[tuple[pa.Array, str]]) -> list[int]:
+    """write_subset for several (wanted product_ids, out) at once, in one pass over the
+    catalog. The catalog is streamed a row group at a time: memory follows the wanted
+    sets, not the catalog. Returns each file's rows."""
     files, root = catalog_files(catalog)
-    wanted = pa.array(wanted, pa.string()) if not isinstance(wanted, (pa.Array, pa.ChunkedArray)) else wanted
-    seen: set[str] = set()
-    with storage.open_write(out) as f:
-        writer, rows = None, 0
+    targets = [(pa.array(w, pa.string()) if not isinstance(w, (pa.Array, pa.ChunkedArray)) else w, out)
+               for w, out in subsets]
+    seen: list[set[str]] = [set() for _ in targets]
+    writers: list[pq.ParquetWriter | None] = [None] * len(targets)
+    rows = [0] * len(targets)
+    with contextlib.ExitStack() as stack:
+        sinks = [stack.enter_context(storage.open_write(out)) for _, out in targets]
         for uri in files:
             with open_file(uri) as pf:
                 cols = check_schema(uri, pf.schema_arrow)
                 for rg in range(pf.metadata.num_row_groups):
-                    t = pf.read_row_group(rg)
-                    t = t.filter(pc.fill_null(pc.is_in(t["product_id"], wanted), False))
-                    first = {p: i for p, i in first_rows(t.column("product_id").to_pylist()).items() if p not in seen}
-                    if not first:
-                        continue
-                    t = _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root)
-                    seen |= set(first)
-                    if writer is None:
-                        writer = pq.ParquetWriter(f, t.schema, compression="zstd")
-                    try:
-                        t = t.cast(writer.schema)
-                    except (pa.ArrowInvalid, ValueError) as exc:
-                        raise DataError(f"catalog {uri}: its columns differ from the catalog's first file's: {exc}") \
-                            from exc
-                    writer.write_table(t, row_group_size=2048)
-                    rows += t.num_rows
-        if writer is None:
-            raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids to encode is in it any more")
-        writer.close()
+                    table = pf.read_row_group(rg)
+                    for k, (wanted, _) in enumerate(targets):
+                        t = table.filter(pc.fill_null(pc.is_in(table["product_id"], wanted), False))
+                        first = {p: i for p, i in first_rows(t.column("product_id").to_pylist()).items()
+                                 if p not in seen[k]}
+                        if not first:
+                            continue
+                        t = _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root)
+                        seen[k] |= set(first)
+                        if writers[k] is None:
+                            writers[k] = pq.ParquetWriter(sinks[k], t.schema, compression="zstd")
+                        try:
+                            t = t.cast(writers[k].schema)
+                        except (pa.ArrowInvalid, ValueError) as exc:
+                            raise DataError(f"catalog {uri}: its columns differ from the catalog's first file's: "
+                                            f"{exc}") from exc
+                        writers[k].write_table(t, row_group_size=2048)
+                        rows[k] += t.num_rows
+        for (wanted, _), writer in zip(targets, writers):
+            if writer is None:
+                raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids wanted from it "
+                                "is in it any more")
+            writer.close()
     return rows
 
 

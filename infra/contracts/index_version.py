@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
-from mimdex.infra.contracts.files import FileRef, consume_checked, read_checked, table_from_bytes
+from mimdex.infra.contracts.files import FileRef, column_bytes, consume_checked, read_checked, table_from_bytes
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError
 
@@ -286,6 +286,25 @@ def read_shard(version_dir: str, entry: ShardEntry) -> tuple[bytes, pa.Table]:
 def _read_idmap(version_dir: str, entry: ShardEntry) -> pa.Table:
     ids_uri = storage.join(version_dir, entry.ids.file)
     return table_from_bytes(read_checked(version_dir, entry.ids, "index id map", RECORDED_IN), ids_uri, "index id map")
+
+
+def idmap_columns(version_dir: str, entry: ShardEntry, columns: list[str]) -> tuple[pa.Table, int]:
+    """Some columns of a shard's (or delta segment's) id map, those of them it has,
+    reading only their chunks, and the stored bytes read. The whole-file sha256 needs the
+    whole file: its size is checked (exit 65, named)."""
+    uri = storage.join(version_dir, entry.ids.file)
+    with storage.open_read(uri) as f:
+        try:
+            if entry.ids.bytes and f.size != entry.ids.bytes:
+                raise DataError(f"index id map {uri}: {f.size} bytes, {RECORDED_IN} says {entry.ids.bytes}; "
+                                "refusing a replaced or truncated file")
+            pf = pq.ParquetFile(f)
+            names = [c for c in columns if c in pf.schema_arrow.names]
+            table = pf.read(columns=names)
+            stored = column_bytes(pf.metadata, range(pf.metadata.num_row_groups), names)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"index id map {uri}: not a readable Parquet file: {exc}") from exc
+    return table, stored
 
 
 def load_shard(version_dir: str, entry: ShardEntry, load: Callable[[Callable[[int], bytes]], T]) -> tuple[T, pa.Table]:

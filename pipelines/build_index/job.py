@@ -19,6 +19,7 @@ from mimdex.indexing.params import choose
 from mimdex.indexing.train import train_index
 from mimdex.indexing.trial import choose_codes
 from mimdex.infra import storage
+from mimdex.infra.contracts import attributes
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
@@ -50,6 +51,7 @@ class BuildConfig:
     train_size: int | None = None
     seed: int = 0
     metadata: bool = True
+    filter_columns: tuple[str, ...] = ()  # contracts.attributes: recorded in params, what --filter may name
     photos: str = DEFAULT_MODE            # a multi-photo catalog: every photo, the main one, or pooled
     manifest_name: str = "manifest.json"  # refresh builds from a composite manifest beside it
     stall_timeout: float = 900.0          # exit 75 when the Beam job writes nothing for this long
@@ -69,6 +71,22 @@ def _check(cfg: BuildConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
+
+
+def check_filter_columns(cfg: BuildConfig, manifest: emb.EmbeddingsManifest) -> None:
+    """Every part's catalog source holds the filter columns, as strings, integers or bools
+    (exit 65 naming the file); a flag they cannot serve is exit 2."""
+    if not cfg.filter_columns:
+        return
+    if not cfg.metadata:
+        raise UsageError("--filter-columns needs the catalog's columns in the id maps (drop --no-metadata)")
+    bare = [e.name for e in manifest.parts if not e.source and e.part.rows]
+    if bare:
+        raise UsageError(f"--filter-columns: embeddings part {bare[0]} of {cfg.embeddings} records no catalog "
+                         "source, so its id-map rows have no columns to filter on")
+    for uri in sorted({e.source for e in manifest.parts if e.source}):
+        attributes.check(f"catalog {uri}", parquet_metadata(uri, "catalog").schema.to_arrow_schema(),
+                         cfg.filter_columns)
 
 
 def validate_parts(root: str, manifest: emb.EmbeddingsManifest) -> bool:
@@ -141,6 +159,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     with timer.stage("validate"):
         manifest = emb.read_manifest(cfg.embeddings, cfg.manifest_name)
         photos = cfg.photos if validate_parts(cfg.embeddings, manifest) else None
+        check_filter_columns(cfg, manifest)
         pointer, token = iv.read_latest(cfg.out)  # we publish only over what we started from
         alpha = fuse_alpha(manifest) if cfg.vector == "fused" else 0.5
         n, d = manifest.encoded, manifest.model.d
@@ -189,7 +208,9 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
             if not local and storage.exists(partials):  # local ones go in the finally below
                 storage.delete(partials, recursive=True)
         draft = release.VersionDraft(out=cfg.out, version=version, parent=pointer.version if pointer else None,
-                                     token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors"},
+                                     token=token, params={**params.to_dict(), "d": d, "metric": "L2 on unit vectors",
+                                             **({attributes.PARAM: list(cfg.filter_columns)}
+                                                if cfg.filter_columns else {})},
                                      trained=trained, training=train_info, shards=shard_records, counts=counts)
         released = release.finish_version(draft, src, cfg.gate, sets, timer, truth=truth)
         released.report["beam_args"] = beam_args

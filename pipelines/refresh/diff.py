@@ -5,12 +5,17 @@ the content hash of inline bytes, or the fingerprint of an image behind a URI, w
 title and model), or ``reject:<reason>`` when the row itself breaks a rule. The
 embeddings remember the state of every product they encoded and of every product encode
 rejected (contracts.embeddings.previous_states), so an unchanged bad row stays rejected.
+Where the index has filter columns, the catalog side also has an ``attrs`` digest of their
+values (contracts.attributes), and a third side reads the same digest from the previous
+index version's id maps (what search filters on today: a product's row in the newest id
+map that holds it). An encoded product whose state held but whose digest moved is
+*retagged* (its vectors are copied, not re-encoded, under its new catalog row).
 
 The diff is a Beam job (diff_graph.py): both sides are cut into buckets by a hash of the
 product_id, and each bucket is joined on its own with pyarrow (``classify``, pure). Its
 output, under ``<embeddings>/diffs/<id>/``, is the delta and nothing else:
 
-    bucket-00007.parquet   product_id, change, part, state   (sorted by product_id)
+    bucket-00007.parquet   product_id, change, part, state, attrs   (sorted by product_id)
     bucket-00007.json      the bucket's counts
 
 so no process ever holds more than a bucket, and the refresh reads only the changes.
@@ -30,14 +35,19 @@ from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.vectors import ids_for
 
 NEW, CHANGED, REJUDGED, DELETED, FORGOTTEN = "new", "changed", "rejudged", "deleted", "forgotten"
-CHANGES = (NEW, CHANGED, REJUDGED, DELETED, FORGOTTEN)
+RETAGGED = "retagged"   # same state, filter columns changed: vectors copied, id-map row replaced
+CHANGES = (NEW, CHANGED, REJUDGED, DELETED, FORGOTTEN, RETAGGED)
 TO_ENCODE = (NEW, CHANGED, REJUDGED)
-SUPERSEDED = (CHANGED, REJUDGED, DELETED, FORGOTTEN)   # their earlier part or reject row no longer stands
-REMOVED_FROM_INDEX = (CHANGED, DELETED)
+SUPERSEDED = (CHANGED, REJUDGED, DELETED, FORGOTTEN, RETAGGED)   # their earlier part or reject row no longer stands
+REMOVED_FROM_INDEX = (CHANGED, DELETED, RETAGGED)               # their earlier vectors leave the index
+ATTRS = pa.field("attrs", pa.int64())   # contracts.attributes.digest; null where the index has no filter columns
 OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()),
-                        ("state", pa.string())])
+                        ("state", pa.string()), ATTRS])
 ROWS_PER_BUCKET = 250_000   # what one join holds: ~60 MB of ids and states, whatever the catalog size
 WORK_DIR = "_work"          # each side's sorted runs, deleted when the diff is done
+
+
+SHOWN_SCHEMA = pa.schema([("product_id", pa.string()), ATTRS, ("seq", pa.int32())])  # seq: base 0, then deltas
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class DiffSpec:
     buckets: int
     forced: tuple[str, ...] = ()      # a backfill: exactly these products, whatever their state
     fetch_threads: int = 16
+    filter_columns: tuple[str, ...] = ()   # the index's (contracts.attributes): compared as ``attrs``
 
 
 def bucket_count(catalog_rows: int, previous_rows: int) -> int:
@@ -65,36 +76,53 @@ def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:
 
 
 def first_occurrences(cat: pa.Table) -> tuple[pa.Table, int]:
-    """(product_id, state) of each product's first row in catalog order (``order``), and
-    how many later rows repeat a product_id (rejected as duplicate_product_id)."""
+    """(product_id, state, attrs) of each product's first row in catalog order (``order``),
+    and how many later rows repeat a product_id (rejected as duplicate_product_id)."""
     if not cat.num_rows:
-        return cat.select(["product_id", "state"]), 0
+        return cat.select(["product_id", "state", "attrs"]), 0
     cat = cat.sort_by([("product_id", "ascending"), ("order", "ascending")])
     ids = cat["product_id"].combine_chunks()
     first = np.ones(len(ids), bool)
     first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    return cat.filter(pa.array(first)).select(["product_id", "state"]), int((~first).sum())
+    return cat.filter(pa.array(first)).select(["product_id", "state", "attrs"]), int((~first).sum())
+
+
+def shown_attrs(prev: pa.Table, shown: pa.Table) -> pa.Table:
+    """PREVIOUS_SCHEMA rows with each product's attrs as the index shows them (SHOWN_SCHEMA
+    rows: the newest id map holding the product wins); null for a product it does not hold."""
+    if not shown.num_rows:
+        return prev.append_column(ATTRS, pa.nulls(prev.num_rows, pa.int64()))
+    shown = shown.sort_by([("product_id", "ascending"), ("seq", "descending")])
+    ids = shown["product_id"].combine_chunks()
+    first = np.ones(len(ids), bool)
+    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    latest = shown.filter(pa.array(first)).select(["product_id", "attrs"])
+    return prev.join(latest, "product_id", join_type="left outer").select([*prev.column_names, "attrs"])
 
 
 def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> tuple[pa.Table, dict]:
-    """One bucket's join: catalog (product_id, state), one row per product, against the
-    embeddings' PREVIOUS_SCHEMA rows -> (OUT_SCHEMA rows of the changes, counts).
+    """One bucket's join: catalog (product_id, state, attrs), one row per product, against
+    the embeddings' PREVIOUS_SCHEMA rows with the attrs the index shows (shown_attrs) ->
+    (OUT_SCHEMA rows of the changes, counts).
 
     A backfill (``forced``) re-encodes exactly the forced products found in the catalog
     (new, changed or rejudged by what the embeddings say of them) and nothing else."""
-    prev = prev.rename_columns(["product_id", "prev_state", "encoded", "part"])
+    prev = prev.rename_columns(["product_id", "prev_state", "encoded", "part", "prev_attrs"])
     j = cat.join(prev, "product_id", join_type="full outer").sort_by("product_id")
     state, prev_state = j["state"], j["prev_state"]
     in_cat = pc.is_valid(state).to_numpy(zero_copy_only=False)
     in_prev = pc.is_valid(prev_state).to_numpy(zero_copy_only=False)
     encoded = pc.fill_null(j["encoded"], False).to_numpy(zero_copy_only=False)
     same = pc.fill_null(pc.equal(state, prev_state), False).to_numpy(zero_copy_only=False)
+    # both known and different (a product the index does not hold, a skipped vector, has no shown attrs)
+    moved = pc.fill_null(pc.not_equal(j["attrs"], j["prev_attrs"]), False).to_numpy(zero_copy_only=False)
     change = np.full(j.num_rows, "", dtype=object)
     if forced is None:
         change[in_cat & ~in_prev] = NEW
         change[in_cat & in_prev & ~same] = np.where(encoded, CHANGED, REJUDGED)[in_cat & in_prev & ~same]
         change[~in_cat & in_prev] = np.where(encoded, DELETED, FORGOTTEN)[~in_cat & in_prev]
-        counts = {"unchanged": int((in_cat & same & encoded).sum()),
+        change[in_cat & same & encoded & moved] = RETAGGED
+        counts = {"unchanged": int((in_cat & same & encoded & ~moved).sum()),
                   "still_rejected": int((in_cat & same & ~encoded).sum())}
     else:
         pick = in_cat & pc.is_in(j["product_id"], pa.array(sorted(forced), pa.string())).to_numpy(
@@ -105,7 +133,7 @@ def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> t
     for name in CHANGES:
         counts[name] = int((change == name).sum())
     keep = pa.array(change != "")
-    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state],
+    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state, j["attrs"]],
                    schema=OUT_SCHEMA).filter(keep)
     return out, counts
 
@@ -137,19 +165,20 @@ class Diff:
 
     def summary(self) -> dict:
         """The report's view: new, changed, rejudged, deleted, forgotten_rejects, unchanged, ..."""
-        out = {c: self.counts.get(c, 0) for c in (NEW, CHANGED, REJUDGED, DELETED)}
+        out = {c: self.counts.get(c, 0) for c in (NEW, CHANGED, REJUDGED, DELETED, RETAGGED)}
         out["forgotten_rejects"] = self.counts.get(FORGOTTEN, 0)
         for name in ("unchanged", "still_rejected", "row_only_rejects"):
             out[name] = self.counts.get(name, 0)
         return out
 
-    def digest(self, model_sha: str) -> str:
-        """A hash of what is to be encoded (product and state), bucket by bucket: the name
+    def digest(self, salt: str) -> str:
+        """A hash of ``salt`` (the model's sha256, and the filter columns) and what is to be
+        encoded or retagged (product, state and filter values), bucket by bucket: the name
         of the refresh run, so a re-run of the same change resumes the same run."""
-        h = hashlib.sha256(model_sha.encode())
+        h = hashlib.sha256(salt.encode())
         for uri in storage.list_files(self.out, ".parquet"):
-            t = storage.parquet_dataset(uri).to_table(columns=["product_id", "state"],
-                                                      filter=pc.field("change").isin(list(TO_ENCODE)))
-            for pid, st in zip(t["product_id"].to_pylist(), t["state"].to_pylist()):
-                h.update(f"{pid}\t{st}\n".encode())
+            t = storage.parquet_dataset(uri, schema=OUT_SCHEMA).to_table(
+                columns=["product_id", "state", "attrs"], filter=pc.field("change").isin([*TO_ENCODE, RETAGGED]))
+            for pid, st, at in zip(*(t[c].to_pylist() for c in ("product_id", "state", "attrs"))):
+                h.update((f"{pid}\t{st}\n" if at is None else f"{pid}\t{st}\t{at}\n").encode())
         return h.hexdigest()[:12]

@@ -21,20 +21,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
-from mimdex.infra.contracts import catalog, fingerprint
+from mimdex.infra.contracts import attributes, catalog, fingerprint
 from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import column_bytes, parquet_metadata
 from mimdex.infra.errors import DataError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.refresh.diff import (CHANGES, WORK_DIR, Diff, DiffSpec, bucket_count, bucket_of, classify,
-                                           first_occurrences)
+from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, SHOWN_SCHEMA, WORK_DIR, Diff, DiffSpec, bucket_count,
+                                           bucket_of, classify, first_occurrences, shown_attrs)
 
 _level = logging.root.manager.disable
 logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
 import apache_beam as beam  # noqa: E402
 logging.disable(_level)
 
-CAT_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("order", pa.int64())])
+CAT_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("order", pa.int64()), ATTRS])
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class CatalogStates(beam.DoFn):
 
     def process(self, unit: CatalogUnit):
         spec = self.spec
-        table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups))
+        table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups), spec.filter_columns)
         fp_col = fingerprint.column_of(table.column_names) if cols.image == "image_uri" else None
         ids = table.column("product_id").to_pylist()
         titles = catalog.titles_as_bytes(table)
@@ -93,8 +94,9 @@ class CatalogStates(beam.DoFn):
                                         [images[i] for i in rows], [given[i] for i in rows], cols, fp_col,
                                         spec.catalog_root, spec.model_sha256, spec.fetch_threads, helper)
         order = (np.int64(unit.file_index) << 40) + unit.first_row + np.asarray(rows, np.int64)
+        attrs = attributes.digest(table.take(pa.array(rows, pa.int64())), spec.filter_columns)
         out = pa.table([pa.array([ids[i] for i in rows], pa.string()), pa.array(states, pa.string()),
-                        pa.array(order, pa.int64())], schema=CAT_SCHEMA)
+                        pa.array(order, pa.int64()), attrs], schema=CAT_SCHEMA)
         refs = _write_run(spec, f"{unit.index:06d}", "cat", out)
         _record(spec, f"cat-{unit.index:06d}", {"rows": len(ids), "empty_product_id": len(ids) - len(rows),
                                                 "read_bytes": read, "image_read_bytes": helper.get("read_bytes", 0),
@@ -117,6 +119,34 @@ class PreviousStates(beam.DoFn):
         yield from refs
 
 
+@dataclass(frozen=True)
+class IdMap:
+    """One id map of the previous index version: a base shard's (seq 0) or a delta
+    segment's (seq 1, 2, ... in the manifest's order)."""
+
+    version_dir: str
+    entry: iv.ShardEntry
+    seq: int
+
+
+class ShownAttrs(beam.DoFn):
+    """One id map -> the attrs of each product it holds (product_id and the filter
+    columns only): what a filter sees today."""
+
+    def __init__(self, spec: DiffSpec):
+        self.spec = spec
+
+    def process(self, ref: IdMap):
+        spec = self.spec
+        table, read = iv.idmap_columns(ref.version_dir, ref.entry, ["product_id", *spec.filter_columns])
+        out = pa.table([table.column("product_id"), attributes.digest(table, spec.filter_columns),
+                        pa.array(np.full(table.num_rows, ref.seq, np.int32))], schema=SHOWN_SCHEMA)
+        name = f"{ref.seq:05d}-{ref.entry.name}"
+        refs = _write_run(spec, name, "shown", out)
+        _record(spec, f"shown-{name}", {"rows": table.num_rows, "read_bytes": read})
+        yield from refs
+
+
 class JoinBucket(beam.DoFn):
     def __init__(self, spec: DiffSpec):
         self.spec = spec
@@ -124,7 +154,7 @@ class JoinBucket(beam.DoFn):
     def process(self, element):
         bucket, refs = element
         spec, read = self.spec, 0
-        sides: dict[str, list[pa.Table]] = {"cat": [], "prev": []}
+        sides: dict[str, list[pa.Table]] = {"cat": [], "prev": [], "shown": []}
         for ref in sorted(refs, key=lambda r: (r.side, r.uri, r.row_group)):
             with storage.open_read(ref.uri) as f:
                 pf = pq.ParquetFile(f)
@@ -132,6 +162,7 @@ class JoinBucket(beam.DoFn):
                 read += column_bytes(pf.metadata, [ref.row_group], pf.schema_arrow.names)
         cat = pa.concat_tables(sides["cat"]) if sides["cat"] else CAT_SCHEMA.empty_table()
         prev = pa.concat_tables(sides["prev"]) if sides["prev"] else emb.PREVIOUS_SCHEMA.empty_table()
+        prev = shown_attrs(prev, pa.concat_tables(sides["shown"]) if sides["shown"] else SHOWN_SCHEMA.empty_table())
         cat, duplicates = first_occurrences(cat)
         forced = None
         if spec.forced:
@@ -151,12 +182,16 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit], parts: list[emb.PartEntry]) -> None:
+def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit], parts: list[emb.PartEntry],
+                   idmaps: list[IdMap] = ()) -> None:
     cat = p | "CatalogUnits" >> beam.Create(units, reshuffle=True) | "CatalogStates" >> beam.ParDo(CatalogStates(spec))
     sides = [cat]
     if parts:
         sides.append(p | "Parts" >> beam.Create(parts, reshuffle=True) | "PreviousStates" >> beam.ParDo(
             PreviousStates(spec)))
+    if idmaps:
+        sides.append(p | "IdMaps" >> beam.Create(list(idmaps), reshuffle=True) | "ShownAttrs" >> beam.ParDo(
+            ShownAttrs(spec)))
     (sides | "Runs" >> beam.Flatten()
      | "GroupByBucket" >> beam.GroupByKey()
      | "JoinBucket" >> beam.ParDo(JoinBucket(spec)))
@@ -191,17 +226,27 @@ def catalog_units(catalog_uri: str) -> tuple[list[CatalogUnit], str, int]:
 
 def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb.EmbeddingsManifest | None,
              out: str, forced: tuple[str, ...] = (), beam_args: list[str] | None = None,
-             stall_timeout: float = 900.0, buckets: int | None = None) -> tuple[Diff, dict]:
+             stall_timeout: float = 900.0, buckets: int | None = None,
+             filter_columns: tuple[str, ...] = (), index: tuple[str, iv.IndexManifest] | None = None
+             ) -> tuple[Diff, dict]:
     """Run the diff into ``out``; (its result, what it read: rows, bytes, HEADs, buckets).
-    ``buckets`` overrides the count bucket_count chooses (tests: many small buckets)."""
+    ``buckets`` overrides the count bucket_count chooses (tests: many small buckets);
+    ``filter_columns`` and ``index`` (its root and the version the embeddings are in): the
+    attrs compared, catalog against that version's id maps (retagged products)."""
     units, root, rows = catalog_units(catalog_uri)
     parts = list(previous.parts) if previous else []
+    idmaps = []
+    if filter_columns and index is not None and previous is not None:
+        vdir = iv.version_uri(index[0], index[1].version)
+        idmaps = ([IdMap(vdir, s, 0) for s in index[1].shards]
+                  + [IdMap(vdir, s, i + 1) for i, seg in enumerate(index[1].deltas) for s in seg.shards])
     prev_rows = (previous.counts.get("encoded", 0) + previous.counts.get("rejected", 0)) if previous else 0
     spec = DiffSpec(root, model_sha256, embeddings, previous.model if previous else None,
-                    previous.dtype if previous else "float16", out, buckets or bucket_count(rows, prev_rows), tuple(forced))
+                    previous.dtype if previous else "float16", out, buckets or bucket_count(rows, prev_rows), tuple(forced),
+                    filter_columns=tuple(filter_columns))
     work = storage.join(out, WORK_DIR)
-    beam_runner.run(lambda p: build_pipeline(p, spec, units, parts), list(beam_args or []), work,
-                    len(units) + len(parts), stall_timeout, f"the diff in {out} is incomplete; re-run the refresh")
+    beam_runner.run(lambda p: build_pipeline(p, spec, units, parts, idmaps), list(beam_args or []), work,
+                    len(units) + len(parts) + len(idmaps), stall_timeout, f"the diff in {out} is incomplete; re-run the refresh")
     records = {u.rsplit("/", 1)[-1]: storage.read_json(u) for u in storage.list_files(work, ".json")}
     buckets = [storage.read_json(u) for u in storage.list_files(out, ".json")]
     counts = {k: sum(b.get(k, 0) for b in buckets) for k in (*CHANGES, "unchanged", "still_rejected")}
@@ -214,7 +259,8 @@ def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb
             "image_lists": sum(r["lists"] for r in cat),
             "embeddings_rows": sum(r["rows"] for name, r in records.items() if name.startswith("prev-")),
             "embeddings_bytes": sum(r["read_bytes"] for name, r in records.items() if name.startswith("prev-")),
+            "idmap_bytes": sum(r["read_bytes"] for name, r in records.items() if name.startswith("shown-")),
             "bucket_bytes": sum(b["read_bytes"] for b in buckets),
-            "buckets": spec.buckets, "units": len(units), "parts": len(parts)}
+            "buckets": spec.buckets, "units": len(units), "parts": len(parts), "idmaps": len(idmaps)}
     storage.delete(work, recursive=True)
     return Diff(out, counts), read

@@ -1,6 +1,6 @@
 """The refresh / backfill driver (docs/cli.md, "refresh").
 
-    lock -> diff -> delta encode (Ray) -> composite embeddings manifest
+    lock -> diff -> delta encode (Ray), retagged products' vectors copied -> composite embeddings manifest
          -> next index version (incremental, or a full build when drift says retrain)
          -> LATEST (conditional) -> current embeddings manifest -> retention -> unlock
 
@@ -22,13 +22,14 @@ from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
-from mimdex.infra.contracts.catalog import write_subset
+from mimdex.infra.contracts import attributes
+from mimdex.infra.contracts.catalog import write_subsets
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError, TransientError, UsageError
 from mimdex.infra.lock import Lease
 from mimdex.pipelines import build_index, compact, encode
 from mimdex.pipelines.refresh import diff as diffs
-from mimdex.pipelines.refresh import update
+from mimdex.pipelines.refresh import retag, update
 from mimdex.pipelines.report import StageTimer
 
 
@@ -42,6 +43,7 @@ class RefreshConfig:
     shards: int = 4                  # for a first build; later versions keep the previous count
     vector: str = "image"
     photos: str = "every"            # for a first build of a multi-photo catalog; later versions keep theirs
+    filter_columns: tuple[str, ...] | None = None   # None: the index's (contracts.attributes)
     max_drift: float = 1.25          # retrain when new vectors' coarse MSE > this x the training MSE
     max_change: float = 0.25         # ... or when this share of the catalog was added/changed/deleted
     max_recall_drop: float = 0.05    # ... or when new vectors find themselves this much less often than old ones
@@ -72,9 +74,9 @@ def _read_ids(uri: str) -> list[str]:
 
 
 def _composite(prev: emb.EmbeddingsManifest | None, d: diffs.Diff | None, delta: emb.EmbeddingsManifest,
-               run: str) -> emb.EmbeddingsManifest:
+               run: str, retagged: list[emb.PartEntry]) -> emb.EmbeddingsManifest:
     """The next embeddings manifest: previous parts (minus the products the diff
-    superseded, by exclusion) + delta parts."""
+    superseded, by exclusion) + delta parts + retag parts (the same products' rows)."""
     by_part: dict[str, list[str]] = {}
     if prev is not None and d is not None:
         gone = d.table(diffs.SUPERSEDED, ("product_id", "part"))
@@ -82,8 +84,8 @@ def _composite(prev: emb.EmbeddingsManifest | None, d: diffs.Diff | None, delta:
             by_part.setdefault(part, []).append(pid)
     parts = [replace(e, exclude=tuple(sorted(set(e.exclude) | set(by_part[e.name])))) if e.name in by_part else e
              for e in (prev.parts if prev else ())]
-    parts += [e.moved(f"{run}-{e.name}", f"runs/{run}") for e in delta.parts]
-    removed = d.n(*diffs.REMOVED_FROM_INDEX) if d is not None else 0
+    parts += [e.moved(f"{run}-{e.name}", f"runs/{run}") for e in (*delta.parts, *retagged)]
+    removed = d.n(diffs.CHANGED, diffs.DELETED) if d is not None else 0  # a retag removes and adds back
     encoded = (prev.encoded - removed if prev else 0) + delta.encoded
     return emb.build_manifest(parts, delta.model, delta.dtype, delta.catalog, delta.unit_rows, encoded, run)
 
@@ -100,6 +102,9 @@ def run(cfg: RefreshConfig) -> dict:
             prev_emb = emb.read_manifest(cfg.embeddings) if emb.has_manifest(cfg.embeddings) else None
             pointer, token = iv.read_latest(cfg.index)
             prev_index = iv.read_manifest(cfg.index, pointer.version) if pointer else None
+            columns = (cfg.filter_columns if cfg.filter_columns is not None
+                       else tuple(prev_index.params.get(attributes.PARAM, ())) if prev_index else ())
+            cfg = replace(cfg, filter_columns=columns)
             full_reason = None
             if prev_emb is None or prev_index is None:
                 full_reason = "first run: no current embeddings or index"
@@ -117,7 +122,8 @@ def run(cfg: RefreshConfig) -> dict:
                 diff_dir = storage.join(cfg.embeddings, "diffs", iv.new_version())
                 d, report["read"] = diff_graph.run_diff(cfg.catalog, model_sha, cfg.embeddings,
                                                         None if full_reason else prev_emb, diff_dir, forced,
-                                                        list(cfg.beam_args), cfg.stall_timeout)
+                                                        list(cfg.beam_args), cfg.stall_timeout,
+                                                        filter_columns=columns, index=(cfg.index, prev_index))
                 to_encode = d.ids(*diffs.TO_ENCODE)
                 if forced:
                     found = set(to_encode.to_pylist())
@@ -127,22 +133,29 @@ def run(cfg: RefreshConfig) -> dict:
                                         f"product of {cfg.catalog}")
         # a full run diffs nothing: it encodes the whole catalog
         report["diff"] = d.summary() if d is not None else {"full": full_reason}
-        if not full_reason and d.empty:
+        new_columns = prev_index is not None and list(columns) != prev_index.params.get(attributes.PARAM, [])
+        if not full_reason and d.empty and not new_columns:  # a new set of filter columns is a new version
             _forget_diffs(cfg.embeddings)
             report.update(nothing_to_do=True, decision="no change: nothing encoded, no new version",
                           seconds=timer.seconds, io=_io(io0, None, None),
                           storage_retries={"driver": storage.retry_count() - retries})
             return report
         run_id = "r-" + (hashlib.sha256(f"full {model_sha}".encode()).hexdigest()[:12] if d is None
-                         else d.digest(model_sha))
+                         else d.digest(model_sha + "".join(f",{c}" for c in columns)))
         run_dir = storage.join(cfg.embeddings, "runs", run_id)
         with timer.stage("encode"):
             if d is None:
                 source = cfg.catalog
             else:
                 source = storage.join(run_dir, "input", "catalog.parquet")
-                if d.n(*diffs.TO_ENCODE) and not storage.exists(source):  # a resumed run keeps its input
-                    write_subset(cfg.catalog, to_encode, source)
+                subsets = []  # a resumed run keeps its input
+                if d.n(*diffs.TO_ENCODE) and not storage.exists(source):
+                    subsets.append((to_encode, source))
+                if d.n(diffs.RETAGGED) and not storage.exists(storage.join(run_dir, retag.ROWS)) \
+                        and not storage.exists(storage.join(run_dir, retag.DONE)):
+                    subsets.append((d.ids(diffs.RETAGGED), storage.join(run_dir, retag.ROWS)))
+                if subsets:  # one pass over the catalog for both
+                    write_subsets(cfg.catalog, subsets)
             reuse = None
             if d is not None and d.n(diffs.CHANGED) and not full_reason and not cfg.ids_file:
                 reuse = _reuse_photos(cfg.embeddings, prev_emb, d, run_dir)
@@ -154,11 +167,19 @@ def run(cfg: RefreshConfig) -> dict:
                                if "photos" in enc.report.get("counts", {}) else {}),
                             "rows_encoded_by_this_attempt": enc.rows_read,
                             "storage_retries_of_workers": enc.report.get("storage_retries", {}).get("workers", 0)}
+        retagged = []
+        if d is not None and d.n(diffs.RETAGGED):
+            with timer.stage("retag"):
+                retagged = retag.write_parts(cfg.embeddings, prev_emb, d, run_dir)
+            report["retag"] = {"products": d.n(diffs.RETAGGED), "parts": len(retagged),
+                               "rows_copied": sum(e.part.rows or 0 for e in retagged),
+                               "bytes_written": sum(e.part.bytes + (e.rejects.bytes if e.rejects else 0)
+                                                    for e in retagged)}
         delta = emb.read_manifest(run_dir)
         if not full_reason:
             report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.ids(diffs.CHANGED).to_pylist()))
         base = None if full_reason else prev_emb
-        composite = _composite(base, d, delta, run_id)
+        composite = _composite(base, d, delta, run_id, retagged)
         manifest_name = f"manifests/{run_id}.json"
         emb.write_manifest(cfg.embeddings, composite, manifest_name)
         released = _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token, composite,
@@ -176,7 +197,7 @@ def run(cfg: RefreshConfig) -> dict:
             report["retention"] = versions.prune(cfg.index, cfg.keep, cfg.grace_hours)
     report.update(version=report.get("compaction", {}).get("version", released.version), published=True, evaluation=released.evaluation,
                   index_counts=released.counts, default_nprobe=released.default_nprobe, seconds=timer.seconds,
-                  io=_io(io0, delta, released.report),
+                  io=_io(io0, delta, released.report, report.get("retag")),
                   storage_retries={"driver": storage.retry_count() - retries,
                                    "workers": report["encode"]["storage_retries_of_workers"]})
     return report
@@ -200,12 +221,14 @@ def _delta_share(counts: dict) -> float:
     return counts.get("delta_vectors", 0) / max(counts.get("indexed", 0), 1)
 
 
-def _io(before: dict, delta: emb.EmbeddingsManifest | None, version: dict | None) -> dict:
+def _io(before: dict, delta: emb.EmbeddingsManifest | None, version: dict | None, retagged: dict | None = None) -> dict:
     """What the refresh read and wrote: this process's storage traffic (the diff, the update,
     the evaluation), and what the encode workers wrote (its parts)."""
     out = storage.io_since(before)
     if delta is not None:
         out["encode_written_bytes"] = sum(e.part.bytes + (e.rejects.bytes if e.rejects else 0) for e in delta.parts)
+    if retagged:
+        out["retag_written_bytes"] = retagged["bytes_written"]
     if version is not None:
         out["index_written_bytes"] = version.get("written_bytes")
         out["index_files_bytes"] = version.get("files_bytes")
@@ -265,7 +288,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     photos = (prev_index.photos if prev_index else None) or cfg.photos
     bcfg = build_index.BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=n_shards, vector=vector,
                                    recall_target=cfg.recall_target, min_recall=cfg.min_recall,
-                                   eval_queries=cfg.eval_queries, manifest_name=manifest_name, photos=photos)
+                                   eval_queries=cfg.eval_queries, manifest_name=manifest_name, photos=photos,
+                                   filter_columns=cfg.filter_columns)
     decision = full_reason
     if not decision:
         alpha = prev_index.fuse_alpha
@@ -295,7 +319,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     src = release.Source(cfg.embeddings, composite, vector, alpha, prev_index.photos)
     home = prev_index.version  # the previous version's files are referenced, not copied
     draft = release.VersionDraft(
-        out=cfg.index, version=version, parent=pointer.version, token=token, params=prev_index.params,
+        out=cfg.index, version=version, parent=pointer.version, token=token,
+        params=_with_filter_columns(prev_index.params, cfg.filter_columns),
         trained=trained, training=prev_index.training,
         shards=tuple(index_delta.rebase_shard(s, home) for s in prev_index.shards), counts={},
         deltas=tuple(index_delta.rebase_segment(g, home) for g in prev_index.deltas) + (segment,),
@@ -324,12 +349,18 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         with timer.stage("build"):
             return build_index.run(bcfg, list(cfg.beam_args))
     report["decision"] = ("incremental: previous quantizer reused; a delta segment adds the new vectors and "
-                          "deletes the changed and deleted products")
+                          "deletes the changed and deleted products"
+                          + (" (retagged ones: their vectors again, under new id-map rows)" if d.n(diffs.RETAGGED) else ""))
     draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
                                    "delta_segments": len(draft.deltas),
                                    "delta_vectors": sum(g.added for g in draft.deltas)})
     sets = release.query_sets(src, bcfg.gate, held, held_ids)
     return release.finish_version(draft, src, bcfg.gate, sets, timer, reader=draft_reader)
+
+
+def _with_filter_columns(params: dict, columns: tuple[str, ...]) -> dict:
+    out = {k: v for k, v in params.items() if k != attributes.PARAM}
+    return {**out, attributes.PARAM: list(columns)} if columns else out
 
 
 def check(cfg: RefreshConfig) -> None:

@@ -6,7 +6,7 @@ re-ranking against raw faiss's IndexRefine, and filtered search at three selecti
 The set: 341,479 unit vectors; 1,000 of them (seeded) are the queries and are left out
 of the index. Each indexed word gets a synthetic int attribute ``bucket`` (uniform 0-999,
 seeded), so ``bucket<500``, ``bucket<50`` and ``bucket<5`` select 50%, 5% and 0.5%.
-``mimdex build-index --shards 4`` with its defaults builds the index.
+``mimdex build-index --shards 4 --filter-columns bucket`` with its defaults builds the index.
 
   * re-ranking: ``IndexReader.search`` (unfiltered, default nprobe) against raw faiss:
     the version's own trained ``IndexRefine`` (same factory, quantizer and codebooks)
@@ -69,7 +69,7 @@ def build(work: str, x: np.ndarray, bucket: np.ndarray, shards: int) -> str:
                   (len(x) + 99_999) // 100_000, metadata=meta)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mimdex.pipelines.cli", "build-index", "--embeddings", emb,
-                           "--out", out, "--shards", str(shards)], check=True, capture_output=True, text=True)
+                           "--out", out, "--shards", str(shards), "--filter-columns", "bucket"], check=True, capture_output=True, text=True)
     with open(proc.stdout.strip().splitlines()[-1]) as f:
         report = json.load(f)
     at = next(r for r in report["evaluation"]["held_out"]["sweep"] if r["nprobe"] == report["default_nprobe"])

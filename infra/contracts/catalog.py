@@ -46,8 +46,10 @@ REJECT_SCHEMA = pa.schema([
 # A multi-photo catalog's rejects also say which photo (its position; null for the product)
 PHOTO_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("photo", pa.int32()))
 
-# Optional columns that say an image_uri's version without reading it (contracts.fingerprint)
+# Optional columns that say an image_uri's version without reading it (contracts.fingerprint),
+# and their per-photo lists for ``image_uris`` (a value per photo, in the same positions)
 FINGERPRINT_COLUMNS = ("image_sha256", "image_version")
+PHOTO_FINGERPRINT_COLUMNS = ("image_sha256s", "image_versions")
 
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary)
@@ -101,12 +103,18 @@ def check_schema(uri: str, schema: pa.Schema) -> Columns:
             if col in names:
                 need(col, _STRING, "string: the image's sha256 or version, a change fingerprint")
         return Columns("image_uri", title)
+    def need_list(col: str, item, expected: str) -> None:
+        t = schema.field(col).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not _is(t.value_type, item):
+            raise DataError(f"catalog {uri}: column '{col}' has type {t}; expected {expected}")
+
     for col, item, expected in (("images", _BINARY, "list<binary>: encoded photos, the main one first"),
                                 ("image_uris", _STRING, "list<string>: photo URIs, the main one first")):
         if col in names:
-            t = schema.field(col).type
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not _is(t.value_type, item):
-                raise DataError(f"catalog {uri}: column '{col}' has type {t}; expected {expected}")
+            need_list(col, item, expected)
+            for fp in (PHOTO_FINGERPRINT_COLUMNS if col == "image_uris" else ()):
+                if fp in names:
+                    need_list(fp, _STRING, "list<string>: each photo's sha256 or version, in image_uris' order")
             return Columns(col, title)
     raise DataError(f"catalog {uri}: missing required column 'image' (binary), 'image_uri' (string), "
                     "'images' (list<binary>) or 'image_uris' (list<string>)")
@@ -154,8 +162,8 @@ def read_unit(uri: str, row_groups: list[int] | None = None,
         cols = check_schema(uri, pf.schema_arrow)
         attributes.check(f"catalog {uri}", pf.schema_arrow, filter_columns)
         names = ["product_id", "title", cols.image] + list(filter_columns)
-        if cols.image == "image_uri":
-            names += [c for c in FINGERPRINT_COLUMNS if c in pf.schema_arrow.names]
+        fingerprints = {"image_uri": FINGERPRINT_COLUMNS, "image_uris": PHOTO_FINGERPRINT_COLUMNS}.get(cols.image, ())
+        names += [c for c in fingerprints if c in pf.schema_arrow.names]
         groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
         table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
         stored = column_bytes(pf.metadata, groups, names)
@@ -170,8 +178,15 @@ def resolve_uri(root: str, uri: str) -> str:
 def fetch_image(uri: str) -> bytes | Problem:
     """The bytes behind an image_uri, or the Problem that rejects its row. A transient
     storage failure raises instead: a retry may succeed, so it must not stick as a reject."""
+    return unreachable_or(lambda: storage.read_bytes(uri), uri)
+
+
+def unreachable_or(read, uri: str):
+    """``read()`` (a GET, a HEAD) of the object at ``uri``, or the Problem that makes its
+    row ``image_uri_unreachable``: the one mapping of storage errors to a reject, for the
+    encode's reads and the diff's fingerprints alike. A transient failure raises."""
     try:
-        return storage.read_bytes(uri)
+        return read()
     except storage.ObjectNotFound as exc:
         return Problem("image_uri_unreachable", redact(str(exc)))
     except storage.StorageFailure as exc:

@@ -7,9 +7,11 @@ embeddings were made from (docs/contracts.md, "Change fingerprints"):
   (catalog.content_hash): the bytes are in the catalog file anyway;
 - an ``image_uri`` / ``image_uris`` row: the hash of the image's *fingerprint*, title and
   model, where the fingerprint is the catalog's ``image_sha256`` or ``image_version``
-  column when it has one (and the row's value is not null), else what a HEAD or a
-  listing says of the object: ETag and size (size and mtime on a disk). No image byte is
-  read to know that an image did not change.
+  column when it has one (for ``image_uris``, the lists ``image_sha256s`` or
+  ``image_versions``: a value per photo, in the same positions) and the value is not
+  null, else what a HEAD or a listing says of the object: ETag and size (size and mtime
+  on a disk). No image byte is read to know that an image did not change, and no object
+  is HEADed or listed whose value the catalog gives.
 
 Encode records both the fingerprint state it encoded from (part column ``source_state``,
 and ``image_fingerprint``) and the exact ``content_hash`` of the bytes it read. An image
@@ -26,10 +28,22 @@ from mimdex.infra.contracts import catalog
 from mimdex.infra.contracts.photos import bounded, product_state
 from mimdex.infra.redact import redact
 
-def column_of(names) -> str | None:
-    """The fingerprint column a catalog provides (for ``image_uri`` rows), most exact
-    first (catalog.FINGERPRINT_COLUMNS), or None."""
-    return next((c for c in catalog.FINGERPRINT_COLUMNS if c in set(names)), None)
+def column_of(names, image: str = "image_uri") -> str | None:
+    """The fingerprint column a catalog provides for its ``image`` column (``image_uri``:
+    catalog.FINGERPRINT_COLUMNS; ``image_uris``: their per-photo lists), most exact first,
+    or None."""
+    columns = {"image_uri": catalog.FINGERPRINT_COLUMNS, "image_uris": catalog.PHOTO_FINGERPRINT_COLUMNS}
+    return next((c for c in columns.get(image, ()) if c in set(names)), None)
+
+
+def given_of(column: str | None, value: str | None) -> str | None:
+    """The fingerprint a catalog gives for an image (None: look at the object)."""
+    return f"{column}:{value}" if column and value else None
+
+
+def photo_given(values: list | None, position: int) -> str | None:
+    """A photo's value in a per-photo fingerprint list (None past its end, or null)."""
+    return values[position] if values is not None and position < len(values) else None
 
 
 def from_info(info: dict) -> str | catalog.Problem:
@@ -48,18 +62,9 @@ def from_info(info: dict) -> str | catalog.Problem:
 
 def of_object(uri: str) -> str | catalog.Problem:
     """The fingerprint of the object at ``uri`` from one HEAD, or why it cannot be used
-    (the same reasons a fetch gives)."""
-    try:
-        info = storage.head(uri)
-    except storage.ObjectNotFound as exc:
-        return catalog.Problem("image_uri_unreachable", redact(str(exc)))
-    except storage.StorageFailure as exc:
-        if isinstance(exc.__cause__, (PermissionError, IsADirectoryError)):
-            return catalog.Problem("image_uri_unreachable", redact(str(exc)))
-        raise
-    except (ValueError, ImportError) as exc:
-        return catalog.Problem("image_uri_unreachable", redact(f"{uri}: {exc}"))
-    return from_info(info)
+    (the same reasons a fetch gives: catalog.unreachable_or)."""
+    info = catalog.unreachable_or(lambda: storage.head(uri), uri)
+    return info if isinstance(info, catalog.Problem) else from_info(info)
 
 
 LIST_MIN = 256   # a directory holding at least this many of the wanted objects is listed, not HEADed
@@ -101,10 +106,8 @@ def of_objects(uris: list[str], threads: int = 16, io: dict | None = None) -> di
 
 
 def of_row(uri: str, given: str | None, column: str | None) -> str | catalog.Problem:
-    """An ``image_uri`` row's fingerprint: the catalog's column value, else the object's."""
-    if column and given:
-        return f"{column}:{given}"
-    return of_object(uri)
+    """An image's fingerprint: the catalog's value (a row's, or a photo's), else the object's."""
+    return given_of(column, given) or of_object(uri)
 
 
 def source_state(fingerprint: str, title: str, model_sha256: str) -> str:
@@ -133,8 +136,15 @@ def row_states(ids: list, titles: list, images: list, given: list, cols: catalog
         if problem is None and cols.image == "image_uri" and not (fp_column and given[i]):
             wanted.append(catalog.resolve_uri(root, images[i]))
         elif problem is None and cols.image == "image_uris":
-            wanted += [catalog.resolve_uri(root, v) for v in bounded(images[i])[0] if v is not None]
+            wanted += [catalog.resolve_uri(root, v) for pos, v in enumerate(bounded(images[i])[0])
+                       if v is not None and not given_of(fp_column, photo_given(given[i], pos))]
     fps = of_objects(wanted, threads, io) if wanted else {}
+
+    def photo_fp(i: int, pos: int, v) -> str | catalog.Problem:
+        if v is None:
+            return catalog.Problem("image_missing", "the photo is null")
+        return given_of(fp_column, photo_given(given[i], pos)) or fps[catalog.resolve_uri(root, v)]
+
     out = []
     for i, problem in enumerate(problems):
         if problem:
@@ -144,13 +154,12 @@ def row_states(ids: list, titles: list, images: list, given: list, cols: catalog
         if cols.image == "image":
             out.append(catalog.content_hash(image, text, model_sha256))
         elif cols.image == "image_uri":
-            got = f"{fp_column}:{given[i]}" if fp_column and given[i] else fps[catalog.resolve_uri(root, image)]
+            got = given_of(fp_column, given[i]) or fps[catalog.resolve_uri(root, image)]
             out.append(state_of(got, text, model_sha256))
         elif cols.image == "images":
             out.append(product_state([catalog.photo_state(catalog.photo_bytes(v, False, root), text, model_sha256)
                                       for v in bounded(image)[0]]))
         else:
-            out.append(product_state([state_of(fps[catalog.resolve_uri(root, v)] if v is not None
-                                               else catalog.Problem("image_missing", "the photo is null"),
-                                               text, model_sha256) for v in bounded(image)[0]]))
+            out.append(product_state([state_of(photo_fp(i, pos, v), text, model_sha256)
+                                      for pos, v in enumerate(bounded(image)[0])]))
     return out

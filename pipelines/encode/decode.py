@@ -67,14 +67,13 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
             reject(i, problem)
         else:
             keep.append((i, titles[i].decode("utf-8")))
+    fp_col = fingerprint.column_of(table.column_names, spec.image_column)
+    given = table.column(fp_col).to_pylist() if fp_col else [None] * unit.rows
     if spec.image_column in LIST_COLUMNS:
-        return _decode_photos(spec, unit, ids, images, keep, reject, rejects, t0, retries)
+        return _decode_photos(spec, unit, ids, images, keep, reject, rejects, t0, retries, fp_col, given)
 
     sources: dict[int, str] = {}  # image_uri rows: the fingerprint each was read at
     if spec.image_column == "image_uri":
-        fp_col = fingerprint.column_of(table.column_names)
-        given = table.column(fp_col).to_pylist() if fp_col else [None] * unit.rows
-
         def fetch(i: int):
             # the fingerprint before the bytes: a replace in between leaves an older
             # fingerprint than the bytes, which the next night sees as a change
@@ -135,34 +134,35 @@ def _sources(fps: list[tuple[str, str] | None]) -> tuple[tuple[str, ...], tuple[
     return tuple(f for f, _ in fps), tuple(s for _, s in fps)
 
 
-def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, rejects, t0, retries):
+def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, rejects, t0, retries, fp_col, given):
     """A multi-photo unit: a row per usable photo, a reject row per unusable one (with its
     position); a photo whose (product, bytes' sha256) the reuse table holds is copied, not
     decoded or encoded again (a refresh of a product whose list or title changed: an image
-    vector depends on the photo's bytes and the model only)."""
+    vector depends on the photo's bytes and the model only). ``fp_col``/``given``: the
+    catalog's per-photo fingerprint lists (contracts.fingerprint), where it has them."""
     photos, cut, cut_products = [], 0, 0
     for i, title in keep:
         listed, dropped = bounded(images[i])
         cut, cut_products = cut + dropped, cut_products + (dropped > 0)
-        photos += [(i, title, pos, value) for pos, value in enumerate(listed)]
+        photos += [(i, title, pos, value, fingerprint.photo_given(given[i], pos)) for pos, value in enumerate(listed)]
     by_uri = spec.image_column == "image_uris"
 
     def fetch(p):
         if not by_uri or p[3] is None:
             return None, catalog.photo_bytes(p[3], by_uri, spec.catalog_root)
         uri = catalog.resolve_uri(spec.catalog_root, p[3])
-        fp = fingerprint.of_object(uri)  # before the bytes, as for image_uri rows
+        fp = fingerprint.of_row(uri, p[4], fp_col)  # before the bytes, as for image_uri rows
         return fp, (fp if isinstance(fp, catalog.Problem) else catalog.fetch_image(uri))
 
     with ThreadPoolExecutor(max(1, min(spec.fetch_threads, len(photos)) if by_uri else 1)) as pool:
         fetched = list(pool.map(fetch, photos))
     t_read = time.perf_counter() - t0
-    products = sorted({ids[i] for i, _, _, _ in photos})
+    products = sorted({ids[i] for i, *_ in photos})
     reuse, table = read_reuse(spec.reuse, products) if spec.reuse and products else ({}, None)
     size = spec.image_size
     out_ids, hashes, rows, positions, shas, titles, pixels, encode_rows, reuse_rows, reuse_from, fps = (
         [] for _ in range(11))
-    for (i, title, pos, _), (fp, data) in zip(photos, fetched):
+    for (i, title, pos, _, _), (fp, data) in zip(photos, fetched):
         state = catalog.photo_state(data, title, spec.model_sha256)
         source = fingerprint.state_of(fp, title, spec.model_sha256) if fp is not None else state
         if isinstance(data, catalog.Problem):

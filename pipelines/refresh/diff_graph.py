@@ -83,7 +83,7 @@ class CatalogStates(beam.DoFn):
     def process(self, unit: CatalogUnit):
         spec = self.spec
         table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups), spec.filter_columns)
-        fp_col = fingerprint.column_of(table.column_names) if cols.image == "image_uri" else None
+        fp_col = fingerprint.column_of(table.column_names, cols.image)
         ids = table.column("product_id").to_pylist()
         titles = catalog.titles_as_bytes(table)
         images = table.column(cols.image).to_pylist()

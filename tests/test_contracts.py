@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -166,6 +167,38 @@ def test_duplicate_rows_the_first_occurrence_wins_across_files():
     ids = [pa.array(["a", "b", None, "a"]), pa.array(["", "b", "c", "a"])]
     dups = catalog.duplicate_rows(["f0", "f1"], ids)
     assert dups == {(0, 3): "f0 row 0", (1, 1): "f0 row 1", (1, 3): "f0 row 0"}
+
+
+def test_deletion_files_hide_superseded_rows_and_fold_an_inline_exclude(tmp_path):
+    """A part's superseded ids live in a deletion file the entry names (sha256 checked),
+    each new file holding every id so far; an entry written before deletion files (ids
+    inline, ``exclude``) reads the same and is folded into the next file."""
+    from dataclasses import replace
+
+    from mimdex.infra.contracts import part_deletions
+    from mimdex.infra.errors import DataError
+
+    root = str(tmp_path / "emb")
+    pids = [f"p{i:03d}" for i in range(30)]
+    x = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    m = emb.write_vectors(root, x, pids, ModelRef("m", "s" * 64, "3-tower", 8, False), "float32", 3)
+    live = lambda e: emb.read_part(root, e, m.model, m.dtype).column("product_id").to_pylist()  # noqa: E731
+    legacy = replace(m.parts[0], exclude=("p000", "p001"))
+    assert live(legacy) == pids[2:10]
+    first = replace(legacy, exclude=(), deleted=part_deletions.write(root, "runs/r-1", legacy.name, {"p002"},
+                                                                     legacy.deleted, legacy.exclude))
+    assert live(first) == pids[3:10] and emb.PartEntry.from_json(first.to_json()) == first
+    assert "exclude" not in first.to_json() and first.to_json()["deleted"]["file"] == \
+        "runs/r-1/deleted/part-00000.parquet"
+    second = replace(first, deleted=part_deletions.write(root, "runs/r-2", first.name, {"p004"}, first.deleted))
+    assert live(second) == [pids[3]] + pids[5:10]
+    assert part_deletions.read(root, second.deleted).to_pylist() == ["p000", "p001", "p002", "p004"]
+    # a deletion file that is not what the manifest recorded is refused, naming it
+    bad = replace(first, deleted=part_deletions.write(root, "runs/r-3", first.name, {"p005"}, first.deleted))
+    path = tmp_path / "emb" / bad.deleted.file
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(DataError, match="runs/r-3/deleted/part-00000.parquet"):
+        live(bad)
 
 
 @given(st.lists(st.lists(st.integers(0, 5), min_size=3, max_size=3), min_size=1, max_size=20), st.data())

@@ -101,6 +101,14 @@ def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, cat
                               "retagged": 0, "forgotten_rejects": 0, "still_rejected": 0, "row_only_rejects": 0}
     assert report["encode"]["rows"] == report["encode"]["encoded"] == len(new) + len(changed)
     assert report["decision"].startswith("incremental") and report["drift"]["ratio"] is not None
+    # the superseded ids are in deletion files, one per touched part; the manifest lists none
+    entries = json.loads(storage.read_bytes(cfg.embeddings + "/manifest.json"))["parts"]
+    assert not any("exclude" in e for e in entries)
+    gone = set()
+    for e in (e for e in entries if "deleted" in e):
+        assert e["deleted"]["file"].startswith("runs/r-") and "/deleted/" in e["deleted"]["file"]
+        gone |= set(pq.read_table(storage.join(cfg.embeddings, e["deleted"]["file"])).column(0).to_pylist())
+    assert gone == set(changed) | set(deleted)
     assert _index_ids(cfg.index) == sorted(r["product_id"] for r in rows)
 
     # search finds the new products and never returns deleted ones

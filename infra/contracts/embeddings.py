@@ -7,11 +7,12 @@ Layout under an embeddings root (docs/contracts.md, "Embedding shards"):
     manifest.json                written last: the root is complete; readers take the
                                  part list from it, never from a listing
     runs/<run>/..., manifests/<run>.json   a refresh's delta encodes and composite manifests
-    runs/<run>/input/reuse.parquet         a multi-photo refresh: vectors its encode copies
+    runs/<run>/input/reuse.parquet         a multi-photo refresh: vectors its encode copies (reuse.py)
 
-A composite manifest reuses earlier parts: an entry's ``exclude`` lists product_ids that
-a later run re-encoded, re-judged or deleted, and readers drop them from the part and its
-rejects alike (``live_rows``).
+A composite manifest reuses earlier parts: an entry's ``deleted`` names the deletion file
+of product_ids that later runs superseded (contracts.part_deletions; ``exclude``: the same
+ids inline, as entries written before those files have them), and readers drop them from
+the part and its rejects alike (``live_rows``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
+from mimdex.infra.contracts import part_deletions
 from mimdex.infra.contracts.catalog import PHOTO_REJECT_SCHEMA, REJECT_SCHEMA, ROW_ONLY_REASONS
 from mimdex.infra.contracts.files import FileRef, column_bytes, read_table_checked, write_parquet
 from mimdex.infra.contracts.model import ModelRef
@@ -50,7 +52,8 @@ class PartEntry:
     source: str | None = None            # the catalog file the unit came from
     row_groups: tuple[int, ...] = ()
     input_rows: int = 0
-    exclude: tuple[str, ...] = ()        # product_ids later runs superseded
+    exclude: tuple[str, ...] = ()        # product_ids later runs superseded (entries before deletion files)
+    deleted: FileRef | None = None       # the deletion file of those (contracts.part_deletions)
 
     def to_json(self) -> dict:
         out = {"name": self.name, "unit": self.unit, "fingerprint": self.fingerprint, "source": self.source,
@@ -59,6 +62,8 @@ class PartEntry:
                            if self.rejects else None)}
         if self.exclude:
             out["exclude"] = sorted(self.exclude)
+        if self.deleted:
+            out["deleted"] = self.deleted.to_json()
         return out
 
     @classmethod
@@ -68,7 +73,7 @@ class PartEntry:
                    reject_reasons=dict((rej or {}).get("reasons", {})), unit=int(obj.get("unit", 0)),
                    fingerprint=obj.get("fingerprint", "-"), source=obj.get("source"),
                    row_groups=tuple(obj.get("row_groups", ())), input_rows=int(obj.get("input_rows", 0)),
-                   exclude=tuple(obj.get("exclude", ())))
+                   exclude=tuple(obj.get("exclude", ())), deleted=FileRef.from_json(obj.get("deleted")))
 
     def moved(self, name: str, prefix: str) -> "PartEntry":
         """The same part seen from a root ``prefix`` levels above its own (refresh runs)."""
@@ -225,12 +230,12 @@ def check_part_schema(uri: str, schema: pa.Schema, model: ModelRef, dtype: str) 
         raise DataError(f"embeddings part {uri} does not match its manifest: {', '.join(diffs)}")
 
 
-def live_rows(table: pa.Table, entry: PartEntry) -> pa.Table:
+def live_rows(root: str, table: pa.Table, entry: PartEntry) -> pa.Table:
     """A part's (or its rejects') rows minus the product_ids later runs superseded."""
-    if not entry.exclude:
+    if not entry.exclude and entry.deleted is None:
         return table
-    return table.filter(pc.invert(pc.fill_null(pc.is_in(table["product_id"], pa.array(entry.exclude, pa.string())),
-                                               False)))
+    gone = pa.concat_arrays([part_deletions.read(root, entry.deleted), pa.array(entry.exclude, pa.string())])
+    return table.filter(pc.invert(pc.fill_null(pc.is_in(table["product_id"], gone), False)))
 
 
 def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
@@ -238,7 +243,7 @@ def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
     """A part's live rows, verified against the manifest's sha256 and model (exit 65, named)."""
     table = read_table_checked(root, entry.part, "embeddings part", RECORDED_IN)
     check_part_schema(storage.join(root, entry.part.file), table.schema, model, dtype)
-    return live_rows(table.select(columns) if columns else table, entry)
+    return live_rows(root, table.select(columns) if columns else table, entry)
 
 
 def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns) -> tuple[pa.Table, int]:
@@ -259,7 +264,7 @@ def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, 
             stored = column_bytes(pf.metadata, range(pf.metadata.num_row_groups), names)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"embeddings part {uri}: not a readable Parquet file: {exc}") from exc
-    return live_rows(table, entry), stored
+    return live_rows(root, table, entry), stored
 
 
 def read_rejects(root: str, entry: PartEntry) -> pa.Table:
@@ -270,7 +275,7 @@ def read_rejects(root: str, entry: PartEntry) -> pa.Table:
     for name in ("content_hash", "photo"):  # written before rejects remembered state / photos existed
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, PHOTO_REJECT_SCHEMA.field(name).type))
-    return live_rows(table.select(PHOTO_REJECT_SCHEMA.names).cast(PHOTO_REJECT_SCHEMA), entry)
+    return live_rows(root, table.select(PHOTO_REJECT_SCHEMA.names).cast(PHOTO_REJECT_SCHEMA), entry)
 
 
 def read_all(root: str, manifest: EmbeddingsManifest, which: str = "part") -> pa.Table:
@@ -289,34 +294,8 @@ def count_products(root: str, manifest: EmbeddingsManifest) -> int:
     total = 0
     for entry in manifest.parts:
         ids = read_table_checked(root, entry.part, "embeddings part", RECORDED_IN, columns=["product_id"])
-        total += pc.count_distinct(live_rows(ids, entry)["product_id"]).as_py()
+        total += pc.count_distinct(live_rows(root, ids, entry)["product_id"]).as_py()
     return total
-
-
-def write_reuse(root: str, manifest: EmbeddingsManifest, where: dict[str, str], products: set[str],
-                out_root: str, name: str) -> str | None:
-    """The reuse table a multi-photo refresh hands its encode: the current image vectors of
-    ``products`` by (product_id, photo_sha256), sorted by product_id so a decode task reads
-    only its row groups (``read_reuse``). None for a single-image catalog or no such rows."""
-    wanted = pa.array(sorted(products), pa.string())
-    tables = []
-    for entry in (e for e in manifest.parts if e.name in {where[p] for p in products if p in where}):
-        part = read_part(root, entry, manifest.model, manifest.dtype)
-        if not has_photos(part):
-            return None
-        tables.append(part.filter(pc.is_in(part["product_id"], wanted)).select(["product_id", "photo_sha256",
-                                                                                 "image_emb"]))
-    if not tables:
-        return None
-    write_parquet(out_root, name, pa.concat_tables(tables).sort_by("product_id"), row_group_size=4096)
-    return storage.join(out_root, name)
-
-
-def read_reuse(uri: str, product_ids: list[str]) -> tuple[dict[tuple[str, str], int], pa.Table]:
-    """(product_id, photo_sha256) -> row, and the rows of the reuse table for these products."""
-    table = storage.parquet_dataset(uri).to_table(filter=pc.field("product_id").isin(product_ids))
-    keys = zip(table.column("product_id").to_pylist(), table.column("photo_sha256").to_pylist())
-    return {key: row for row, key in enumerate(keys)}, table
 
 
 PREVIOUS_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("encoded", pa.bool_()),

@@ -20,7 +20,7 @@ from mimdex.encoders.images import ImageDecodeError, gpu_decodable, load_pixels
 from mimdex.encoders.text import configure, tokenize_arrays
 from mimdex.infra import storage
 from mimdex.infra.contracts import catalog, fingerprint
-from mimdex.infra.contracts.embeddings import read_reuse
+from mimdex.infra.contracts.reuse import read_reuse
 from mimdex.infra.contracts.photos import LIST_COLUMNS, bounded
 from mimdex.infra.contracts.vectors import column_matrix
 from mimdex.infra.errors import DataError

@@ -22,6 +22,8 @@ from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
+from mimdex.infra.contracts import part_deletions
+from mimdex.infra.contracts.reuse import write_reuse
 from mimdex.infra.contracts import attributes
 from mimdex.infra.contracts.catalog import write_subsets
 from mimdex.infra.contracts.model import ModelRef
@@ -73,17 +75,19 @@ def _read_ids(uri: str) -> list[str]:
     return ids
 
 
-def _composite(prev: emb.EmbeddingsManifest | None, d: diffs.Diff | None, delta: emb.EmbeddingsManifest,
-               run: str, retagged: list[emb.PartEntry]) -> emb.EmbeddingsManifest:
+def _composite(root: str, prev: emb.EmbeddingsManifest | None, d: diffs.Diff | None,
+               delta: emb.EmbeddingsManifest, run: str, retagged: list[emb.PartEntry]) -> emb.EmbeddingsManifest:
     """The next embeddings manifest: previous parts (minus the products the diff
-    superseded, by exclusion) + delta parts + retag parts (the same products' rows)."""
-    by_part: dict[str, list[str]] = {}
+    superseded: a new deletion file for each part it touched, under the run) + delta parts
+    + retag parts (the same products' rows)."""
+    by_part: dict[str, set[str]] = {}
     if prev is not None and d is not None:
         gone = d.table(diffs.SUPERSEDED, ("product_id", "part"))
         for pid, part in zip(gone["product_id"].to_pylist(), gone["part"].to_pylist()):
-            by_part.setdefault(part, []).append(pid)
-    parts = [replace(e, exclude=tuple(sorted(set(e.exclude) | set(by_part[e.name])))) if e.name in by_part else e
-             for e in (prev.parts if prev else ())]
+            by_part.setdefault(part, set()).add(pid)
+    parts = [replace(e, exclude=(), deleted=part_deletions.write(root, f"runs/{run}", e.name, by_part[e.name],
+                                                                 e.deleted, e.exclude))
+             if e.name in by_part else e for e in (prev.parts if prev else ())]
     parts += [e.moved(f"{run}-{e.name}", f"runs/{run}") for e in (*delta.parts, *retagged)]
     removed = d.n(diffs.CHANGED, diffs.DELETED) if d is not None else 0  # a retag removes and adds back
     encoded = (prev.encoded - removed if prev else 0) + delta.encoded
@@ -179,7 +183,7 @@ def run(cfg: RefreshConfig) -> dict:
         if not full_reason:
             report["removed_now_rejected"] = _now_rejected(run_dir, delta, set(d.ids(diffs.CHANGED).to_pylist()))
         base = None if full_reason else prev_emb
-        composite = _composite(base, d, delta, run_id, retagged)
+        composite = _composite(cfg.embeddings, base, d, delta, run_id, retagged)
         manifest_name = f"manifests/{run_id}.json"
         emb.write_manifest(cfg.embeddings, composite, manifest_name)
         released = _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token, composite,
@@ -252,7 +256,7 @@ def _reuse_photos(root: str, manifest: emb.EmbeddingsManifest, d: diffs.Diff, ru
         return out
     changed = d.table((diffs.CHANGED,), ("product_id", "part"))
     where = dict(zip(changed["product_id"].to_pylist(), changed["part"].to_pylist()))
-    return emb.write_reuse(root, manifest, where, set(where), run_dir, name)
+    return write_reuse(root, manifest, where, set(where), run_dir, name)
 
 
 def _encode(cfg: RefreshConfig, source: str, run_dir: str, model_sha: str, needed: bool,

@@ -30,12 +30,15 @@ def _table(root: str, ref: dict) -> pa.Table:
 
 
 def _live(root: str, which: str) -> list[dict]:
-    """Live rows of the current embeddings' parts (or rejects), exclusions applied."""
+    """Live rows of the current embeddings' parts (or rejects), as docs/contracts.md says to
+    read them: minus the ids in the part's deletion file (or, written before those, inline)."""
     manifest = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))
     rows = []
     for entry in manifest["parts"]:
         if entry[which]:
             gone = set(entry.get("exclude", []))
+            if entry.get("deleted"):
+                gone |= {r["product_id"] for r in _table(root, entry["deleted"]).to_pylist()}
             rows += [r for r in _table(root, entry[which]).to_pylist() if r["product_id"] not in gone]
     return rows
 

@@ -6,8 +6,8 @@ and the reader filters on them alone (indexing/filters.py). Each is a string, in
 bool column of the catalog.
 
 A refresh keeps them current without re-encoding: the diff compares, per product, a
-digest of these columns' values in the catalog with the same digest of the rows the
-index was built from (each embeddings part's recorded source), and a product whose state
+digest of these columns' values in the catalog with the same digest of what the previous
+version's id maps show (the newest id map holding the product), and a product whose state
 is unchanged but whose digest moved is *retagged*: its stored vectors are copied into the
 refresh's run beside its new catalog row, and the delta segment replaces its id-map row.
 """

@@ -50,6 +50,7 @@ PHOTO_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("photo", pa.int32()))
 # and their per-photo lists for ``image_uris`` (a value per photo, in the same positions)
 FINGERPRINT_COLUMNS = ("image_sha256", "image_version")
 PHOTO_FINGERPRINT_COLUMNS = ("image_sha256s", "image_versions")
+FINGERPRINT_COLUMNS_OF = {"image_uri": FINGERPRINT_COLUMNS, "image_uris": PHOTO_FINGERPRINT_COLUMNS}
 
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary)
@@ -162,8 +163,7 @@ def read_unit(uri: str, row_groups: list[int] | None = None,
         cols = check_schema(uri, pf.schema_arrow)
         attributes.check(f"catalog {uri}", pf.schema_arrow, filter_columns)
         names = ["product_id", "title", cols.image] + list(filter_columns)
-        fingerprints = {"image_uri": FINGERPRINT_COLUMNS, "image_uris": PHOTO_FINGERPRINT_COLUMNS}.get(cols.image, ())
-        names += [c for c in fingerprints if c in pf.schema_arrow.names]
+        names += [c for c in FINGERPRINT_COLUMNS_OF.get(cols.image, ()) if c in pf.schema_arrow.names]
         groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
         table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
         stored = column_bytes(pf.metadata, groups, names)

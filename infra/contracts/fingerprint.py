@@ -28,12 +28,11 @@ from mimdex.infra.contracts import catalog
 from mimdex.infra.contracts.photos import bounded, product_state
 from mimdex.infra.redact import redact
 
-def column_of(names, image: str = "image_uri") -> str | None:
+def column_of(names, image: str) -> str | None:
     """The fingerprint column a catalog provides for its ``image`` column (``image_uri``:
     catalog.FINGERPRINT_COLUMNS; ``image_uris``: their per-photo lists), most exact first,
     or None."""
-    columns = {"image_uri": catalog.FINGERPRINT_COLUMNS, "image_uris": catalog.PHOTO_FINGERPRINT_COLUMNS}
-    return next((c for c in columns.get(image, ()) if c in set(names)), None)
+    return next((c for c in catalog.FINGERPRINT_COLUMNS_OF.get(image, ()) if c in set(names)), None)
 
 
 def given_of(column: str | None, value: str | None) -> str | None:

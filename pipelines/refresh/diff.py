@@ -75,15 +75,22 @@ def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:
     return ids_for(product_ids) % buckets
 
 
+def _first_per_product(table: pa.Table, then: tuple[str, str]) -> tuple[pa.Table, np.ndarray]:
+    """``table`` sorted by product_id and ``then`` (column, order), and a mask of each
+    product's first row in that order."""
+    table = table.sort_by([("product_id", "ascending"), then])
+    ids = table["product_id"].combine_chunks()
+    first = np.ones(len(ids), bool)
+    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return table, first
+
+
 def first_occurrences(cat: pa.Table) -> tuple[pa.Table, int]:
     """(product_id, state, attrs) of each product's first row in catalog order (``order``),
     and how many later rows repeat a product_id (rejected as duplicate_product_id)."""
     if not cat.num_rows:
         return cat.select(["product_id", "state", "attrs"]), 0
-    cat = cat.sort_by([("product_id", "ascending"), ("order", "ascending")])
-    ids = cat["product_id"].combine_chunks()
-    first = np.ones(len(ids), bool)
-    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    cat, first = _first_per_product(cat, ("order", "ascending"))
     return cat.filter(pa.array(first)).select(["product_id", "state", "attrs"]), int((~first).sum())
 
 
@@ -92,11 +99,8 @@ def shown_attrs(prev: pa.Table, shown: pa.Table) -> pa.Table:
     rows: the newest id map holding the product wins); null for a product it does not hold."""
     if not shown.num_rows:
         return prev.append_column(ATTRS, pa.nulls(prev.num_rows, pa.int64()))
-    shown = shown.sort_by([("product_id", "ascending"), ("seq", "descending")])
-    ids = shown["product_id"].combine_chunks()
-    first = np.ones(len(ids), bool)
-    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    latest = shown.filter(pa.array(first)).select(["product_id", "attrs"])
+    shown, newest = _first_per_product(shown, ("seq", "descending"))
+    latest = shown.filter(pa.array(newest)).select(["product_id", "attrs"])
     return prev.join(latest, "product_id", join_type="left outer").select([*prev.column_names, "attrs"])
 
 

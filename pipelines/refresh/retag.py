@@ -34,6 +34,7 @@ def write_parts(root: str, manifest: emb.EmbeddingsManifest, d: diffs.Diff, run_
     moved = d.table((diffs.RETAGGED,), ("product_id", "part"))
     rows = storage.parquet_dataset(storage.join(run_dir, ROWS)).to_table()
     rows = rows.drop_columns([c for c in ("image", "images") if c in rows.column_names])
+    row_of = {pid: i for i, pid in enumerate(rows.column("product_id").to_pylist())}
     by_part: dict[str, list[str]] = {}
     for pid, part in zip(moved["product_id"].to_pylist(), moved["part"].to_pylist()):
         by_part.setdefault(part, []).append(pid)
@@ -49,7 +50,7 @@ def write_parts(root: str, manifest: emb.EmbeddingsManifest, d: diffs.Diff, run_
             part = part.filter(pc.is_in(part["product_id"], wanted))
             rejects = emb.read_rejects(root, entry)
             rejects = rejects.filter(pc.fill_null(pc.is_in(rejects["product_id"], wanted), False))
-            meta = rows.filter(pc.is_in(rows["product_id"], wanted))
+            meta = rows.take(pa.array([row_of[p] for p in wanted.to_pylist() if p in row_of], pa.int64()))
             groups = ()
             if meta.num_rows:  # one row group per part, so its id-map rows read only theirs
                 writer.write_table(meta, row_group_size=meta.num_rows)

@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mimdex-installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow demo install bench system-deps wheel images clean
+.PHONY: test test-slow demo install bench system-deps flink-deps flink-cluster wheel images clean
 
 install: $(STAMP)
 
@@ -35,14 +35,16 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mimdex demo
 
-# System programs two tests use, from Debian's registry (needs root; CI runs it first):
-# headless Chromium + ChromeDriver for the demo report's browser test, and a real
-# Prometheus Pushgateway for the metrics test. The gateway is only unpacked into
-# .tools/ (no service is installed or started). Without them those tests are skipped,
-# unless MIMDEX_REQUIRE_SYSTEM_DEPS=1 (as .ci/run sets) makes that a failure.
+# System programs some tests use (needs root; CI runs it first): from Debian's registry,
+# headless Chromium + ChromeDriver for the demo report's browser test and a real
+# Prometheus Pushgateway for the metrics test (only unpacked into .tools/: no service is
+# installed or started); and, with pip and mvn, Flink 1.19 and Beam's Flink job server for
+# the Flink tests (infra/flink/fetch.sh: checked by sha256, kept in .tools/). Without them
+# those tests are skipped, unless MIMDEX_REQUIRE_SYSTEM_DEPS=1 (as .ci/run sets) makes that
+# a failure.
 PUSHGATEWAY := .tools/usr/bin/prometheus-pushgateway
 
-system-deps: $(PUSHGATEWAY)
+system-deps: $(PUSHGATEWAY) flink-deps
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	chromium --version 2>/dev/null | head -1
@@ -53,6 +55,14 @@ $(PUSHGATEWAY):
 	  { apt-get update -qq && apt-get download prometheus-pushgateway; }; }
 	dpkg -x .tools/deb/prometheus-pushgateway_*.deb .tools
 	$(PUSHGATEWAY) --version 2>&1 | head -1
+
+flink-deps:
+	bash infra/flink/fetch.sh
+
+# A Flink cluster on 127.0.0.1 like the tests' (tests/flink_cluster.py; root, for the
+# TaskManagers' own /tmp and /etc/hosts): prints the Beam flags to submit to it; Ctrl-C stops it.
+flink-cluster: $(STAMP) flink-deps
+	$(PY) tests/flink_cluster.py up
 
 # The wheel infra/ray/runtime_env.yaml installs on Ray workers, and the container images
 # (need a Docker engine; tags as infra/ray, infra/beam and infra/k8s reference them).

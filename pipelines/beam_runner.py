@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,30 @@ EXTRA_RUNNERS = {
                               "dask", "distributed", "--dask_", ("--dask_client_address", "--dask_scheduler_file"),
                               ((("--dask_npartitions", "--dask_partition_size"), "--dask_partition_size=1"),)),
 }
+
+
+FLINK_RUNNERS = ("flinkrunner", "apache_beam.runners.portability.flink_runner.flinkrunner")
+
+
+def _check_flink(beam_args: list[str]) -> None:
+    """Beam's FlinkRunner without a job endpoint starts a job server from
+    --flink_job_server_jar, downloading one over HTTP when none is given, and without
+    --flink_master it runs Flink inside the driver. A mimdex job does neither: it submits to
+    a running job server (--job_endpoint), or starts one from a jar on disk for a named
+    JobManager."""
+    if (_flag_value(beam_args, "--runner") or "").lower() not in FLINK_RUNNERS or _flag_value(beam_args, "--job_endpoint"):
+        return
+    master, jar = _flag_value(beam_args, "--flink_master"), _flag_value(beam_args, "--flink_job_server_jar")
+    if not master or master.strip() in ("[local]", "[auto]") or not jar:
+        raise UsageError("--runner=FlinkRunner needs --job_endpoint (a running Beam job server), or --flink_master "
+                         "(the JobManager's REST address) and --flink_job_server_jar (a job server jar on disk, as "
+                         "`make system-deps` builds under .tools/); without them Beam downloads a job server jar "
+                         "over HTTP, or runs Flink inside the driver")
+    if "://" in jar:
+        raise UsageError(f"--flink_job_server_jar {jar}: a path on this machine, not a URL (nothing is downloaded "
+                         "at run time)")
+    if not os.path.isfile(jar):
+        raise UsageError(f"--flink_job_server_jar {jar}: no such file")
 
 
 def _flag_value(beam_args: list[str], name: str) -> str | None:
@@ -85,6 +110,7 @@ def register_runner_options(beam_args: list[str]) -> None:
 def resolve(beam_args: list[str]) -> list[str]:
     """The options as Beam is given them: an extra runner's short name replaced by its
     class, its defaults added where the flags leave them open."""
+    _check_flink(beam_args)
     runner = _extra_runner(beam_args)
     if runner is None:
         return list(beam_args)

@@ -50,11 +50,26 @@ def dask_two(s3_server):
     """A dask.distributed cluster on 127.0.0.1 (tests/dask_cluster.py): a scheduler and 2
     one-thread workers, each with a private /tmp; started after the S3 server, whose
     endpoint they get from the environment. Stopped with the module, whatever happens."""
-    from dask_cluster import dask_cluster, private_tmp
+    from dask_cluster import dask_cluster
+    from isolated import private_tmp
 
     if not private_tmp():
         _require_or_skip("Dask workers with a private /tmp need root and unshare (CI runs as root)")
     with dask_cluster(2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def flink_two(s3_server):
+    """A Flink session cluster on 127.0.0.1 (tests/flink_cluster.py): a JobManager, 2
+    TaskManagers with a Beam worker pool beside each, Beam's job server; started after the
+    S3 server, whose endpoint the pools pass to their workers. Stopped with the module."""
+    from flink_cluster import available, flink_cluster
+
+    why = available()
+    if why:
+        _require_or_skip(why)
+    with flink_cluster() as cluster:
         yield cluster
 
 

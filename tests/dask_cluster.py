@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import psutil
+
+from isolated import in_private_tmp, private_tmp, stop
 
 DASK = os.path.join(os.path.dirname(sys.executable), "dask")
 
@@ -59,31 +59,11 @@ def _is_worker(proc: psutil.Process) -> bool:
         return False
 
 
-def private_tmp() -> bool:
-    """Whether workers can get their own /tmp: root and unshare present."""
-    return os.geteuid() == 0 and shutil.which("unshare") is not None
-
-
-def _kept_under_tmp() -> list[str]:
-    """The code a worker runs (this checkout, its virtualenv) where it lies under /tmp (a
-    clone in /tmp): bound back into the worker's private /tmp, as a worker's image has it."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = {os.path.realpath(p) for p in (here, sys.prefix)}
-    return sorted(p for p in paths if p.startswith("/tmp/") and not any(
-        p.startswith(q + "/") for q in paths if q != p))
-
-
 def _worker_command(address: str, hold: str) -> list[str]:
-    """``dask worker`` in its own mount namespace with a fresh tmpfs on /tmp; ``hold``, a
-    directory outside /tmp, briefly holds the old /tmp so the kept code can be bound back."""
+    """``dask worker`` in its own mount namespace with a fresh tmpfs on /tmp."""
     dask = [DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1",
             "--death-timeout", "30", "--local-directory", "/tmp/dask-worker", "--memory-limit", "0"]
-    steps = [f"mount --bind /tmp {shlex.quote(hold)}", "mount -t tmpfs -o size=2g tmpfs /tmp"]
-    for path in _kept_under_tmp():
-        old = shlex.quote(os.path.join(hold, os.path.relpath(path, "/tmp")))
-        steps += [f"mkdir -p {shlex.quote(path)}", f"mount --bind {old} {shlex.quote(path)}"]
-    steps += [f"umount -l {shlex.quote(hold)}", "exec " + " ".join(shlex.quote(a) for a in dask)]
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(steps)]
+    return in_private_tmp(dask, hold)
 
 
 @contextlib.contextmanager
@@ -117,7 +97,7 @@ def dask_cluster(workers: int = 2, idle_timeout: int = 600) -> Iterator[DaskClus
         yield DaskCluster(address, scheduler, tuple(started))
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         log.close()
         shutil.rmtree(state, ignore_errors=True)
 
@@ -135,16 +115,3 @@ def _wait_for_address(file: str, scheduler: subprocess.Popen, timeout: float = 6
         except (OSError, ValueError, KeyError):
             time.sleep(0.2)
     raise RuntimeError(f"the Dask scheduler wrote no {file} in {timeout:g} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """The process's whole session: SIGTERM, then SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)   # anything of its session still there

@@ -139,23 +139,28 @@ def _refresh_common(bucket: str, world: str) -> list[str]:
 
 @pytest.mark.slow
 def test_refresh_and_compaction_on_dask_publish_the_directrunners_bytes(s3_server, dask_two):
+    refresh_and_compact_like_the_directrunner(s3_server, "mimdex-dask-refresh", dask_two.beam_args())
+
+
+def refresh_and_compact_like_the_directrunner(s3_server, bucket_name: str, beam_args: list[str]) -> None:
     """Two index roots over one catalog, one refreshed and compacted on the DirectRunner,
-    the other on Dask, step by step: the first refresh (a full build), a refresh with a real
-    delta (retitled, added and deleted products), then compaction."""
+    the other with ``beam_args``, step by step: the first refresh (a full build), a refresh
+    with a real delta (retitled, added and deleted products), then compaction. Each step
+    must publish the same bytes on both."""
     import dirty_catalog as dc
     from mimdex.infra.local_s3 import create_bucket
 
-    bucket = create_bucket(s3_server, "mimdex-dask-refresh")
+    bucket = create_bucket(s3_server, bucket_name)
     random_bundle(bucket + "/model", ["product title"], "3-tower")
     rows = dc.write_kinds(bucket + "/cat", ["plain"] * 90, row_group_size=40)
-    runners = {"direct": [], "dask": dask_two.beam_args()}
+    runners = {"direct": [], "remote": beam_args}
 
     def step(argv_for) -> None:
         for world, extra in runners.items():
             code = cli.main([*argv_for(world), *extra])
             assert code == 0, (world, argv_for(world))
-        assert published(f"{bucket}/dask/index") == published(f"{bucket}/direct/index")
-        assert idmap_rows(f"{bucket}/dask/index") == idmap_rows(f"{bucket}/direct/index")
+        assert published(f"{bucket}/remote/index") == published(f"{bucket}/direct/index")
+        assert idmap_rows(f"{bucket}/remote/index") == idmap_rows(f"{bucket}/direct/index")
 
     step(lambda w: ["refresh", *_refresh_common(bucket, w)])
     objects = {}
@@ -173,10 +178,10 @@ def test_refresh_and_compaction_on_dask_publish_the_directrunners_bytes(s3_serve
     for world in runners:
         report = storage.read_json(storage.list_files(f"{bucket}/{world}/index/_reports", ".json")[-1])
         assert report["decision"].startswith("incremental"), report["decision"]
-    m = iv.read_manifest(f"{bucket}/dask/index", iv.latest_version(f"{bucket}/dask/index"))
-    assert len(m.deltas) == 1 and m.deltas[0].added == 9 and m.deltas[0].removed_products == 10, (report["decision"], report.get("version"), m.version, report.get("diff"))
+    m = iv.read_manifest(f"{bucket}/remote/index", iv.latest_version(f"{bucket}/remote/index"))
+    assert len(m.deltas) == 1 and m.deltas[0].added == 9 and m.deltas[0].removed_products == 10
     step(lambda w: ["compact", "--index", f"{bucket}/{w}/index"])
-    assert iv.read_manifest(f"{bucket}/dask/index", iv.latest_version(f"{bucket}/dask/index")).deltas == ()
+    assert iv.read_manifest(f"{bucket}/remote/index", iv.latest_version(f"{bucket}/remote/index")).deltas == ()
     for world in runners:
         no_scratch_left(f"{bucket}/{world}/index")
 

@@ -93,7 +93,8 @@ def test_runtime_env_is_valid_for_ray_and_installs_this_release(tmp_path):
 # -- Beam --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("runner,expect", [
-    ("flink", {"runner": "FlinkRunner", "environment_config": f"{IMAGE}-beam-sdk", "temp_location": "s3://"}),
+    ("flink", {"runner": "FlinkRunner", "job_endpoint": "mimdex-beam-job-server.mimdex.svc:8099",
+               "environment_type": "EXTERNAL", "environment_config": "localhost:50000"}),
     ("spark", {"runner": "SparkRunner", "environment_config": f"{IMAGE}-beam-sdk", "temp_location": "s3://"}),
     ("dataflow", {"runner": "DataflowRunner", "sdk_container_image": f"mimdex:{VERSION}-beam-sdk",
                   "temp_location": "gs://", "machine_type": "n2-highmem-8"}),
@@ -143,6 +144,30 @@ def test_the_dask_cluster_spec_serves_the_address_the_options_file_names_with_th
         assert not any("AWS_" in e["name"] for e in container.get("env", []))
     worker = spec["spec"]["worker"]["spec"]["containers"][0]["args"]
     assert worker[:2] == ["dask", "worker"] and worker[worker.index("--nthreads") + 1] == "1"
+
+
+def test_the_flink_deployment_serves_the_options_files_job_server_and_pools_in_the_beam_sdk_image():
+    from flink_cluster import BEAM, FLINK
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(open(os.path.join(INFRA, "k8s", "flink-deployment.yaml")))}
+    flink, server, service = docs["FlinkDeployment"], docs["Deployment"], docs["Service"]
+    options = open(os.path.join(INFRA, "beam", "flink.options")).read().splitlines()
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "job")
+    namespace = service["metadata"]["namespace"]
+    assert f"--job_endpoint={service['metadata']['name']}.{namespace}.svc:{port}" in options
+    # the versions the local cluster tests: Flink's image, the job server's image
+    assert flink["spec"]["image"] == f"flink:{FLINK}-java17" and flink["spec"]["flinkVersion"] == "v1_19"
+    (job_server,) = server["spec"]["template"]["spec"]["containers"]
+    assert job_server["image"] == f"apache/beam_flink1.19_job_server:{BEAM}"
+    assert f"--flink-master={flink['metadata']['name']}-rest:8081" in job_server["args"]   # the operator's REST Service
+    sidecar = next(c for c in flink["spec"]["taskManager"]["podTemplate"]["spec"]["containers"]
+                   if c["name"] == "beam-worker-pool")
+    assert sidecar["image"] == f"{IMAGE}-beam-sdk" and sidecar["args"] == ["--worker_pool"]
+    pool_port = sidecar["ports"][0]["containerPort"]
+    assert f"--environment_config=localhost:{pool_port}" in options and "--environment_type=EXTERNAL" in options
+    assert flink["spec"]["serviceAccount"] == "mimdex-beam"   # S3 through IRSA, no keys
+    text = open(os.path.join(INFRA, "k8s", "flink-deployment.yaml")).read()
+    assert "AWS_" not in text
 
 
 # -- container images --------------------------------------------------------------------

@@ -179,4 +179,8 @@ def build_pipeline(pipeline: beam.Pipeline, spec: BuildSpec, parts: list[PartEnt
      | "Parts" >> beam.Create(parts, reshuffle=True)
      | "AddPerShard" >> beam.ParDo(AddPart(spec))
      | "GroupByShard" >> beam.GroupByKey()
+     # a shard's merge is the heavy step: a key's hash may send every shard to one worker
+     # (3 shards, 2 Flink slots: all 3 on one); a Reshuffle, which Flink runs as a
+     # round-robin rebalance, spreads them
+     | "SpreadShards" >> beam.Reshuffle()
      | "MergeShard" >> beam.ParDo(MergeShard(spec)))

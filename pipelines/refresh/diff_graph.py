@@ -194,6 +194,7 @@ def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit], p
             ShownAttrs(spec)))
     (sides | "Runs" >> beam.Flatten()
      | "GroupByBucket" >> beam.GroupByKey()
+     | "SpreadBuckets" >> beam.Reshuffle()   # as build-index's SpreadShards: keys may hash to one worker
      | "JoinBucket" >> beam.ParDo(JoinBucket(spec)))
 
 

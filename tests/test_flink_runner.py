@@ -1,0 +1,156 @@
+"""The Beam jobs on Apache Flink, in production's topology (tests/flink_cluster.py: a
+JobManager and 2 TaskManagers as separate JVMs, a Beam worker pool beside each TaskManager,
+Beam's Flink job server), with the options of infra/beam/flink.options and the Flink
+settings of infra/k8s/flink-deployment.yaml, modulo addresses and sizes, against the local
+S3 server. Each job must publish what the DirectRunner publishes from the same input, byte
+for byte, with every TaskManager slot doing a share of each stage; a TaskManager killed
+mid-build must cost nothing but time. The cluster tests are in the slow tier (`make
+test-slow`, run by .ci/run); what needs no cluster runs in `make test`."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import random_bundle
+from mimdex.pipelines import cli
+from mimdex.pipelines.cli_beam import unknown_beam_flags
+from flink_cluster import options_file_lines
+from test_build_index import clustered, write_embeddings
+from test_dask_runner import (_build_records, idmap_rows, no_scratch_left, published,
+                              refresh_and_compact_like_the_directrunner, same_search)
+
+def test_the_options_file_is_beam_options_and_a_flink_runner_never_downloads_its_job_server(tmp_path, capsys):
+    assert unknown_beam_flags(options_file_lines()) == []
+    base = ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "out"), "--runner=FlinkRunner"]
+    cases = [
+        ([], "--runner=FlinkRunner needs --job_endpoint (a running Beam job server), or --flink_master"),
+        (["--flink_master=[auto]", f"--flink_job_server_jar={tmp_path}"], "needs --job_endpoint"),
+        (["--flink_master=127.0.0.1:8081", "--flink_job_server_jar=https://repo1.maven.org/x.jar"],
+         "--flink_job_server_jar https://repo1.maven.org/x.jar: a path on this machine, not a URL"),
+        (["--flink_master=127.0.0.1:8081", f"--flink_job_server_jar={tmp_path}/none.jar"],
+         f"--flink_job_server_jar {tmp_path}/none.jar: no such file"),
+    ]
+    for extra, message in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def vectors(s3_server):
+    from mimdex.infra.local_s3 import create_bucket
+
+    bucket = create_bucket(s3_server, "mimdex-flink-build")
+    x = clustered(1200, seed=5)
+    x[7] = np.nan   # a skipped row on every runner
+    pids = [f"prod-{i:05d}" for i in range(len(x))]
+    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
+    write_embeddings(bucket + "/emb", x, pids, bucket + "/model", sha, parts=8)
+    return bucket, x
+
+
+def _last_job(cluster) -> dict:
+    jobs = sorted(cluster.rest_get("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    return cluster.rest_get(f"/jobs/{jobs[-1]['jid']}")
+
+
+def slot_shares(cluster, job: dict) -> dict[str, list[int]]:
+    """Records each subtask (slot) of each stage read, from Flink's REST API: the stages
+    that run our DoFns in the SDK workers (Flink's MapPartition operators; not its own
+    shuffles) with work to spread (at least 2 records in)."""
+    shares = {}
+    for vertex in job["vertices"]:
+        if "MapPartition" not in vertex["name"] or vertex["metrics"]["read-records"] < 2:
+            continue
+        detail = cluster.rest_get(f"/jobs/{job['jid']}/vertices/{vertex['id']}")
+        shares[vertex["name"]] = [s["metrics"]["read-records"] for s in detail["subtasks"]]
+    return shares
+
+
+def listening_addresses(cluster) -> set[str]:
+    found = set()
+    for proc in cluster.processes.values():
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                found |= {c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+@pytest.mark.slow
+def test_build_index_on_flink_publishes_the_directrunners_bytes_every_slot_working(vectors, flink_two):
+    bucket, x = vectors
+    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "3", "--eval-queries", "200"]
+    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
+    assert cli.main([*common, "--out", bucket + "/flink", *flink_two.beam_args()]) == 0
+    assert published(bucket + "/flink") == published(bucket + "/direct")
+    assert idmap_rows(bucket + "/flink") == idmap_rows(bucket + "/direct")
+    same_search(bucket + "/flink", bucket + "/direct", x[::7])
+    no_scratch_left(bucket + "/flink")
+    job = _last_job(flink_two)
+    assert job["state"] == "FINISHED"
+    shares = slot_shares(flink_two, job)
+    # the parts (8), the per-shard vectors and the shards (3): each stage on both slots
+    assert any("AddPerShard" in name for name in shares) and any("MergeShard" in name for name in shares), shares
+    assert all(len(s) == 2 and min(s) > 0 for s in shares.values()), shares
+    # each TaskManager's own pool ran its SDK worker; nothing listened beyond loopback
+    logs = os.listdir(os.path.join(flink_two.state, "log"))
+    assert {n.split(":")[0] for n in logs if n.startswith("worker-")} == {"worker-127.0.0.2", "worker-127.0.0.3"}
+    assert all(ip.removeprefix("::ffff:").startswith("127.") for ip in listening_addresses(flink_two))
+
+
+@pytest.mark.slow
+def test_refresh_and_compaction_on_flink_publish_the_directrunners_bytes(s3_server, flink_two):
+    refresh_and_compact_like_the_directrunner(s3_server, "mimdex-flink-refresh", flink_two.beam_args())
+
+
+@pytest.mark.slow
+def test_a_taskmanager_killed_mid_build_costs_only_time(s3_server, flink_two):
+    """SIGKILL one TaskManager once the build has written its first outputs, and start it
+    again 3 s later (what the operator does for a lost pod): Flink's restart strategy runs
+    the lost tasks again and the job publishes the DirectRunner's bytes, with nothing
+    half-written left; or it exits 75 within the stall timeout and a re-run publishes them."""
+    from mimdex.infra.local_s3 import create_bucket
+
+    bucket = create_bucket(s3_server, "mimdex-flink-kill")
+    x = clustered(8000, seed=9)
+    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
+    write_embeddings(bucket + "/emb", x, [f"p{i:05d}" for i in range(len(x))], bucket + "/model", sha, parts=40)
+    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "4", "--eval-queries", "100",
+              "--stall-timeout", "90"]
+    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.setdefault("code", cli.main(
+        [*common, "--out", bucket + "/flink", *flink_two.beam_args()])))
+    start = time.monotonic()
+    job.start()
+    while _build_records(bucket + "/flink") == 0 and job.is_alive():
+        time.sleep(0.05)
+    done_at_kill = _build_records(bucket + "/flink")
+    flink_two.kill_taskmanager(1)
+    time.sleep(3)
+    flink_two.start_taskmanager(1)
+    job.join(400)
+    assert not job.is_alive() and 0 < done_at_kill < 40   # killed mid-job, not before or after
+    assert result["code"] in (0, 75)
+    if result["code"] == 75:   # allowed: then a re-run publishes the same bytes
+        assert time.monotonic() - start < 90 + 240
+        flink_two.wait_for_taskmanagers()
+        assert cli.main([*common, "--out", bucket + "/flink", *flink_two.beam_args()]) == 0
+    else:   # recovered: Flink saw the loss and ran the lost tasks again
+        history = flink_two.rest_get(f"/jobs/{_last_job(flink_two)['jid']}/exceptions")["exceptionHistory"]["entries"]
+        assert history, "the job finished without seeing the TaskManager go"
+    assert published(bucket + "/flink") == published(bucket + "/direct")
+    same_search(bucket + "/flink", bucket + "/direct", x[::50])
+    no_scratch_left(bucket + "/flink")
+    flink_two.wait_for_taskmanagers()   # whole again for what follows

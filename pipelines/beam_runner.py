@@ -8,6 +8,8 @@ record each under a progress directory; the driver counts those records to see p
 Runners Beam does not know by a short name (Dask) are mapped here to their class, and
 their option module is imported before any flag is parsed, so that ``--runner=DaskRunner
 --dask_client_address=...`` works on the command line and in a --beam-options-file alike.
+A FlinkRunner must name its job server (or a jar on disk and a JobManager): Beam's
+fallbacks download a jar over HTTP or run Flink inside the driver.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_bundle
@@ -59,9 +58,14 @@ def no_scratch_left(root: str) -> None:
 
 @pytest.fixture(scope="module")
 def vectors(s3_server):
+    return seeded_vectors(s3_server, "mimdex-dask-build")
+
+
+def seeded_vectors(s3_server, bucket_name: str) -> tuple[str, np.ndarray]:
+    """1,200 clustered vectors (one NaN row, skipped on every runner) in 8 parts."""
     from mimdex.infra.local_s3 import create_bucket
 
-    bucket = create_bucket(s3_server, "mimdex-dask-build")
+    bucket = create_bucket(s3_server, bucket_name)
     x = clustered(1200, seed=5)
     x[7] = np.nan   # a skipped row on every runner
     pids = [f"prod-{i:05d}" for i in range(len(x))]
@@ -116,17 +120,25 @@ def test_without_the_dask_extra_a_dask_flag_is_one_line_naming_it_exit_2(tmp_pat
 
 
 def test_build_index_on_dask_publishes_the_directrunners_bytes(vectors, dask_two):
-    bucket, x = vectors
-    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "3", "--eval-queries", "200"]
-    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
-    assert cli.main([*common, "--out", bucket + "/dask", *dask_two.beam_args()]) == 0
-    assert published(bucket + "/dask") == published(bucket + "/direct")
-    assert idmap_rows(bucket + "/dask") == idmap_rows(bucket + "/direct")
-    same_search(bucket + "/dask", bucket + "/direct", x[::7])
-    no_scratch_left(bucket + "/dask")
+    bucket = build_like_the_directrunner(vectors, "dask", dask_two.beam_args())
     report = storage.read_json(storage.list_files(bucket + "/dask/_reports", ".json")[-1])
     assert report["beam_args"][:2] == ["--dask_partition_size=1",
                                        "--runner=apache_beam.runners.dask.dask_runner.DaskRunner"]
+
+
+def build_like_the_directrunner(vectors, name: str, beam_args: list[str]) -> str:
+    """build-index of ``vectors`` on the DirectRunner (<bucket>/direct) and with
+    ``beam_args`` (<bucket>/<name>): the same shards, id maps and search results, and no
+    partial left. Returns the bucket."""
+    bucket, x = vectors
+    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "3", "--eval-queries", "200"]
+    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
+    assert cli.main([*common, "--out", f"{bucket}/{name}", *beam_args]) == 0
+    assert published(f"{bucket}/{name}") == published(bucket + "/direct")
+    assert idmap_rows(f"{bucket}/{name}") == idmap_rows(bucket + "/direct")
+    same_search(f"{bucket}/{name}", bucket + "/direct", x[::7])
+    no_scratch_left(f"{bucket}/{name}")
+    return bucket
 
 
 # --- the slow tier: refresh and compaction, a worker killed mid-build ---
@@ -197,36 +209,49 @@ def test_a_dask_worker_killed_mid_build_costs_only_time(s3_server, dask_two):
     the lost tasks again (the nanny starts a new worker), the job publishes the
     DirectRunner's bytes, and nothing half-written stays; or it exits 75 within the stall
     timeout and a re-run publishes them."""
-    from mimdex.infra.local_s3 import create_bucket
-
-    bucket = create_bucket(s3_server, "mimdex-dask-kill")
-    x = clustered(8000, seed=9)
-    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
-    write_embeddings(bucket + "/emb", x, [f"p{i:05d}" for i in range(len(x))], bucket + "/model", sha, parts=40)
-    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "4", "--eval-queries", "100",
-              "--stall-timeout", "60"]
-    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
     victim = dask_two.worker_pids()[0]
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.setdefault("code", cli.main(
-        [*common, "--out", bucket + "/dask", *dask_two.beam_args()])))
-    start = time.monotonic()
-    job.start()
-    while _build_records(bucket + "/dask") == 0 and job.is_alive():
-        time.sleep(0.05)
-    done_at_kill = _build_records(bucket + "/dask")
-    os.kill(victim, signal.SIGKILL)
-    job.join(300)
-    assert not job.is_alive() and 0 < done_at_kill < 40   # killed mid-job, not before or after
-    if result["code"] == 75:   # allowed: then a re-run publishes the same bytes
-        assert time.monotonic() - start < 60 + 120
-        assert cli.main([*common, "--out", bucket + "/dask", *dask_two.beam_args()]) == 0
-    assert result["code"] in (0, 75)
-    assert published(bucket + "/dask") == published(bucket + "/direct")
-    same_search(bucket + "/dask", bucket + "/direct", x[::50])
-    no_scratch_left(bucket + "/dask")
+    killed_mid_build(s3_server, "mimdex-dask-kill", dask_two.beam_args(), lambda: os.kill(victim, signal.SIGKILL),
+                     stall=60, join=300)
     # the nanny replaces the killed worker: the cluster is whole again for what follows
     deadline = time.monotonic() + 60
     while len(dask_two.worker_pids()) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert victim not in dask_two.worker_pids() and len(dask_two.worker_pids()) == 2
+
+
+def killed_mid_build(s3_server, bucket_name: str, beam_args: list[str], kill, stall: int, join: int,
+                     before_rerun=lambda: None) -> int:
+    """A 40-part build on the DirectRunner, then with ``beam_args``, ``kill()`` called once
+    the second has written its first outputs: it must exit 0, or 75 within the stall
+    timeout and then a re-run (after ``before_rerun()``) exits 0; either way the DirectRunner's
+    bytes and search results, and no partial left. Returns the first run's exit code."""
+    from mimdex.infra.local_s3 import create_bucket
+
+    bucket = create_bucket(s3_server, bucket_name)
+    x = clustered(8000, seed=9)
+    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
+    write_embeddings(bucket + "/emb", x, [f"p{i:05d}" for i in range(len(x))], bucket + "/model", sha, parts=40)
+    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "4", "--eval-queries", "100",
+              "--stall-timeout", str(stall)]
+    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.setdefault("code", cli.main(
+        [*common, "--out", bucket + "/remote", *beam_args])))
+    start = time.monotonic()
+    job.start()
+    while _build_records(bucket + "/remote") == 0 and job.is_alive():
+        time.sleep(0.05)
+    done_at_kill = _build_records(bucket + "/remote")
+    kill()
+    job.join(join)
+    assert not job.is_alive() and 0 < done_at_kill < 40   # killed mid-job, not before or after
+    assert result["code"] in (0, 75)
+    print(f"killed with {done_at_kill} of 40 parts done: exit {result['code']} after {time.monotonic() - start:.0f} s")
+    if result["code"] == 75:   # allowed: then a re-run publishes the same bytes
+        assert time.monotonic() - start < stall + 120
+        before_rerun()
+        assert cli.main([*common, "--out", bucket + "/remote", *beam_args]) == 0
+    assert published(bucket + "/remote") == published(bucket + "/direct")
+    same_search(bucket + "/remote", bucket + "/direct", x[::50])
+    no_scratch_left(bucket + "/remote")
+    return result["code"]

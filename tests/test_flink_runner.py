@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
 
-from conftest import random_bundle
 from mimdex.pipelines import cli
 from mimdex.pipelines.cli_beam import unknown_beam_flags
 from flink_cluster import options_file_lines
-from test_build_index import clustered, write_embeddings
-from test_dask_runner import (_build_records, idmap_rows, no_scratch_left, published,
-                              refresh_and_compact_like_the_directrunner, same_search)
+from test_dask_runner import (build_like_the_directrunner, killed_mid_build, refresh_and_compact_like_the_directrunner,
+                              seeded_vectors)
 
 def test_the_options_file_is_beam_options_and_a_flink_runner_never_downloads_its_job_server(tmp_path, capsys):
     assert unknown_beam_flags(options_file_lines()) == []
@@ -45,15 +41,7 @@ def test_the_options_file_is_beam_options_and_a_flink_runner_never_downloads_its
 
 @pytest.fixture(scope="module")
 def vectors(s3_server):
-    from mimdex.infra.local_s3 import create_bucket
-
-    bucket = create_bucket(s3_server, "mimdex-flink-build")
-    x = clustered(1200, seed=5)
-    x[7] = np.nan   # a skipped row on every runner
-    pids = [f"prod-{i:05d}" for i in range(len(x))]
-    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
-    write_embeddings(bucket + "/emb", x, pids, bucket + "/model", sha, parts=8)
-    return bucket, x
+    return seeded_vectors(s3_server, "mimdex-flink-build")
 
 
 def _last_job(cluster) -> dict:
@@ -89,14 +77,7 @@ def listening_addresses(cluster) -> set[str]:
 
 @pytest.mark.slow
 def test_build_index_on_flink_publishes_the_directrunners_bytes_every_slot_working(vectors, flink_two):
-    bucket, x = vectors
-    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "3", "--eval-queries", "200"]
-    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
-    assert cli.main([*common, "--out", bucket + "/flink", *flink_two.beam_args()]) == 0
-    assert published(bucket + "/flink") == published(bucket + "/direct")
-    assert idmap_rows(bucket + "/flink") == idmap_rows(bucket + "/direct")
-    same_search(bucket + "/flink", bucket + "/direct", x[::7])
-    no_scratch_left(bucket + "/flink")
+    build_like_the_directrunner(vectors, "flink", flink_two.beam_args())
     job = _last_job(flink_two)
     assert job["state"] == "FINISHED"
     shares = slot_shares(flink_two, job)
@@ -120,39 +101,14 @@ def test_a_taskmanager_killed_mid_build_costs_only_time(s3_server, flink_two):
     again 3 s later (what the operator does for a lost pod): Flink's restart strategy runs
     the lost tasks again and the job publishes the DirectRunner's bytes, with nothing
     half-written left; or it exits 75 within the stall timeout and a re-run publishes them."""
-    from mimdex.infra.local_s3 import create_bucket
+    def kill() -> None:
+        flink_two.kill_taskmanager(1)
+        time.sleep(3)
+        flink_two.start_taskmanager(1)
 
-    bucket = create_bucket(s3_server, "mimdex-flink-kill")
-    x = clustered(8000, seed=9)
-    sha = random_bundle(bucket + "/model", ["a title"], "3-tower")
-    write_embeddings(bucket + "/emb", x, [f"p{i:05d}" for i in range(len(x))], bucket + "/model", sha, parts=40)
-    common = ["build-index", "--embeddings", bucket + "/emb", "--shards", "4", "--eval-queries", "100",
-              "--stall-timeout", "90"]
-    assert cli.main([*common, "--out", bucket + "/direct"]) == 0
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.setdefault("code", cli.main(
-        [*common, "--out", bucket + "/flink", *flink_two.beam_args()])))
-    start = time.monotonic()
-    job.start()
-    while _build_records(bucket + "/flink") == 0 and job.is_alive():
-        time.sleep(0.05)
-    done_at_kill = _build_records(bucket + "/flink")
-    flink_two.kill_taskmanager(1)
-    time.sleep(3)
-    flink_two.start_taskmanager(1)
-    job.join(400)
-    assert not job.is_alive() and 0 < done_at_kill < 40   # killed mid-job, not before or after
-    assert result["code"] in (0, 75)
-    print(f"TaskManager killed with {done_at_kill} of 40 parts done: exit {result['code']} "
-          f"after {time.monotonic() - start:.0f} s")
-    if result["code"] == 75:   # allowed: then a re-run publishes the same bytes
-        assert time.monotonic() - start < 90 + 240
-        flink_two.wait_for_taskmanagers()
-        assert cli.main([*common, "--out", bucket + "/flink", *flink_two.beam_args()]) == 0
-    else:   # recovered: Flink saw the loss and ran the lost tasks again
+    code = killed_mid_build(s3_server, "mimdex-flink-kill", flink_two.beam_args(), kill, stall=90, join=400,
+                            before_rerun=flink_two.wait_for_taskmanagers)
+    if code == 0:   # recovered: Flink saw the loss and ran the lost tasks again
         history = flink_two.rest_get(f"/jobs/{_last_job(flink_two)['jid']}/exceptions")["exceptionHistory"]["entries"]
         assert history, "the job finished without seeing the TaskManager go"
-    assert published(bucket + "/flink") == published(bucket + "/direct")
-    same_search(bucket + "/flink", bucket + "/direct", x[::50])
-    no_scratch_left(bucket + "/flink")
     flink_two.wait_for_taskmanagers()   # whole again for what follows

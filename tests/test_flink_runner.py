@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 from mimdex.pipelines import cli
+from mimdex.pipelines.refresh import diff as refresh_diff
+from mimdex.pipelines.refresh import diff_graph
 from mimdex.pipelines.cli_beam import unknown_beam_flags
 from flink_cluster import options_file_lines
 from test_dask_runner import (build_like_the_directrunner, killed_mid_build, refresh_and_compact_like_the_directrunner,
@@ -91,8 +93,21 @@ def test_build_index_on_flink_publishes_the_directrunners_bytes_every_slot_worki
 
 
 @pytest.mark.slow
-def test_refresh_and_compaction_on_flink_publish_the_directrunners_bytes(s3_server, flink_two):
+def test_refresh_and_compaction_on_flink_publish_the_directrunners_bytes(s3_server, flink_two, monkeypatch):
+    # the diff's units and buckets are sized for millions of rows: smaller here, so that
+    # each of its stages has several elements to spread (the driver sizes both, for both runners)
+    monkeypatch.setattr(diff_graph, "UNIT_ROWS", 40)
+    monkeypatch.setattr(refresh_diff, "ROWS_PER_BUCKET", 16)
+    before = {j["jid"] for j in flink_two.rest_get("/jobs/overview")["jobs"]}
     refresh_and_compact_like_the_directrunner(s3_server, "mimdex-flink-refresh", flink_two.beam_args())
+    jobs = [flink_two.rest_get(f"/jobs/{j['jid']}") for j in flink_two.rest_get("/jobs/overview")["jobs"]
+            if j["jid"] not in before]
+    assert jobs and all(j["state"] == "FINISHED" for j in jobs)
+    # the diffs, the first refresh's build and the compaction: every DoFn stage on both slots
+    shares = [(name, s) for job in jobs for name, s in slot_shares(flink_two, job).items()]
+    for stage in ("CatalogStates", "PreviousStates", "JoinBucket", "AddPerShard", "MergeShard", "CompactShard"):
+        assert any(stage in name for name, _ in shares), (stage, shares)
+    assert all(len(s) == 2 and min(s) > 0 for _, s in shares), shares
 
 
 @pytest.mark.slow

@@ -7,6 +7,10 @@ that opened a named version), nor a file that a kept version references (a refre
 delta segment uses its parent's shards and codebooks): a deleted version whose files are
 still used keeps exactly those, and loses its manifest. A version is deleted manifest first, so that a reader
 that races the deletion finds an incomplete version and says so, not half a version.
+With a grace period shorter than a build, retention can race the build itself: a version
+found incomplete is marked before it is deleted and its build then refuses to complete
+it (index_version.write_manifest), and a publisher that moved LATEST to a version whose
+manifest retention just deleted moves it back (index_version.point_latest).
 """
 from __future__ import annotations
 
@@ -56,16 +60,10 @@ def rollback(root: str, to: str) -> dict:
         raise UsageError(f"--to {to}: that version lost {len(lost)} file(s) (first: {lost[0]}); it cannot be served")
     pointer, token = iv.read_latest(root)
     previous = pointer.version if pointer else None
-    iv.point_latest(root, to, token, previous)
-    # Retention takes no lease: it may have deleted `to` after we read its manifest. It
-    # checks LATEST after deleting a manifest, we check the manifest after moving LATEST,
-    # so one of us sees the other; if it is us, LATEST goes back to what it named.
-    if not iv.is_complete(root, to):
-        _, ours = iv.read_latest(root)
-        if previous:
-            iv.point_latest(root, previous, ours, to)
-        raise TransientError(f"--to {to}: retention deleted that version while LATEST was moved to it; LATEST "
-                             f"names {previous} again")
+    try:
+        iv.point_latest(root, to, token, previous)
+    except TransientError as exc:
+        raise TransientError(f"--to {to}: {exc}") from exc
     return {"index_root": root, "from": previous, "to": to}
 
 
@@ -94,6 +92,7 @@ def prune(root: str, keep: int, grace_hours: float = 24.0, now: dt.datetime | No
     for version in list(deleted):
         vdir = iv.version_uri(root, version)
         manifest = storage.join(vdir, "manifest.json")
+        marked: set[str] = set()  # a version deleted before it was complete keeps its mark (iv.write_manifest)
         if storage.exists(manifest):
             body = storage.read_bytes(manifest)
             storage.delete(manifest)
@@ -106,15 +105,23 @@ def prune(root: str, keep: int, grace_hours: float = 24.0, now: dt.datetime | No
                 kept.append(version)
                 used |= index_delta.files_of(iv.read_manifest(root, version))
                 continue
+        elif not iv.mark_pruned(root, version):  # a build completed it since we listed it
+            deleted.remove(version)
+            kept.append(version)
+            used |= index_delta.files_of(iv.read_manifest(root, version))
+            continue
+        else:
+            marked = {iv.PRUNED}
         keep_files = {name for home, name in used if home == version}
-        if not keep_files:
+        if not keep_files | marked:
             storage.delete(vdir, recursive=True)
             continue
         fs, path = storage.resolve(vdir)
         for entry in fs.find(path):
             name = entry[len(path):].lstrip("/")
-            if name not in keep_files:
+            if name not in keep_files | marked:
                 storage.delete(storage.join(vdir, name))
-        still_used[version] = sorted(keep_files)
+        if keep_files:
+            still_used[version] = sorted(keep_files)
     return {"index_root": root, "keep": keep, "grace_hours": grace_hours, "deleted": deleted, "kept": kept,
             "protected": sorted(protected), "files_kept_for_newer_versions": still_used}

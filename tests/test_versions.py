@@ -86,18 +86,23 @@ def test_a_rollback_and_retention_racing_never_leave_latest_on_a_deleted_version
 
     out, built = three_versions
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
-    real_point = publish.point_latest
+    before, _ = publish.read_latest(out)
+    real_replace = storage.replace_if
 
-    def deleted_right_after(root, version, token, previous):
-        real_point(root, version, token, previous)
-        if version == built[0]:
-            storage.delete(storage.join(publish.version_uri(root, version), "manifest.json"))
+    def deleted_right_after(uri, data, expected):
+        real_replace(uri, data, expected)
+        if json.loads(data)["version"] == built[0]:
+            storage.delete(storage.join(publish.version_uri(out, built[0]), "manifest.json"))
 
-    monkeypatch.setattr(publish, "point_latest", deleted_right_after)
-    with pytest.raises(TransientError, match=f"--to {built[0]}: retention deleted that version"):
+    monkeypatch.setattr(storage, "replace_if", deleted_right_after)
+    with pytest.raises(TransientError, match=f"--to {built[0]}: retention deleted version {built[0]} while LATEST "
+                                             f"was moved to it; LATEST names {built[2]} again"):
         versions.rollback(out, built[0])
-    assert publish.latest_version(out) == built[2]
+    after, _ = publish.read_latest(out)
+    assert (after.version, after.previous) == (before.version, before.previous)  # exactly as it was
     monkeypatch.undo()
+    _, token = publish.read_latest(out)  # nothing protects built[1] now but what races below
+    storage.replace_if(publish.latest_uri(out), json.dumps({"version": built[2], "previous": None}).encode(), token)
 
     real_delete = storage.delete
 
@@ -122,3 +127,52 @@ def test_rollback_refuses_a_version_that_lost_a_file(three_versions, capsys):
     assert f"--to {built[0]}: that version lost 1 file(s) (first: {built[0]}/{shard}); it cannot be served" in \
         capsys.readouterr().err
     assert publish.latest_version(out) == built[2]
+
+
+def test_retention_racing_a_build_never_lets_it_publish_deleted_files(three_versions, monkeypatch):
+    """A --grace-hours shorter than a build: retention finds the build's version incomplete.
+    Both interleavings, made to happen: retention marks it before the build writes its
+    manifest (the build refuses to complete it, exit 75, LATEST unchanged, the mark stays);
+    the build completes it between retention's listing and its mark (retention keeps it whole)."""
+    from mimdex.infra.errors import TransientError
+
+    out, built = three_versions
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    emb = out.rsplit("/", 1)[0] + "/emb0"
+    real_write = publish.write_manifest
+
+    def pruned_first(root, manifest):
+        versions.prune(root, keep=1, grace_hours=0, now=later)
+        real_write(root, manifest)
+
+    monkeypatch.setattr(publish, "write_manifest", pruned_first)
+    with pytest.raises(TransientError, match=r"retention \(versions --prune\) deleted version \S+ while it was "
+                                             "being built"):
+        run(BuildConfig(embeddings=emb, out=out, shards=2, eval_queries=50))
+    monkeypatch.undo()
+    assert publish.latest_version(out) == built[2]
+    lost = [v for v in publish.list_versions(out) if v not in built]
+    assert len(lost) == 1 and not publish.is_complete(out, lost[0])
+    assert storage.list_files(publish.version_uri(out, lost[0])) == [publish.version_uri(out, lost[0]) + "/_pruned"]
+    # a second prune leaves the mark (the build might still be writing) and deletes nothing else
+    assert lost[0] in versions.prune(out, keep=1, grace_hours=0, now=later)["deleted"]
+    assert storage.list_files(publish.version_uri(out, lost[0])) == [publish.version_uri(out, lost[0]) + "/_pruned"]
+
+    real_mark = publish.mark_pruned
+    completed: list[str] = []
+
+    def completed_meanwhile(root, version):
+        if version == late and not completed:  # the build writes its manifest right now
+            completed.append(version)
+            storage.write_bytes(storage.join(publish.version_uri(root, version), "manifest.json"),
+                                storage.read_bytes(storage.join(publish.version_uri(root, built[2]), "manifest.json")))
+        return real_mark(root, version)
+
+    late = publish.new_version()  # older than `later`: no grace protects it
+    storage.write_bytes(publish.version_uri(out, late) + "/trained.index", b"x")
+    monkeypatch.setattr(publish, "mark_pruned", completed_meanwhile)
+    result = versions.prune(out, keep=1, grace_hours=0, now=later)
+    assert late in result["kept"] and late not in result["deleted"] and completed == [late]
+    assert publish.is_complete(out, late)
+    assert sorted(storage.list_files(publish.version_uri(out, late))) == sorted(
+        publish.version_uri(out, late) + f for f in ("/manifest.json", "/trained.index"))

@@ -8,6 +8,8 @@
                                                      segment (contracts.index_delta)
     <root>/versions/<version>/manifest.json          written last, create-only: the version is complete;
                                                      it may name files of older versions as ../<version>/<file>
+    <root>/versions/<version>/_pruned                retention deleted this version before it was complete
+                                                     (the mark stays, so that its build can never publish it)
     <root>/LATEST                                    {"version", "previous", "published_at"}
 
 A publisher reads LATEST when it starts (its parent) and replaces it only if it still
@@ -29,11 +31,12 @@ import pyarrow.parquet as pq
 from mimdex.infra import storage
 from mimdex.infra.contracts.files import FileRef, column_bytes, consume_checked, read_checked, table_from_bytes
 from mimdex.infra.contracts.model import ModelRef
-from mimdex.infra.errors import DataError
+from mimdex.infra.errors import DataError, TransientError
 
 INDEX_FORMAT = "mimdex-index/1"
 RECORDED_IN = "the index manifest"
 T = TypeVar("T")
+PRUNED = "_pruned"  # retention's mark in a version it deleted before it was complete (write_manifest)
 _VERSION_FORMATS = ("%Y%m%dT%H%M%S%fZ", "%Y%m%dT%H%M%SZ")
 
 
@@ -164,8 +167,28 @@ def read_manifest(root: str, version: str) -> IndexManifest:
 
 
 def write_manifest(root: str, manifest: IndexManifest) -> None:
-    storage.write_json(storage.join(version_uri(root, manifest.version), "manifest.json"), manifest.to_json(),
-                       create_only=True)
+    """Complete a version: its manifest, create-only. Retention marks a version it deletes
+    before it is complete and then looks for this manifest; we write the manifest and then
+    look for the mark: one of us sees the other, so a build never publishes a version
+    whose files retention is deleting (a --grace-hours shorter than the build)."""
+    uri = storage.join(version_uri(root, manifest.version), "manifest.json")
+    storage.write_json(uri, manifest.to_json(), create_only=True)
+    if storage.exists(storage.join(version_uri(root, manifest.version), PRUNED)):
+        storage.delete(uri)
+        raise TransientError(f"retention (versions --prune) deleted version {manifest.version} while it was being "
+                             "built (its --grace-hours is shorter than this build); nothing was published; run "
+                             "the job again")
+
+
+def mark_pruned(root: str, version: str) -> bool:
+    """Retention's side of write_manifest: mark an incomplete version before deleting it.
+    False (and no mark) if it completed meanwhile: it is not to be deleted."""
+    mark = storage.join(version_uri(root, version), PRUNED)
+    storage.write_bytes(mark, b"")
+    if is_complete(root, version):
+        storage.delete(mark)
+        return False
+    return True
 
 
 def is_complete(root: str, version: str) -> bool:
@@ -197,15 +220,34 @@ def latest_version(root: str) -> str | None:
     return pointer.version if pointer else None
 
 
-def point_latest(root: str, version: str, expected_token: str | None, previous: str | None) -> None:
-    """Replace LATEST with ``version`` if it is still what the caller read (exit 75 if not)."""
-    read_manifest(root, version)  # never point at an incomplete version
+def _pointer(version: str, previous: str | None) -> bytes:
     # "writer": this publish's token, so that a retry whose first answer was lost knows
     # the pointer that stands for its own (storage.replace_if compares the bytes)
-    body = json.dumps({"version": version, "previous": previous, "writer": uuid.uuid4().hex,
+    return json.dumps({"version": version, "previous": previous, "writer": uuid.uuid4().hex,
                        "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
                       indent=2, sort_keys=True).encode() + b"\n"
-    storage.replace_if(latest_uri(root), body, expected_token)
+
+
+def point_latest(root: str, version: str, expected_token: str | None, previous: str | None) -> None:
+    """Replace LATEST with ``version`` if it is still what the caller read (exit 75 if not).
+
+    Retention deletes a version's manifest and then reads LATEST (keeping the version if
+    LATEST names it); we move LATEST and then look for the manifest: one of us sees the
+    other. If it is us, LATEST goes back to exactly what it was, and exit 75."""
+    if not is_complete(root, version):
+        raise TransientError(f"version {version} has no manifest.json (retention deleted it, or it never "
+                             f"completed); {latest_uri(root)} was not moved")
+    before, token = read_latest(root)
+    if token != expected_token:
+        raise storage.ConcurrentUpdate(f"{latest_uri(root)} changed since it was read")
+    storage.replace_if(latest_uri(root), _pointer(version, previous), expected_token)
+    if is_complete(root, version):
+        return
+    if before is not None:
+        _, ours = read_latest(root)
+        storage.replace_if(latest_uri(root), _pointer(before.version, before.previous), ours)
+    raise TransientError(f"retention deleted version {version} while LATEST was moved to it; LATEST names "
+                         f"{before.version if before else 'it still (there was nothing before it)'} again")
 
 
 def list_versions(root: str) -> list[str]:

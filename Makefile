@@ -78,9 +78,11 @@ images:
 	docker build -f infra/docker/Dockerfile.cpu -t $(IMAGE):$(VERSION)-cpu .
 	docker build -f infra/docker/Dockerfile.cpu --target beam-sdk -t $(IMAGE):$(VERSION)-beam-sdk .
 
-# Slow checks and benchmarks that CI does not run.
+# Every benchmark script in a quick mode (small data, minutes in all), each result as JSON
+# in bench-output/; the documented tables come from each script's full command
+# (docs/benchmarks.md). CI does not run it.
 bench: $(STAMP)
-	$(PY) -m pytest tests -m "slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) tests/benchmarks/run_quick.py --out bench-output
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .tools

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mimdex.encoders.images import ImageDecodeError, load_pixels
 from mimdex.infra import storage
 from mimdex.infra.contracts.files import read_dataset
+from mimdex.infra.contracts.queries import read_queries
 from mimdex.infra.contracts.photos import bounded
 from mimdex.infra.errors import DataError
 
@@ -108,12 +109,9 @@ def load_train_data(data_uri: str, catalog_uri: str, image_size: int, *, max_val
 
     val_product, val_pixels = np.zeros(0, np.int64), np.zeros((0, image_size, image_size, 3), np.uint8)
     if queries_uri:
-        q = read_dataset(queries_uri, "queries", required=("query_image", "product_id", "kind"))
-        rows = [i for i, k in enumerate(q.column("kind").to_pylist()) if k == "street"][:max_val]
-        q = q.take(rows)
-        qt = q.column("product_id").to_pylist()
-        val_product = np.array([index[t] for t in qt], np.int64)
-        val_pixels = _decode_all(q.column("query_image").to_pylist(), image_size, queries_uri, qt,
+        street_q = read_queries(queries_uri, max_val).street   # the contract's street queries
+        val_product = np.array([index[t] for t in street_q.targets], np.int64)
+        val_pixels = _decode_all(list(street_q.images), image_size, queries_uri, list(street_q.targets),
                                  "decode validation", progress, jpeg_draft)
 
     street_product = np.array([index[targets[i]] for i in street], np.int64)

@@ -3,7 +3,11 @@ build-index and of refresh's incremental update alike.
 
     query sets (held-out sample, street queries) -> exact nearest neighbours (found by
       build-index's Beam job, or blockwise here) -> nprobe sweep -> default nprobe
-      -> --min-recall gate -> report.json -> manifest.json (create-only) -> LATEST (conditional)
+      -> evaluation queries' recall (query_recall) -> --min-recall gate -> report.json
+      -> manifest.json (create-only) -> LATEST (conditional)
+
+Evaluation queries come as vectors (contracts.queries.QueryVectors): the job that
+publishes loads the model and encodes them (encoders.queries); this layer never does.
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ import numpy as np
 
 from mimdex.indexing.evaluate import Ladder, held_out_at, one_at_a_time, sweep
 from mimdex.indexing.exact import ExactTopK
+from mimdex.indexing.query_recall import query_recall
 from mimdex.indexing.reader import IndexReader, ShardLoader
 from mimdex.indexing.sample import Sample, draw
 from mimdex.indexing.shard_search import ShardSearch
 from mimdex.infra import storage
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest
-from mimdex.infra.contracts.files import FileRef, read_dataset
-from mimdex.infra.contracts.recall import recall_at
-from mimdex.infra.contracts.vectors import ids_for, usable_rows
+from mimdex.infra.contracts.files import FileRef
+from mimdex.infra.contracts.queries import QueryVectors
+from mimdex.infra.contracts.vectors import usable_rows
 from mimdex.infra.errors import DataError
 
 
@@ -56,7 +61,7 @@ class Source:
 class Gate:
     recall_target: float = 0.95
     min_recall: float | None = None
-    queries: str | None = None       # street queries, encoded with the embeddings' model
+    queries: QueryVectors | None = None   # evaluation queries, encoded with the embeddings' model
     eval_queries: int = 1000
     seed: int = 0
 
@@ -118,15 +123,13 @@ class QuerySet:
     name: str                        # held_out | street
     vectors: np.ndarray
     exclude: np.ndarray | None       # a held-out vector's own id, never its own neighbour
-    product_ids: tuple[str, ...] | None = None   # street queries: the photographed product
 
 
-def query_sets(src: Source, gate: Gate, held: np.ndarray, held_ids: np.ndarray) -> tuple[QuerySet, ...]:
+def query_sets(gate: Gate, held: np.ndarray, held_ids: np.ndarray) -> tuple[QuerySet, ...]:
+    """The held-out vectors and the street queries, each swept against exact search."""
     sets = [QuerySet("held_out", held, held_ids)] if len(held) else []
-    if gate.queries:
-        vectors, pids = _street_queries(src, gate.queries)
-        if len(vectors):
-            sets.append(QuerySet("street", vectors, None, tuple(pids)))
+    if gate.queries is not None and len(gate.queries.street):
+        sets.append(QuerySet("street", gate.queries.street, None))
     return tuple(sets)
 
 
@@ -156,43 +159,19 @@ def exact_truth(src: Source, sets: tuple[QuerySet, ...]) -> dict[str, np.ndarray
     return split_truth(sets, acc.result()[1][:, 0])
 
 
-def _street_queries(src: Source, queries: str, limit: int = 2000) -> tuple[np.ndarray, list[str]]:
-    from mimdex.encoders.bundle import load_bundle
-
-    model = src.manifest.model
-    enc = load_bundle(model.uri)
-    if enc.sha256 != model.sha256:
-        raise DataError(f"model {model.uri} is not the model the embeddings were made with")
-    table = read_dataset(queries, "queries", required=("query_image", "product_id"))
-    if "kind" in table.column_names:
-        import pyarrow.compute as pc
-        table = table.filter(pc.equal(table["kind"], "street"))
-    table = table.slice(0, limit)
-    images = table.column("query_image").to_pylist()
-    if src.vector == "image" or "query_text" not in table.column_names:
-        vectors = enc.encode_images(images)
-    elif src.vector == "text":
-        vectors = enc.encode_texts(table.column("query_text").to_pylist())
-    else:
-        vectors = enc.encode_queries(images, table.column("query_text").to_pylist())
-    return vectors.astype(np.float32), table.column("product_id").to_pylist()
-
-
 def evaluate(gate: Gate, search: Ladder, reader: Callable[[], IndexReader], sets: tuple[QuerySet, ...],
              truth: dict[str, np.ndarray], nlist: int, ladder: int = 1) -> dict:
     """The sweeps run on ``search`` (evaluate.sweep); ``reader()``, a loaded reader, serves
-    only street queries' product recall."""
+    only the evaluation queries' recall (query_recall), at the default nprobe."""
     out: dict = {}
     for s in sets:
         rows, chosen, why = sweep(search, s.vectors, truth[s.name], nlist, gate.recall_target, s.exclude, ladder)
         out[s.name] = {"queries": len(s.vectors), "sweep": rows, "default_nprobe": chosen, "why": why}
-    street = next((s for s in sets if s.name == "street"), None)
-    if street is not None:
-        nprobe = out.get("held_out", out["street"])["default_nprobe"]
-        # a product is found when any of its photos is: distinct products, compared by product id
-        # (search_distinct maps photos to products through the whole id map: a loaded reader)
-        _, _, found = reader().search_distinct(street.vectors, 100, nprobe)
-        out["street"]["product_recall"] = recall_at(found, ids_for(list(street.product_ids)))
+    if gate.queries is not None:
+        nprobe = out["held_out"]["default_nprobe"] if "held_out" in out else 1   # the version's default
+        # a product is found when any of its photos is (search_distinct maps photos to
+        # products through the whole id map: a loaded reader)
+        out["queries"] = query_recall(reader(), gate.queries, nprobe)
     return out
 
 
@@ -231,8 +210,9 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
             reader = reader or draft.reader()
             searched, search, loaded, ladder = "loaded reader", one_at_a_time(reader.search), lambda: reader, 1
         evaluation = evaluate(gate, search, loaded, sets, truth, draft.params["nlist"], ladder)
-        for result in evaluation.values():
-            result["searched"] = searched
+        for name, result in evaluation.items():
+            if name != "queries":   # (query_recall always searches a loaded reader)
+                result["searched"] = searched
     default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model

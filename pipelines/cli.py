@@ -103,7 +103,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from mimdex.encoders.config import LossWeights
     from mimdex.encoders.training import TrainConfig, recipe_for
-    from mimdex.pipelines import train_job
+    from mimdex.pipelines import train as train_job
     from mimdex.pipelines.report import write_report
 
     try:

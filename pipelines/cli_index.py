@@ -73,7 +73,8 @@ def _add_build_index(sub) -> None:
     p.add_argument("--recall-target", type=float, default=0.95,
                    help="recall@10 (vs exact) the default nprobe must reach")
     p.add_argument("--min-recall", type=float, help="do not publish below this recall@10 at the default nprobe")
-    p.add_argument("--queries", help="street queries to evaluate with (encoded with the embeddings' model)")
+    p.add_argument("--queries", help="evaluation queries (contracts.queries: street and reformulation photos), "
+                                     "encoded with the embeddings' model; their recall is recorded in the version")
     p.add_argument("--eval-queries", type=int, default=1000, help="held-out catalog vectors to evaluate with")
     p.add_argument("--train-size", type=int, help="training sample size (default: 64 per IVF list)")
     p.add_argument("--seed", type=int, default=0)
@@ -148,12 +149,12 @@ def _run_search(args: argparse.Namespace) -> int:
         reader.selection(flt)   # an unknown column or a mistyped value: exit 2 before the model loads
     # torch only now: a process that imported torch and faiss and exits without running
     # torch can abort at exit in their OpenMP runtimes ("terminate called ...")
-    from mimdex.pipelines.query import encoder_for, query_vectors
+    from mimdex.pipelines.query import encoder_for, search_vector
 
     enc = encoder_for(reader)
     image = storage.read_bytes(args.image) if args.image else None
     try:
-        vector = query_vectors(enc, [image] if image else None, [args.text] if args.text else None)
+        vector = search_vector(enc, [image] if image else None, [args.text] if args.text else None)
     except ValueError as exc:  # an undecodable query image
         raise DataError(f"--image {args.image}: {exc}") from exc
     results = reader.search_products(vector, args.k, args.nprobe, flt)[0]
@@ -175,12 +176,14 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="recall@k of a published index on street queries")
+    p = sub.add_parser("eval", help="recall of a published index on evaluation queries (the gate's figures)")
     p.add_argument("--index", required=True)
-    p.add_argument("--queries", required=True, help="Parquet with query_image, product_id [, query_text]")
-    p.add_argument("--nprobe", type=int)
+    p.add_argument("--queries", required=True, help="Parquet with query_image, product_id [, kind, query_text] "
+                                                    "(docs/contracts.md, evaluation queries)")
+    p.add_argument("--nprobe", type=int, help="default: the version's")
     p.add_argument("--version")
-    p.add_argument("--limit", type=int, help="evaluate the first N queries only")
+    p.add_argument("--limit", type=int, default=2000, help="the first N queries of each kind (default 2000, "
+                                                            "as the gate)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_run_eval)
 
@@ -197,8 +200,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"eval: version {result['version']}, {result['queries']} queries, nprobe {result['nprobe']}: "
-              + ", ".join(f"{k} {v}" for k, v in result.items() if k.startswith("recall")))
+        print(f"eval: version {result['version']}, nprobe {result['nprobe']}: "
+              + ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("version", "uri", "nprobe")))
     print(write_report(args.index, "eval", {"queries_uri": args.queries, **result}))
     return 0
 
@@ -289,6 +292,8 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--lock-ttl-hours", type=float, default=6.0, help="break a lock older than this")
     p.add_argument("--min-recall", type=float)
     p.add_argument("--eval-queries", type=int, default=1000)
+    p.add_argument("--queries", help="evaluation queries (street and reformulation photos) the gate records the "
+                                     "recall of, as build-index's --queries")
     p.add_argument("--ray-address")
     p.add_argument("--runtime-env", help="Ray runtime env file (e.g. infra/ray/runtime_env.yaml)")
     p.add_argument("--unit-rows", type=int, default=2048)
@@ -326,7 +331,7 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         max_drift=args.max_drift, max_change=args.max_change,
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
-                        eval_queries=args.eval_queries, ray_address=args.ray_address, runtime_env=args.runtime_env,
+                        eval_queries=args.eval_queries, queries=args.queries, ray_address=args.ray_address, runtime_env=args.runtime_env,
                         unit_rows=args.unit_rows, max_delta_share=args.max_delta_share,
                         stall_timeout=args.stall_timeout,
                         progress=not args.no_progress, beam_args=tuple(beam_args(args)))

@@ -3,25 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimdex.encoders.bundle import Encoder, load_bundle
+from mimdex.encoders.bundle import Encoder
+from mimdex.encoders.queries import model_of, vectors_for
+from mimdex.indexing.query_recall import query_recall
 from mimdex.indexing.reader import IndexReader
-from mimdex.infra.contracts.files import read_dataset
-from mimdex.infra.contracts.recall import recall_at
-from mimdex.infra.contracts.vectors import ids_for
-from mimdex.infra.errors import DataError, UsageError
+from mimdex.infra.errors import UsageError
 
 
 def encoder_for(reader: IndexReader) -> Encoder:
-    model = reader.manifest.model
-    enc = load_bundle(model.uri)
-    if enc.sha256 != model.sha256:
-        raise DataError(f"model {model.uri} has sha256 {enc.sha256}, but index version {reader.version} "
-                        f"was built with {model.sha256}")
-    return enc
+    """The model the version was built with, checksum checked."""
+    return model_of(reader.manifest.model, f"index version {reader.version}")
 
 
-def query_vectors(enc: Encoder, images: list[bytes] | None, texts: list[str] | None) -> np.ndarray:
-    """Image only, text only, or image + text fused (multimodal search)."""
+def search_vector(enc: Encoder, images: list[bytes] | None, texts: list[str] | None) -> np.ndarray:
+    """`mimdex search`'s query: image only, text only, or image + text fused (multimodal search)."""
     if texts and not enc.model.has_text:
         raise UsageError("--text: this index's model is image-only (no text tower)")
     if images and texts:
@@ -33,19 +28,9 @@ def query_vectors(enc: Encoder, images: list[bytes] | None, texts: list[str] | N
     raise UsageError("give --image FILE, --text TEXT, or both")
 
 
-def evaluate_queries(reader: IndexReader, queries_uri: str, nprobe: int | None = None,
-                     limit: int | None = None) -> dict:
-    """recall@k of the true product_id for street queries (query_image [+ query_text])."""
-    enc = encoder_for(reader)
-    table = read_dataset(queries_uri, "queries", required=("query_image", "product_id"))
-    if limit:
-        table = table.slice(0, limit)
-    texts = table.column("query_text").to_pylist() if "query_text" in table.column_names else None
-    use_text = reader.manifest.vector != "image" and texts is not None
-    try:
-        vectors = query_vectors(enc, table.column("query_image").to_pylist(), texts if use_text else None)
-    except ValueError as exc:  # an undecodable query image
-        raise DataError(f"queries {queries_uri}: {exc}") from exc
-    _, _, found = reader.search_distinct(vectors, 100, nprobe)  # found: any photo of the product
-    return {"queries": table.num_rows, "nprobe": nprobe or reader.default_nprobe, "version": reader.version,
-            **recall_at(found, ids_for(table.column("product_id").to_pylist()))}
+def evaluate_queries(reader: IndexReader, queries_uri: str, nprobe: int | None = None, limit: int | None = None) -> dict:
+    """The recall the quality gate records (indexing.query_recall), for a published version:
+    the same queries at the version's default nprobe give the figures in its manifest."""
+    m = reader.manifest
+    qv = vectors_for(m.model, f"index version {reader.version}", queries_uri, m.vector, limit)
+    return {"version": reader.version, **query_recall(reader, qv, nprobe)}

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -231,6 +232,11 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
     report = json.loads(open(build.stdout.strip().splitlines()[-1]).read())
     assert report["published"] and "street" in report["evaluation"] and report["vector"] == "fused"
     assert report["params"]["filter_columns"] == ["category", "family"]
+    bad_queries = str(tmp_path / "bad-queries.parquet")
+    pq.write_table(pa.table({"query_image": [b"x"], "product_id": ["P1"], "kind": ["shop"]}), bad_queries)
+    bad = subprocess.run(mimdex + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out + "-q",
+                                   "--queries", bad_queries], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 65 and f"queries {bad_queries}: row 0: kind 'shop' is not one of" in bad.stderr, bad.stderr
     for flag, code, message in (("category,size", 65, "no filter column 'size'"),
                                 ("title", 2, "'title' cannot be a filter column")):
         bad = subprocess.run(mimdex + ["build-index", "--embeddings", str(tmp_path / "emb"), "--out", out + "-bad",
@@ -267,7 +273,12 @@ def test_catalog_to_search_end_to_end_through_the_cli(tmp_path):
                         capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.splitlines()[0])
-    assert result["queries"] == 60 and 0.0 <= result["recall@1"] <= result["recall@10"] <= result["recall@100"]
+    # `mimdex eval` reports exactly what the quality gate recorded in the version
+    gate = report["evaluation"]["queries"]
+    assert {k: v for k, v in result.items() if k != "version"} == gate and result["version"] == report["version"]
+    assert gate["street_queries"] == 40 and gate["reformulation_queries"] == 20, gate
+    assert 0.0 <= gate["recall@1"] <= gate["recall@10"] <= gate["recall@100"] and 0 <= gate["wrong_category@1"] <= 1
+    assert {"reform_recall@1_image", "reform_recall@1_image_text"} <= set(gate)
     missing = subprocess.run(mimdex + ["search", "--index", str(tmp_path / "nowhere"), "--image",
                                        str(tmp_path / "q.jpg")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 65 and "no LATEST" in missing.stderr and "Traceback" not in missing.stderr

@@ -349,10 +349,10 @@ def test_synth_views_are_deterministic_and_bounded(tmp_path, views):
 
 
 def test_the_demo_report_shows_which_view_matched():
-    from mimdex.pipelines.demo_eval import Queries, marked
-    from mimdex.pipelines.html_report import _tiles
+    from mimdex.pipelines.demo.evaluation import Catalog, marked
+    from mimdex.pipelines.demo.html_report import _tiles
 
-    q = Queries([], [], {"P1": "mug", "P2": "vase"}, {})
+    q = Catalog({"P1": "mug", "P2": "vase"}, {})
     rows = [{"product_id": "P1", "photo": 2, "views": ["main", "crop", "background"], "title": "a mug", "score": 0.9,
              "category": "mug"},
             {"product_id": "P2", "photo": 0, "views": ["main"], "title": "a vase", "score": 0.5, "category": "vase"}]

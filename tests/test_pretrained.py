@@ -33,7 +33,8 @@ from mimdex.encoders.pretrained import (EFFICIENTNET_LITE, MINILM_L6, MissingPac
 from mimdex.infra.contracts.model import VECTOR_ROUNDING
 from mimdex.infra.errors import DataError
 from mimdex.encoders.text import configure, tokenize
-from mimdex.pipelines import cli, train_job
+from mimdex.pipelines import cli
+from mimdex.pipelines import train as train_job
 
 PRESET = "efficientnet-lite0-minilm"
 

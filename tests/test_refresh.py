@@ -2,6 +2,7 @@
 DirectRunner: the nightly job's contract (exact deltas, exit 99, locks, crash safety)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -39,10 +40,15 @@ def build(*args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def catalog_rows(tmp_path_factory):
+def synth_dir(tmp_path_factory):
     data = str(tmp_path_factory.mktemp("synth"))
     synth_job.run(SynthConfig(products=800, queries=10, seed=9), data, workers=2, progress=False)
-    return storage.parquet_dataset(data + "/catalog").to_table()
+    return data
+
+
+@pytest.fixture(scope="module")
+def catalog_rows(synth_dir):
+    return storage.parquet_dataset(synth_dir + "/catalog").to_table()
 
 
 def _write_catalog(uri: str, rows: list[dict], schema: pa.Schema) -> None:
@@ -91,11 +97,16 @@ def _recall10(reader: IndexReader, x: np.ndarray, ids: np.ndarray, nprobe: int) 
     return float((found == truth[:, None]).any(1).mean())
 
 
-def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, catalog_rows, capsys):
+def test_refresh_encodes_exactly_the_delta_and_matches_a_full_rebuild(world, catalog_rows, synth_dir, capsys):
     cfg, first = world
     rows, changed, deleted, new = _mutate(catalog_rows)
     _write_catalog(cfg.catalog + "/catalog.parquet", rows, catalog_rows.schema)
-    report = run(cfg)
+    report = run(dataclasses.replace(cfg, queries=synth_dir + "/queries"))
+    # the refresh's gate records the evaluation queries' recall, and `mimdex eval` reports exactly it
+    gate = report["evaluation"]["queries"]
+    assert gate["street_queries"] == 10 and gate["reformulation_queries"] == 5 and "wrong_category@1" in gate
+    assert cli.main(["eval", "--index", cfg.index, "--queries", synth_dir + "/queries", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"version": report["version"], **gate}
     assert report["diff"] == {"new": len(new), "changed": len(changed), "deleted": len(deleted),
                               "unchanged": 800 - len(changed) - len(deleted), "rejudged": 0,
                               "retagged": 0, "forgotten_rejects": 0, "still_rejected": 0, "row_only_rejects": 0}

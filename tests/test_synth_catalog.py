@@ -11,7 +11,7 @@ from PIL import Image
 from mimdex.encoders.images import decode_rgb
 from mimdex.infra import storage
 from mimdex.pipelines import cli
-from mimdex.pipelines.baseline import evaluate_histogram_nn
+from mimdex.pipelines.demo import evaluate_histogram_nn
 from mimdex.pipelines.synth.attributes import CATEGORIES, COLOURS, PATTERNS, Product, product_title
 from mimdex.pipelines.synth.rows import LARGE_IMAGE_SIZE
 
@@ -147,7 +147,7 @@ def test_the_confounder_is_real(s3_dataset):
     """Histogram NN picks a wrong-category product far more often than the right one,
     and its top-1 carries the background distractor's look rather than the product's."""
     m = evaluate_histogram_nn(s3_dataset[0])
-    assert m["queries"] == 500
+    assert m["street_queries"] == 500
     assert m["wrong_category@1"] >= 0.8
     assert m["wrong_category@1"] >= 10 * max(m["recall@1"], 0.01)
     assert m["top1_has_distractor_look"] >= 3 * max(m["top1_has_own_look"], 0.02)

@@ -10,7 +10,8 @@ import pytest
 from mimdex.encoders.bundle import load_bundle
 from mimdex.encoders.training import TrainConfig
 from mimdex.infra import storage
-from mimdex.pipelines import cli, train_job
+from mimdex.pipelines import cli
+from mimdex.pipelines import train as train_job
 from mimdex.pipelines.synth import job as synth
 from mimdex.pipelines.synth import SynthConfig
 

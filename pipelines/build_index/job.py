@@ -24,6 +24,7 @@ from mimdex.infra.contracts import embeddings as emb
 from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import parquet_metadata
+from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.photos import DEFAULT_MODE, MODES
 from mimdex.infra.contracts.vectors import check_kind, merge_skipped
 from mimdex.infra.errors import UsageError
@@ -56,9 +57,13 @@ class BuildConfig:
     manifest_name: str = "manifest.json"  # refresh builds from a composite manifest beside it
     stall_timeout: float = 900.0          # exit 75 when the Beam job writes nothing for this long
 
-    @property
-    def gate(self) -> release.Gate:
-        return release.Gate(self.recall_target, self.min_recall, self.queries, self.eval_queries, self.seed)
+    def gate(self, model: ModelRef) -> release.Gate:
+        """The quality gate, with --queries embedded by ``model`` (the embeddings')."""
+        from mimdex.encoders.queries import vectors_for   # torch: only for a gate with queries
+
+        queries = vectors_for(model, f"embeddings {self.embeddings}", self.queries, self.vector) \
+            if self.queries else None
+        return release.Gate(self.recall_target, self.min_recall, queries, self.eval_queries, self.seed)
 
 
 def _check(cfg: BuildConfig) -> None:
@@ -166,6 +171,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
         if photos in ("main", "pooled"):  # one vector per product, not per photo
             n = emb.count_products(cfg.embeddings, manifest)
         params = choose(n, d, cfg.max_index_memory, cfg.factory, cfg.train_size)
+        gate = cfg.gate(manifest.model)
     src = release.Source(cfg.embeddings, manifest, cfg.vector, alpha, photos)
     version = iv.new_version()
     vdir = iv.version_uri(cfg.out, version)
@@ -174,7 +180,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
     try:
         with timer.stage("sample"):
             sample = release.sample_vectors(src, n, params.train_size, cfg.eval_queries, cfg.seed)
-            sets = release.query_sets(src, cfg.gate, sample.held, sample.held_ids)
+            sets = release.query_sets(gate, sample.held, sample.held_ids)
             queries, exclude = release.stacked(sets, d)
             if len(queries):  # AddPart finds their exact neighbours while it holds each part's vectors
                 buf = io.BytesIO()
@@ -212,7 +218,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> release.Release
                                              **({attributes.PARAM: list(cfg.filter_columns)}
                                                 if cfg.filter_columns else {})},
                                      trained=trained, training=train_info, shards=shard_records, counts=counts)
-        released = release.finish_version(draft, src, cfg.gate, sets, timer, truth=truth)
+        released = release.finish_version(draft, src, gate, sets, timer, truth=truth)
         released.report["beam_args"] = beam_args
         # the DirectRunner runs the DoFns in this process; other runners' workers retry on their own
         released.report["storage_retries"] = {"driver": storage.retry_count() - retries}

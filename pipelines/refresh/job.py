@@ -53,6 +53,7 @@ class RefreshConfig:
     grace_hours: float = 24.0
     lock_ttl_hours: float = 6.0
     eval_queries: int = 1000
+    queries: str | None = None       # evaluation queries (contracts.queries), as build-index's --queries
     recall_target: float = 0.95
     min_recall: float | None = None
     ray_address: str | None = None
@@ -292,7 +293,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     photos = (prev_index.photos if prev_index else None) or cfg.photos
     bcfg = build_index.BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=n_shards, vector=vector,
                                    recall_target=cfg.recall_target, min_recall=cfg.min_recall,
-                                   eval_queries=cfg.eval_queries, manifest_name=manifest_name, photos=photos,
+                                   eval_queries=cfg.eval_queries, queries=cfg.queries, manifest_name=manifest_name, photos=photos,
                                    filter_columns=cfg.filter_columns)
     decision = full_reason
     if not decision:
@@ -358,8 +359,9 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
                                    "delta_segments": len(draft.deltas),
                                    "delta_vectors": sum(g.added for g in draft.deltas)})
-    sets = release.query_sets(src, bcfg.gate, held, held_ids)
-    return release.finish_version(draft, src, bcfg.gate, sets, timer, reader=draft_reader)
+    gate = bcfg.gate(composite.model)
+    sets = release.query_sets(gate, held, held_ids)
+    return release.finish_version(draft, src, gate, sets, timer, reader=draft_reader)
 
 
 def _with_filter_columns(params: dict, columns: tuple[str, ...]) -> dict:

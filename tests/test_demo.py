@@ -14,7 +14,7 @@ from mimdex.infra import storage
 from mimdex.pipelines import cli
 from mimdex.pipelines.demo import MULTIMODAL_EXAMPLES, STREET_EXAMPLES
 
-SMALL = ["--products", "200", "--queries", "40", "--epochs", "1", "--shards", "2"]
+SMALL = ["--preset", "tiny", "--products", "200", "--queries", "40", "--epochs", "1", "--shards", "2"]
 
 
 def _run(capsys, argv):

@@ -32,7 +32,7 @@ def _weights_sha(uri: str) -> str:
 def test_train_cli_writes_a_loadable_bundle_with_card_and_report(dataset, tmp_path, capsys):
     out = str(tmp_path / "m4")
     rc = cli.main(["train", "--data", dataset, "--catalog", f"{dataset}/catalog", "--variant", "4-tower",
-                   "--out", out, "--max-steps", "4", "--checkpoint-every", "2", *FAST])
+                   "--preset", "tiny", "--out", out, "--max-steps", "4", "--checkpoint-every", "2", *FAST])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = storage.read_json(lines[-1])
@@ -52,7 +52,7 @@ def test_train_cli_writes_a_loadable_bundle_with_card_and_report(dataset, tmp_pa
 def test_image_only_bundle_has_no_text_tower(dataset, tmp_path):
     out = str(tmp_path / "m1")
     assert cli.main(["train", "--data", dataset, "--catalog", f"{dataset}/catalog", "--variant", "image-only",
-                     "--out", out, "--max-steps", "2", *FAST]) == 0
+                     "--preset", "tiny", "--out", out, "--max-steps", "2", *FAST]) == 0
     enc = load_bundle(out)
     assert enc.model.text is None
     with pytest.raises(ValueError, match="image-only"):
@@ -78,7 +78,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(dataset, tmp_p
 
 def test_an_existing_checkpoint_needs_resume_and_matching_settings(dataset, tmp_path, capsys):
     out = str(tmp_path / "m")
-    base = ["train", "--data", dataset, "--catalog", f"{dataset}/catalog", "--variant", "3-tower",
+    base = ["train", "--data", dataset, "--catalog", f"{dataset}/catalog", "--variant", "3-tower", "--preset", "tiny",
             "--out", out, "--max-steps", "2", *FAST]
     assert cli.main(base) == 0
     assert cli.main(base) == 2
@@ -91,7 +91,7 @@ def test_pairs_naming_unknown_products_exit_65(dataset, tmp_path, capsys):
     pairs = str(tmp_path / "pairs.parquet")
     pq.write_table(pa.table({"query_image": [b"x"], "product_id": ["NOPE-1"]}), pairs)
     rc = cli.main(["train", "--data", pairs, "--catalog", f"{dataset}/catalog", "--variant", "3-tower",
-                   "--out", str(tmp_path / "m"), *FAST])
+                   "--preset", "tiny", "--out", str(tmp_path / "m"), *FAST])
     assert rc == 65
     err = capsys.readouterr().err
     assert pairs in err and "NOPE-1" in err
@@ -100,7 +100,7 @@ def test_pairs_naming_unknown_products_exit_65(dataset, tmp_path, capsys):
 def test_missing_column_exits_65_naming_column_and_file(dataset, tmp_path, capsys):
     bad = str(tmp_path / "catalog.parquet")
     pq.write_table(pa.table({"product_id": ["a"], "image": [b"x"]}), bad)
-    rc = cli.main(["train", "--data", dataset, "--catalog", bad, "--variant", "3-tower",
+    rc = cli.main(["train", "--data", dataset, "--catalog", bad, "--variant", "3-tower", "--preset", "tiny",
                    "--out", str(tmp_path / "m"), *FAST])
     assert rc == 65
     err = capsys.readouterr().err
@@ -111,7 +111,7 @@ def test_train_reads_and_writes_s3(s3_bucket, capsys):
     data = s3_bucket + "/ds"
     synth.run(SynthConfig(products=60, queries=8, seed=6, pairs_per_product=1), data, workers=1, progress=False)
     out = s3_bucket + "/models/three"
-    rc = cli.main(["train", "--data", data, "--catalog", data + "/catalog", "--variant", "3-tower",
+    rc = cli.main(["train", "--data", data, "--catalog", data + "/catalog", "--variant", "3-tower", "--preset", "tiny",
                    "--out", out, "--max-steps", "2", *FAST])
     assert rc == 0
     report_uri = capsys.readouterr().out.strip().splitlines()[-1]

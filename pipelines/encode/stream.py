@@ -15,6 +15,7 @@ it wakes every few seconds, and
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import deque
@@ -40,10 +41,14 @@ def sizing(cfg: EncodeConfig) -> dict:
     if gpus:
         actors, actor_cpus = min(cfg.encoders or gpus, gpus), 1
     else:
-        # never so many actors that no CPU is left to decode (a shrunken cluster included)
+        # never so many actors that no CPU is left to decode (a shrunken cluster included).
+        # A share may be fractional (--encoder-cpus beyond what the decode tasks leave, with
+        # a fractional --decode-cpus): the actor runs the share rounded up as torch threads,
+        # for a model that needs the cores more than the decode tasks beside it do.
         actors = max(1, min(cfg.encoders or 1, int(cpus - cfg.decode_cpus)))
-        actor_cpus = max(1, min(cfg.encoder_cpus or cpus // (2 * actors), int(cpus - cfg.decode_cpus) // actors))
-    decode_slots = max(1, int((cpus - actors * actor_cpus) // cfg.decode_cpus))
+        actor_cpus = max(1, min(cfg.encoder_cpus or cpus // (2 * actors), (cpus - cfg.decode_cpus) / actors))
+        actor_cpus = int(actor_cpus) if float(actor_cpus).is_integer() else round(actor_cpus, 3)
+    decode_slots = max(1, int((cpus - actors * actor_cpus) / cfg.decode_cpus + 1e-9))
     window = cfg.max_in_flight or decode_slots + 2 * actors
     return {"cpus": cpus, "gpus": gpus, "actors": actors, "actor_cpus": actor_cpus,
             "decode_slots": decode_slots, "window": window}
@@ -56,7 +61,8 @@ def make_actors(cfg: EncodeConfig, size: dict, sha: str) -> list:
     cls = ray.remote(EncoderActor)
     run = uuid.uuid4().hex[:8]
     return [cls.options(name=ACTOR_NAME.format(run=run, i=i), **opts).remote(
-        cfg.model, sha, cfg.dtype, cfg.batch_size, size["actor_cpus"], cfg.compile) for i in range(size["actors"])]
+        cfg.model, sha, cfg.dtype, cfg.batch_size, math.ceil(size["actor_cpus"]), cfg.compile)
+        for i in range(size["actors"])]
 
 
 def failure(unit: Unit, exc: BaseException) -> dict:

@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 # added under tests/benchmarks/ needs a row (tests/test_bench_quick.py checks).
 QUICK: dict[str, list[str]] = {
     "bench_autofaiss.py": ["--n", "20000"],
-    "bench_codes.py": ["--n", "20000", "--per-list", "64"],
+    "bench_codes.py": ["--n", "20000", "--d", "64"],
+    "bench_demo.py": ["--preset", "tiny", "--products", "200", "--queries", "40", "--epochs", "1", "--shards", "2"],
     "bench_decode_sizes.py": ["--seconds", "0.3", "--sizes", "160,1000"],
     "bench_decode_text.py": ["--seconds", "0.3", "--titles", "128"],
     "bench_distributed.py": ["--n", "20000", "--parts", "4", "--shards", "2", "--workers", "2"],
@@ -46,8 +47,12 @@ QUICK: dict[str, list[str]] = {
                         "--epochs", "1"],
 }
 # Scripts whose result is a JSON file they write with --out.
-WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_filters.py", "bench_mmap.py", "bench_real.py",
+WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_demo.py", "bench_filters.py", "bench_mmap.py", "bench_real.py",
               "bench_retag.py", "bench_scale.py"}
+# Reference libraries a script compares against, installed from PyPI beside (not into) the
+# project's environment, once, under <out>/.deps/<script>, and put on its PYTHONPATH.
+BESIDE = {"bench_autofaiss.py": ["autofaiss", "embedding-reader", "fire", "termcolor", "pandas",
+                                 "python-dateutil", "pytz", "tzdata"]}
 # Scripts that are not benchmarks (helpers other scripts import or run).
 HELPERS = {"run_quick.py", "check_same_bytes.py"}
 
@@ -61,6 +66,20 @@ def _commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _beside(name: str, out_dir: str) -> dict[str, str]:
+    """The environment a script runs with: its reference libraries on PYTHONPATH."""
+    env = dict(os.environ)
+    if name not in BESIDE:
+        return env
+    target = os.path.abspath(os.path.join(out_dir, ".deps", name.removesuffix(".py")))
+    if not os.path.exists(os.path.join(target, ".complete")):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target,
+                        *BESIDE[name]], check=True)
+        open(os.path.join(target, ".complete"), "w").close()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (target, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_one(name: str, out_dir: str, timeout: float) -> dict:
     argv = list(QUICK[name])
     own = os.path.join(out_dir, name.removesuffix(".py") + ".result.json")
@@ -69,7 +88,8 @@ def run_one(name: str, out_dir: str, timeout: float) -> dict:
     cmd = [sys.executable, os.path.join(HERE, name), *argv]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env=_beside(name, out_dir))
         code, printed = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         code, printed = 124, f"{exc.stdout or ''}{exc.stderr or ''}\n[run_quick] stopped after {timeout:.0f} s"

@@ -5,16 +5,9 @@ recall on a synth dataset's evaluation queries, by exact search). Other jobs use
 this package exports; the exports load on first use (torch is heavy), so importing the
 package costs nothing.
 """
-__all__ = ["TrainJob", "evaluate_bundle", "run", "save_pretrained_bundle", "train_unless_complete"]
+from mimdex.pipelines.exports import lazy_exports
 
-
-def __getattr__(name: str):
-    if name == "evaluate_bundle":
-        from mimdex.pipelines.train import evaluate
-
-        return evaluate.evaluate_bundle
-    if name in __all__:
-        from mimdex.pipelines.train import job
-
-        return getattr(job, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_HOME = {"TrainJob": "job", "evaluate_bundle": "evaluate", "run": "job", "save_pretrained_bundle": "job",
+         "train_unless_complete": "job"}
+__all__ = sorted(_HOME)
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -24,8 +24,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 # Each script's quick arguments: small data, every code path its full run takes. A script
 # added under tests/benchmarks/ needs a row (tests/test_bench_quick.py checks).
 QUICK: dict[str, list[str]] = {
-    "bench_autofaiss.py": ["--n", "20000"],
-    "bench_codes.py": ["--n", "20000", "--d", "64"],
+    "bench_autofaiss.py": ["--n", "10000"],
+    "bench_codes.py": ["--n", "10000", "--d", "32"],
     "bench_demo.py": ["--preset", "tiny", "--products", "200", "--queries", "40", "--epochs", "1", "--shards", "2"],
     "bench_decode_sizes.py": ["--seconds", "0.3", "--sizes", "160,1000"],
     "bench_decode_text.py": ["--seconds", "0.3", "--titles", "128"],

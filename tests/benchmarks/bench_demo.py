@@ -1,6 +1,7 @@
 """`mimdex demo` against its goals: the whole run's wall time and the numbers it opens with.
 
-    .venv/bin/python tests/benchmarks/bench_demo.py [--workdir DIR] [demo flags, e.g. --preset tiny]
+    .venv/bin/python tests/benchmarks/bench_demo.py [--workdir DIR] [--preset P --products N --queries M
+                                                    --epochs E --shards S --seed S]
 
 Runs the demo as a user does (its own process, defaults unless flags are given; a fresh
 --workdir under a temporary directory, removed at the end, unless one is named), then
@@ -28,7 +29,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", help="the demo's --workdir (default: a temporary one, removed at the end)")
     ap.add_argument("--out", help="write the result as JSON here")
-    args, demo_flags = ap.parse_known_args()
+    # the demo's own flags, passed on when given (default: the demo's defaults)
+    ap.add_argument("--preset")
+    ap.add_argument("--products")
+    ap.add_argument("--queries")
+    ap.add_argument("--epochs")
+    ap.add_argument("--shards")
+    ap.add_argument("--seed")
+    args = ap.parse_args()
+    demo_flags = [x for flag in ("preset", "products", "queries", "epochs", "shards", "seed")
+                  if getattr(args, flag) is not None for x in (f"--{flag}", getattr(args, flag))]
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="mimdex-bench-demo-")
     workdir = args.workdir or os.path.join(tmp, "demo")
     try:

@@ -11,6 +11,8 @@ import pytest
 from conftest import random_bundle
 from racing import converge, make_world, run_trial
 
+pytestmark = pytest.mark.slow  # processes racing: the slow tier (make test-slow), as the guide asks of races
+
 
 @pytest.fixture(scope="module")
 def world(s3_server, tmp_path_factory):

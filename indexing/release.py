@@ -159,6 +159,11 @@ def exact_truth(src: Source, sets: tuple[QuerySet, ...]) -> dict[str, np.ndarray
     return split_truth(sets, acc.result()[1][:, 0])
 
 
+def default_nprobe_of(evaluation: dict) -> int:
+    """The version's default nprobe: the held-out sweep's choice (1 without held-out vectors)."""
+    return evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
+
+
 def evaluate(gate: Gate, search: Ladder, reader: Callable[[], IndexReader], sets: tuple[QuerySet, ...],
              truth: dict[str, np.ndarray], nlist: int, ladder: int = 1) -> dict:
     """The sweeps run on ``search`` (evaluate.sweep); ``reader()``, a loaded reader, serves
@@ -168,7 +173,7 @@ def evaluate(gate: Gate, search: Ladder, reader: Callable[[], IndexReader], sets
         rows, chosen, why = sweep(search, s.vectors, truth[s.name], nlist, gate.recall_target, s.exclude, ladder)
         out[s.name] = {"queries": len(s.vectors), "sweep": rows, "default_nprobe": chosen, "why": why}
     if gate.queries is not None:
-        nprobe = out["held_out"]["default_nprobe"] if "held_out" in out else 1   # the version's default
+        nprobe = default_nprobe_of(out)
         # a product is found when any of its photos is (search_distinct maps photos to
         # products through the whole id map: a loaded reader)
         out["queries"] = query_recall(reader(), gate.queries, nprobe)
@@ -213,7 +218,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         for name, result in evaluation.items():
             if name != "queries":   # (query_recall always searches a loaded reader)
                 result["searched"] = searched
-    default_nprobe = evaluation["held_out"]["default_nprobe"] if "held_out" in evaluation else 1
+    default_nprobe = default_nprobe_of(evaluation)
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model
     counts = {**draft.counts, "shards": {s.name: s.ntotal for s in draft.shards}}

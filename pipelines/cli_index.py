@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from mimdex.infra.contracts.queries import LIMIT as QUERY_LIMIT
 from mimdex.infra.errors import DataError, NothingToDo, UsageError
 from mimdex.pipelines.cli_beam import add_beam_flags, beam_args
 
@@ -182,8 +183,8 @@ def _add_eval(sub) -> None:
                                                     "(docs/contracts.md, evaluation queries)")
     p.add_argument("--nprobe", type=int, help="default: the version's")
     p.add_argument("--version")
-    p.add_argument("--limit", type=int, default=2000, help="the first N queries of each kind (default 2000, "
-                                                            "as the gate)")
+    p.add_argument("--limit", type=int, default=QUERY_LIMIT,
+                   help=f"the first N queries of each kind (default {QUERY_LIMIT}, as the gate)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_run_eval)
 
@@ -331,7 +332,8 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         max_drift=args.max_drift, max_change=args.max_change,
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
-                        eval_queries=args.eval_queries, queries=args.queries, ray_address=args.ray_address, runtime_env=args.runtime_env,
+                        eval_queries=args.eval_queries, queries=args.queries, ray_address=args.ray_address,
+                        runtime_env=args.runtime_env,
                         unit_rows=args.unit_rows, max_delta_share=args.max_delta_share,
                         stall_timeout=args.stall_timeout,
                         progress=not args.no_progress, beam_args=tuple(beam_args(args)))

@@ -293,7 +293,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     photos = (prev_index.photos if prev_index else None) or cfg.photos
     bcfg = build_index.BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=n_shards, vector=vector,
                                    recall_target=cfg.recall_target, min_recall=cfg.min_recall,
-                                   eval_queries=cfg.eval_queries, queries=cfg.queries, manifest_name=manifest_name, photos=photos,
+                                   eval_queries=cfg.eval_queries, queries=cfg.queries, manifest_name=manifest_name,
+                                   photos=photos,
                                    filter_columns=cfg.filter_columns)
     decision = full_reason
     if not decision:

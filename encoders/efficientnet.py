@@ -47,9 +47,19 @@ class SameConv2d(nn.Conv2d):
         if self.stride == (1, 1):
             self.padding = tuple((k - 1) // 2 for k in self.kernel_size)
 
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        # oneDNN's bf16 depthwise backward on a CPU is 3-5x slower than its fp32 one (its
+        # forward is faster; docs/benchmarks.md, "The demo's time"): under CPU autocast,
+        # depthwise convolutions that autograd will differentiate run in fp32
+        if (self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == (1, 1):
-            return super().forward(x)
+            return self._conv(x)
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
@@ -58,7 +68,7 @@ class SameConv2d(nn.Conv2d):
             fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
             x = F.pad(x, pads)
             x = x.contiguous(memory_format=fmt) if fmt else x
-        return super().forward(x)
+        return self._conv(x)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

@@ -281,3 +281,30 @@ def test_fine_tuning_keeps_frozen_stages_and_statistics_and_trains_the_rest(smal
     for k in ("visual._blocks.15._project_conv.weight", "visual._conv_head.weight", "visual.proj.weight",
               "text.text_projection"):
         assert not torch.equal(trained[k], start[k]), k
+
+
+def test_bf16_training_runs_differentiated_depthwise_convolutions_in_fp32_and_nothing_else():
+    """oneDNN's bf16 depthwise backward is 3-5x slower than fp32 on a CPU (docs/benchmarks.md,
+    "The demo's time"): under CPU autocast, a depthwise convolution that autograd will
+    differentiate runs in fp32; the frozen prefix, pointwise convolutions and inference keep bf16."""
+    tower = EfficientNetLiteTower("efficientnet-lite0", 16)
+    tower.freeze(6)
+    seen: dict[str, torch.dtype] = {}
+    for name, m in tower.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.dtype))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tower(x)
+    out.float().sum().backward()
+    depthwise = {n for n in seen if n.endswith("_depthwise_conv")}
+    trained = {n for n in depthwise if int(n.split(".")[1]) >= 6}
+    assert len(trained) == 10 and all(seen[n] == torch.float32 for n in trained)
+    assert all(seen[n] == torch.bfloat16 for n in set(seen) - trained)  # frozen prefix, 1x1 convs, stem, head
+    assert tower._blocks[6]._depthwise_conv.weight.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tower(x)
+    assert all(seen[n] == torch.bfloat16 for n in depthwise)
+    with torch.inference_mode():  # fp32 inference (CPU encoding) is untouched
+        tower(x)
+    assert all(seen[n] == torch.float32 for n in seen)

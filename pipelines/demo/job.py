@@ -39,20 +39,37 @@ class StageFailed(MimdexError):
         self.exit_code = getattr(cause, "exit_code", 1)
 
 
-def _train(workdir: str, dataset: str, variant: str, args: argparse.Namespace) -> str:
-    """Train a model of the demo's preset, or reuse its bundle if already complete."""
+def _train(workdir: str, dataset: str, variant: str, args: argparse.Namespace, data) -> str:
+    """Train a model of the demo's preset, or reuse its bundle if already complete.
+    ``data``: the shared training-data loader (the three models decode the same images)."""
     from mimdex.encoders.training import TrainConfig, recipe_for
     from mimdex.pipelines import train
 
     preset = args.preset
     name = variant if preset == "tiny" else f"{preset}-{variant}"
+    job = train.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
+                         out=storage.join(workdir, "models", name), variant=variant, preset=preset)
     return train.train_unless_complete(
-        train.TrainJob(data=dataset, catalog=storage.join(dataset, "catalog"),
-                           out=storage.join(workdir, "models", name), variant=variant, preset=preset),
+        job,
         # no validation inside training: the evaluate stage measures each model through its
         # published index (validation would embed the whole catalog once more per model)
         TrainConfig(epochs=args.epochs, batch_size=min(128, args.products // 4), seed=args.seed,
-                    **{**recipe_for(preset), "validate_every": 0}))
+                    **{**recipe_for(preset), "validate_every": 0}),
+        data=lambda: data(job))
+
+
+def _shared_loader():
+    """One decode of the training data for the demo's models: one dataset, one preset, so
+    the same pixels (the first model that trains loads them)."""
+    from mimdex.pipelines import train
+
+    loaded = []
+
+    def load(job):
+        if not loaded:
+            loaded.append(train.load_data(job))
+        return loaded[0]
+    return load
 
 
 def _copy_catalog(dataset: str, root: str) -> str:
@@ -213,10 +230,12 @@ def main(args: argparse.Namespace) -> int:
             root = create_bucket(endpoint, BUCKET)
             print(f"[demo] local S3 server on {endpoint} (stops when the demo ends)")
         dataset = storage.join(workdir, "dataset")
+        shared_data = _shared_loader()
         cfg = SynthConfig(products=args.products, queries=args.queries, seed=args.seed, views=args.views)
         synth_report = stage("synth-catalog", lambda: synth.run(cfg, dataset))
         baseline = stage("baseline-histogram-nn", lambda: evaluate_histogram_nn(dataset))
-        bundles = {v: stage(f"train-{v}", lambda v=v: _train(workdir, dataset, v, args)) for v in variants}
+        bundles = {v: stage(f"train-{v}", lambda v=v: _train(workdir, dataset, v, args, shared_data))
+                   for v in variants}
         catalog = (storage.join(dataset, "catalog") if args.no_s3
                    else stage("upload-catalog", lambda: _copy_catalog(dataset, root)))
         emb = {v: storage.join(root, "embeddings", v) for v in variants}

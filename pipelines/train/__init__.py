@@ -7,7 +7,7 @@ package costs nothing.
 """
 from mimdex.pipelines.exports import lazy_exports
 
-_HOME = {"TrainJob": "job", "evaluate_bundle": "evaluate", "run": "job", "save_pretrained_bundle": "job",
+_HOME = {"TrainJob": "job", "evaluate_bundle": "evaluate", "load_data": "job", "run": "job", "save_pretrained_bundle": "job",
          "train_unless_complete": "job"}
 __all__ = sorted(_HOME)
 __getattr__ = lazy_exports(__name__, _HOME)

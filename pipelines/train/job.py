@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -13,7 +14,7 @@ from mimdex.encoders.checkpoints import bert_text_config, load_bert_checkpoint, 
 from mimdex.encoders.config import ModelConfig, preset
 from mimdex.encoders.pretrained import init_pretrained, packaged_tokenizer, require_packages
 from mimdex.encoders.text import configure, train_tokenizer
-from mimdex.encoders.train_data import load_train_data
+from mimdex.encoders.train_data import TrainData, load_train_data
 from mimdex.encoders.training import Trainer, TrainConfig
 from mimdex.infra import storage
 from mimdex.infra.errors import UsageError
@@ -75,15 +76,23 @@ def _card(job: TrainJob, cfg: ModelConfig, tcfg: TrainConfig, result: dict, data
     ])
 
 
-def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
+def load_data(job: TrainJob, progress: bool = True) -> TrainData:
+    """The job's decoded training data, at its preset's image size: what ``run`` trains
+    on. Models of one preset on one dataset (the demo's three) can share one load."""
+    cfg = _model_config(job)
+    return load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress,
+                           jpeg_draft=cfg.image.jpeg_draft)
+
+
+def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True, data: TrainData | None = None) -> dict:
+    """``data``: ``load_data(job)`` when the caller already has it."""
     timer = StageTimer()
     if job.threads:
         torch.set_num_threads(job.threads)
     cfg = _model_config(job)
     require_packages(cfg)
     with timer.stage("load"):
-        data = load_train_data(job.data, job.catalog, cfg.image.image_size, progress=progress,
-                               jpeg_draft=cfg.image.jpeg_draft)
+        data = data or load_data(job, progress)
     with timer.stage("tokenizer"):
         tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
                                      if job.bert_checkpoint else None)
@@ -128,12 +137,14 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> dict:
     return report
 
 
-def train_unless_complete(job: TrainJob, tcfg: TrainConfig, progress: bool = True) -> str:
+def train_unless_complete(job: TrainJob, tcfg: TrainConfig, progress: bool = True,
+                          data: Callable[[], TrainData] | None = None) -> str:
     """Train ``job`` unless its bundle is already complete; resume a checkpoint if one is
-    there. Returns the bundle URI (what the demo and benchmarks re-run over)."""
+    there. ``data``: called for the training data only if training runs (a shared
+    ``load_data``). Returns the bundle URI (what the demo and benchmarks re-run over)."""
     if not storage.exists(storage.join(job.out, "config.json")):
         resume = storage.exists(storage.join(job.out, "checkpoint", "state.json"))
-        run(dataclasses.replace(job, resume=resume), tcfg, progress=progress)
+        run(dataclasses.replace(job, resume=resume), tcfg, progress=progress, data=data() if data else None)
     return job.out
 
 

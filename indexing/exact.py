@@ -33,12 +33,14 @@ class ExactTopK:
         self.exclude = None if exclude_ids is None else np.asarray(exclude_ids, np.int64)
         self.dist = np.full((len(queries), k), np.inf, np.float32)
         self.ids = np.full((len(queries), k), -1, np.int64)
+        self.keys = np.full((len(queries), k), -1, np.int64)  # the neighbours' product keys, where given
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, ids: np.ndarray, keys: np.ndarray | None = None) -> None:
         for a in range(0, len(vectors), BLOCK_ROWS):  # fp32 copies of a block, never of the part
-            self._add(vectors[a:a + BLOCK_ROWS], ids[a:a + BLOCK_ROWS])
+            self._add(vectors[a:a + BLOCK_ROWS], ids[a:a + BLOCK_ROWS],
+                      None if keys is None else keys[a:a + BLOCK_ROWS])
 
-    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def _add(self, vectors: np.ndarray, ids: np.ndarray, keys: np.ndarray | None = None) -> None:
         if not len(vectors) or not len(self.q):
             return
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -46,6 +48,8 @@ class ExactTopK:
         kk = min(self.k + (self.exclude is not None), len(x))
         d, pos = faiss.knn(self.q, x, kk)
         found = np.where(pos >= 0, np.asarray(ids, np.int64)[np.maximum(pos, 0)], -1)
+        fkeys = np.where(pos >= 0, np.asarray(keys, np.int64)[np.maximum(pos, 0)], -1) if keys is not None \
+            else np.full_like(found, -1)
         d = np.where(pos >= 0, d, np.inf)
         if self.exclude is not None:  # a held-out catalog vector must not find itself
             own = found == self.exclude[:, None]
@@ -54,6 +58,7 @@ class ExactTopK:
         cat_i = np.concatenate([self.ids, found], 1)
         order = np.argsort(cat_d, axis=1, kind="stable")[:, :self.k]
         self.dist, self.ids = np.take_along_axis(cat_d, order, 1), np.take_along_axis(cat_i, order, 1)
+        self.keys = np.take_along_axis(np.concatenate([self.keys, fkeys], 1), order, 1)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dist, self.ids

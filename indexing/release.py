@@ -24,6 +24,7 @@ from mimdex.indexing.reader import IndexReader, ShardLoader
 from mimdex.indexing.sample import Sample, draw
 from mimdex.indexing.shard_search import ShardSearch
 from mimdex.infra import storage
+from mimdex.infra.contracts import ground_truth
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest
 from mimdex.infra.contracts.files import FileRef
@@ -111,6 +112,15 @@ def blocks(src: Source, ids: bool = True):
         rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
                            photo_mode=src.photos or "every", idmap=False, ids=ids)
         yield entry.name, rows.vectors, rows.ids if ids else rows.ids_at
+
+
+def keyed_blocks(src: Source):
+    """(vectors, vector ids, product keys) of every usable row, part by part: one full pass
+    for the ground truth (indexing.truth)."""
+    for entry in src.manifest.parts:
+        rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
+                           photo_mode=src.photos or "every", idmap=False)
+        yield rows.vectors, rows.ids, rows.product_keys
 
 
 def sample_vectors(src: Source, n: int, train_size: int, eval_queries: int, seed: int = 0) -> Sample:
@@ -201,11 +211,16 @@ def version_bytes(draft: VersionDraft) -> dict:
 
 def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[QuerySet, ...], timer,
                    extra: dict | None = None, reader: IndexReader | None = None,
-                   truth: dict[str, np.ndarray] | None = None) -> Released:
+                   truth: dict[str, np.ndarray] | None = None,
+                   kept: tuple[ground_truth.QueryTruth, ...] | None = None) -> Released:
     """``truth``: each query set's exact nearest neighbours when the caller found them
-    (build-index's Beam job), else one blockwise pass over the embeddings finds them."""
+    (build-index's Beam job), else one blockwise pass over the embeddings finds them.
+    ``kept``: the sets' exact neighbour lists (a refresh, indexing.truth): their nearest
+    are the truth, and the version keeps them for the next refresh."""
     vdir = iv.version_uri(draft.out, draft.version)
     with timer.stage("evaluate"):
+        if kept is not None:
+            truth = {t.name: t.nearest for t in kept}
         truth = truth if truth is not None else exact_truth(src, sets)
         if reader is None and version_bytes(draft)["index_bytes"] > EVAL_LOADED_MAX_BYTES:
             searched, search, loaded = ("one shard at a time",
@@ -237,13 +252,17 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         storage.write_json(storage.join(vdir, "report.json"), report)
         raise QualityGateFailed(f"{report['why_not_published']}; version {draft.version} is kept at {vdir} "
                                 "but not published")
+    truth_ref = ground_truth.write(vdir, kept) if kept is not None else None
+    if truth_ref is not None:
+        report["truth_bytes"] = truth_ref.bytes
     storage.write_json(storage.join(vdir, "report.json"), report)
     iv.write_manifest(draft.out, iv.IndexManifest(
         version=draft.version, model=model, vector=src.vector, fuse_alpha=src.alpha, params=draft.params,
         shards=draft.shards, trained=draft.trained_ref, default_nprobe=default_nprobe,
         recall_target=gate.recall_target, training=draft.training,
         embeddings={"uri": src.root, "manifest_created_at": src.manifest.created_at, "parts": len(src.manifest.parts)},
-        counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos, deltas=draft.deltas))
+        counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos, deltas=draft.deltas,
+        ground_truth=truth_ref))
     with timer.stage("publish"):
         try:
             iv.point_latest(draft.out, draft.version, draft.token, draft.parent)

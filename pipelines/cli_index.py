@@ -295,6 +295,9 @@ def _refresh_args(p, backfill: bool) -> None:
     p.add_argument("--eval-queries", type=int, default=1000)
     p.add_argument("--queries", help="evaluation queries (street and reformulation photos) the gate records the "
                                      "recall of, as build-index's --queries")
+    p.add_argument("--full-evaluation", action="store_true",
+                   help="recompute the gate's ground truth from every vector (default: update the previous "
+                        "version's from the change; docs/contracts.md, \"Ground truth\")")
     p.add_argument("--ray-address")
     p.add_argument("--runtime-env", help="Ray runtime env file (e.g. infra/ray/runtime_env.yaml)")
     p.add_argument("--unit-rows", type=int, default=2048)
@@ -333,6 +336,7 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         max_recall_drop=args.max_recall_drop, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
                         eval_queries=args.eval_queries, queries=args.queries, ray_address=args.ray_address,
+                        full_evaluation=args.full_evaluation,
                         runtime_env=args.runtime_env,
                         unit_rows=args.unit_rows, max_delta_share=args.max_delta_share,
                         stall_timeout=args.stall_timeout,

@@ -200,3 +200,46 @@ def test_a_fingerprint_is_the_same_from_a_head_and_a_listing_and_moves_with_the_
     assert fingerprint.of_object(uris[0]) != heads[uris[0]]
     # a catalog column, when given, is the fingerprint: no request at all
     assert fingerprint.of_row(uris[1], "v7", "image_version") == "image_version:v7"
+
+
+def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri_world):
+    """Issue #31: the gate's truth updated from each change (adds, title and image changes,
+    deletes) equals one computed from every current vector; a night reads no vector twice."""
+    from mimdex.indexing import truth as gt
+    from mimdex.infra.contracts import ground_truth
+
+    cfg, rows, cat = uri_world
+    current = [dict(r) for r in IndexReader.open(cfg.index).idmap.select(["product_id", "title", "image_uri"])
+               .to_pylist()]
+    current.sort(key=lambda r: r["product_id"])
+    m = emb.read_manifest(cfg.embeddings)
+    for night in range(2):
+        for r in current[50 + 7 * night:53 + 7 * night]:
+            r["title"] += f" (night {night})"
+        for r in current[53 + 7 * night:54 + 7 * night]:  # a new photo: another product's bytes
+            (cat / "img" / f"{r['product_id']}-n{night}.jpg").write_bytes(
+                (cat / "img" / os.path.basename(current[100 + night]["image_uri"])).read_bytes())
+            r["image_uri"] = f"img/{r['product_id']}-n{night}.jpg"
+        gone = {r["product_id"] for r in current[54 + 7 * night:56 + 7 * night]}
+        current = [r for r in current if r["product_id"] not in gone]
+        current += [{**current[k], "product_id": f"N{night}-{k}", "title": "new " + current[k]["title"]}
+                    for k in range(120, 123)]
+        _write(str(cat), current)
+        report = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0))
+        assert report["decision"].startswith("incremental"), report["decision"]
+        truth = report["ground_truth"]
+        assert truth["kept"] == ["held_out"] and truth["recomputed_because"] is None
+        assert truth["full_passes"] == 0 and truth["redrawn"] == [] and truth["left_held_out"] <= 6
+        m = iv.read_manifest(cfg.index, report["version"])
+        (kept,) = ground_truth.read(iv.version_uri(cfg.index, m.version), m.ground_truth)
+        manifest = emb.read_manifest(cfg.embeddings)
+        blocks = [(r.vectors, r.ids, r.product_keys) for r in (
+            usable_rows(cfg.embeddings, e, manifest.model, manifest.dtype, "image", 0.5, idmap=False)
+            for e in manifest.parts)]
+        fresh = gt.full("held_out", kept.vectors, kept.own, None, blocks)
+        assert np.array_equal(fresh.own_keys, kept.own_keys)
+        assert np.array_equal(kept.nearest, fresh.nearest)
+        known = kept.dists < kept.bound[:, None]
+        assert known.sum() >= len(kept.vectors) and np.array_equal(kept.ids[known], fresh.ids[known])
+        # the gate's figures are those of that truth: the recall a full-evaluation run records
+        assert m.evaluation["held_out"]["queries"] == len(kept.vectors)

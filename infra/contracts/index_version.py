@@ -122,6 +122,7 @@ class IndexManifest:
     parent: str | None = None
     photos: str | None = None    # a multi-photo catalog: what each product contributes (contracts.photos)
     deltas: tuple[DeltaSegment, ...] = ()   # refreshes since the base shards (contracts.index_delta)
+    ground_truth: FileRef | None = None     # the gate's exact neighbours (contracts.ground_truth)
 
     @property
     def factory(self) -> str:
@@ -141,7 +142,8 @@ class IndexManifest:
                 "trained": self.trained.to_json(), "embeddings": self.embeddings, "counts": self.counts,
                 "evaluation": self.evaluation, "parent": self.parent,
                 **({"photos": self.photos} if self.photos else {}),
-                **({"deltas": [d.to_json() for d in self.deltas]} if self.deltas else {})}
+                **({"deltas": [d.to_json() for d in self.deltas]} if self.deltas else {}),
+                **({"ground_truth": self.ground_truth.to_json()} if self.ground_truth else {})}
 
     @classmethod
     def from_json(cls, obj: dict, uri: str = "manifest") -> "IndexManifest":
@@ -154,7 +156,8 @@ class IndexManifest:
                        embeddings=dict(obj.get("embeddings") or {}), counts=dict(obj.get("counts") or {}),
                        evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"),
                        photos=obj.get("photos"),
-                       deltas=tuple(DeltaSegment.from_json(d) for d in obj.get("deltas") or ()))
+                       deltas=tuple(DeltaSegment.from_json(d) for d in obj.get("deltas") or ()),
+                       ground_truth=FileRef.from_json(obj["ground_truth"]) if obj.get("ground_truth") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{uri}: not a valid {INDEX_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
 

@@ -60,7 +60,8 @@ def run(cfg: CompactConfig, beam_args: list[str] | None = None) -> dict:
     counts = {**{k: v for k, v in m.counts.items() if not k.startswith("delta_")}, "indexed": ntotal,
               "shards": {r.name: r.ntotal for r in records}, "compacted_from": m.version}
     manifest = replace(m, version=version, shards=tuple(records), deltas=(), parent=m.version, counts=counts,
-                       trained=index_delta.rebased(m.trained, m.version))
+                       trained=index_delta.rebased(m.trained, m.version),
+                       ground_truth=index_delta.rebased(m.ground_truth, m.version) if m.ground_truth else None)
     written = sum(r.index.bytes + r.ids.bytes for r in records)
     report.update(version=version, vectors=ntotal, written_bytes=written, seconds=timer.seconds,
                   io=storage.io_since(io0))

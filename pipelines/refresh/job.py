@@ -27,11 +27,12 @@ from mimdex.infra.contracts.reuse import write_reuse
 from mimdex.infra.contracts import attributes
 from mimdex.infra.contracts.catalog import write_subsets
 from mimdex.infra.contracts.model import ModelRef
+from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError, TransientError, UsageError
 from mimdex.infra.lock import Lease
 from mimdex.pipelines import build_index, compact, encode
 from mimdex.pipelines.refresh import diff as diffs
-from mimdex.pipelines.refresh import retag, update
+from mimdex.pipelines.refresh import evaluation, retag, update
 from mimdex.pipelines.report import StageTimer
 
 
@@ -54,6 +55,7 @@ class RefreshConfig:
     lock_ttl_hours: float = 6.0
     eval_queries: int = 1000
     queries: str | None = None       # evaluation queries (contracts.queries), as build-index's --queries
+    full_evaluation: bool = False    # ground truth from every vector, not updated from the change
     recall_target: float = 0.95
     min_recall: float | None = None
     ray_address: str | None = None
@@ -338,13 +340,27 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         nprobe = prev_index.default_nprobe
         pick = np.random.default_rng(0).permutation(len(delta.ids))[:2000]
         new_recall = update.self_recall(draft_reader, delta.vectors[pick], delta.ids[pick], nprobe)
-        # one pass over the embeddings draws the held-out vectors: the old ones among them
-        # measure the old side here, and all of them evaluate the version below
+    with timer.stage("truth"):
+        # the previous version's ground truth updated from the change (a full pass only
+        # where it cannot be): its held-out vectors also measure the old side below
         n = composite.encoded
-        drawn = release.sample_vectors(src, n, 0, cfg.eval_queries)
-        held, held_ids = drawn.held, drawn.held_ids
+        gate = bcfg.gate(composite.model)
+        # a full recomputation on request, and on the night the deltas pass --max-delta-share
+        # (compaction follows): the kept lists are renewed as the shards are
+        compacting = _delta_share({"delta_vectors": sum(g.added for g in draft.deltas),
+                                   "indexed": draft_reader.ntotal}) > cfg.max_delta_share
+        kept = {} if cfg.full_evaluation or compacting else evaluation.kept_truth(cfg.index, prev_index)
+        removed = ids_for(d.ids(*diffs.REMOVED_FROM_INDEX).to_pylist())
+        truths, report["ground_truth"] = evaluation.carried(kept, src, gate, removed, delta.vectors, delta.ids,
+                                                            delta.keys, n)
+        held = next((t for t in truths if t.name == "held_out"), None)
+        report["ground_truth"]["recomputed_because"] = (
+            "--full-evaluation" if cfg.full_evaluation else "compaction follows" if compacting else
+            None if prev_index.ground_truth else "the previous version keeps none (build-index writes none)")
+    with timer.stage("drift"):
+        held_v, held_ids = (held.vectors, held.own) if held else (delta.vectors[:0], delta.ids[:0])
         old = ~np.isin(held_ids, delta.ids)
-        old_recall = update.self_recall(draft_reader, held[old], held_ids[old], nprobe)
+        old_recall = update.self_recall(draft_reader, held_v[old], held_ids[old], nprobe)
         report["drift"].update(self_recall_at_10_new=new_recall, self_recall_at_10_old=old_recall,
                                max_recall_drop=cfg.max_recall_drop)
     if new_recall is not None and old_recall is not None and old_recall - new_recall > cfg.max_recall_drop:
@@ -360,9 +376,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
                                    "delta_segments": len(draft.deltas),
                                    "delta_vectors": sum(g.added for g in draft.deltas)})
-    gate = bcfg.gate(composite.model)
-    sets = release.query_sets(gate, held, held_ids)
-    return release.finish_version(draft, src, gate, sets, timer, reader=draft_reader)
+    sets = tuple(release.QuerySet(t.name, t.vectors, t.own if t.name == "held_out" else None) for t in truths)
+    return release.finish_version(draft, src, gate, sets, timer, reader=draft_reader, kept=truths)
 
 
 def _with_filter_columns(params: dict, columns: tuple[str, ...]) -> dict:

@@ -43,12 +43,13 @@ QUICK: dict[str, list[str]] = {
     "bench_refresh.py": ["--n", "2000", "--rss", "20000"],
     "bench_retag.py": ["--products", "500"],
     "bench_scale.py": ["--n", "20000"],
+    "bench_train_step.py": ["--batch", "32", "--repeats", "1"],
     "bench_towers.py": ["--preset", "tiny", "--reference", "none", "--products", "200", "--queries", "40",
                         "--epochs", "1"],
 }
 # Scripts whose result is a JSON file they write with --out.
 WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_demo.py", "bench_filters.py", "bench_mmap.py", "bench_real.py",
-              "bench_retag.py", "bench_scale.py"}
+              "bench_retag.py", "bench_scale.py", "bench_train_step.py"}
 # Reference libraries a script compares against, installed from PyPI beside (not into) the
 # project's environment, once, under <out>/.deps/<script>, and put on its PYTHONPATH.
 BESIDE = {"bench_autofaiss.py": ["autofaiss", "embedding-reader", "fire", "termcolor", "pandas",

@@ -12,18 +12,25 @@ from mimdex.infra import storage
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage, in the order the stages ran."""
+    """Wall-clock seconds per named stage, in the order the stages ran, and the bytes this
+    process read and wrote in each (``io``: storage.IO; a stage nested in another counts
+    in both)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.io: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, io0 = time.perf_counter(), storage.IO.snapshot()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            used = storage.io_since(io0)
+            mine = self.io.setdefault(name, {"read_bytes": 0, "written_bytes": 0})
+            for k in mine:
+                mine[k] += used[k]
 
     @property
     def total(self) -> float:

@@ -204,6 +204,7 @@ def run(cfg: RefreshConfig) -> dict:
             report["retention"] = versions.prune(cfg.index, cfg.keep, cfg.grace_hours)
     report.update(version=report.get("compaction", {}).get("version", released.version), published=True, evaluation=released.evaluation,
                   index_counts=released.counts, default_nprobe=released.default_nprobe, seconds=timer.seconds,
+                  stage_io=timer.io,
                   io=_io(io0, delta, released.report, report.get("retag")),
                   storage_retries={"driver": storage.retry_count() - retries,
                                    "workers": report["encode"]["storage_retries_of_workers"]})

@@ -78,7 +78,21 @@ def _link(pool_dir: str, root: str, rel: str, j: int) -> None:
     os.link(os.path.join(pool_dir, f"{j}.jpg"), dst)
 
 
-def part1(n: int, tmp: str) -> dict:
+def _night(report: dict, seconds: float, d: int) -> dict:
+    """One refresh's wall and bytes per stage, and the changed products' vector bytes (what
+    the issue's goal compares the reads outside the diff against)."""
+    c = report["diff"]
+    changed = c["new"] + c["changed"] + c["deleted"]
+    vector_bytes = (c["new"] + c["changed"]) * d * 2   # float16 image vectors of the products encoded
+    io = report.get("stage_io", {})
+    outside = sum(v["read_bytes"] for k, v in io.items() if k not in ("diff",))
+    return {"refresh_s": round(seconds, 1), "changed_products": changed, "changed_vector_bytes": vector_bytes,
+            "stage_s": report["seconds"], "stage_io": io, "read_outside_diff": outside,
+            "read_outside_diff_over_vector_bytes": round(outside / max(vector_bytes, 1), 2),
+            "ground_truth": report.get("ground_truth"), "decision": report["decision"]}
+
+
+def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
     from mimdex.encoders.bundle import load_bundle, save_untrained_bundle
     from mimdex.indexing.reader import IndexReader
     from mimdex.pipelines import build_index, compact, encode
@@ -141,32 +155,39 @@ def part1(n: int, tmp: str) -> dict:
     rate = sub / (time.perf_counter() - t0)
     print(f"[encode rate] {rate:.0f} products/s (20k, Ray start-up included)", flush=True)
 
-    # 1% changed in equal shares
-    q = n // 400
-    perm = np.random.default_rng(1).permutation(n)
-    retitle, reimage, delete = perm[:q], perm[q:2 * q], set(perm[2 * q:3 * q].tolist())
-    for i in retitle:
-        ptitle[i] += " (2027 edition)"
-    for i in reimage:  # a pool image of another size: a new ETag-like fingerprint
-        j = next(j for j in range(i % k + 1, i % k + k) if sizes[j % k] != sizes[i % k]) % k
-        _link(pool_dir, root, rels[i], j)
-    keep = [i for i in range(n) if i not in delete]
-    rows = {"product_id": [pids[i] for i in keep], "title": [ptitle[i] for i in keep],
-            "image_uri": [rels[i] for i in keep]}
+    # --change of the catalog changed in equal shares (new, retitled, re-imaged, deleted),
+    # on each of --nights nights: the first after the build recomputes the gate's ground
+    # truth (build-index keeps none), later ones update it (the steady state)
+    q = max(1, int(n * change / 4))
+    alive = list(range(n))
     os.makedirs(f"{root}/img/new", exist_ok=True)
-    for m in range(q):
-        rows["product_id"].append(f"N{m:08d}")
-        rows["title"].append(f"relisted {titles[m % k]}")
-        rows["image_uri"].append(f"img/new/N{m:08d}.jpg")
-        _link(pool_dir, root, f"img/new/N{m:08d}.jpg", m % k)
-    _write_catalog(root + "/catalog.parquet", rows)
-
     cfg = RefreshConfig(catalog=root + "/catalog.parquet", model=model_uri, embeddings=tmp + "/emb",
                         index=tmp + "/index", unit_rows=UNIT, progress=False, keep=10)
-    t0 = time.perf_counter()
-    report = refresh(cfg)
-    refresh_s = time.perf_counter() - t0
-    print(f"[refresh] {refresh_s:.1f} s: {report['decision']}", flush=True)
+    per_night = []
+    for night in range(nights):
+        perm = np.random.default_rng([1, night]).permutation(alive)
+        retitle, reimage, delete = perm[:q], perm[q:2 * q], set(perm[2 * q:3 * q].tolist())
+        for i in retitle:
+            ptitle[i] += f" (edition {night})"
+        for i in reimage:  # a pool image of another size: a new ETag-like fingerprint
+            j = next(j for j in range(i % k + 1, i % k + k) if sizes[j % k] != sizes[i % k]) % k
+            _link(pool_dir, root, rels[i], j)
+        alive = [i for i in alive if i not in delete]
+        for m in range(q):  # new products join the catalog (and later nights' changes)
+            pids.append(f"N{night}-{m:08d}")
+            ptitle.append(f"relisted {titles[m % k]}")
+            rels.append(f"img/new/N{night}-{m:08d}.jpg")
+            _link(pool_dir, root, rels[-1], m % k)
+            alive.append(len(pids) - 1)
+        _write_catalog(root + "/catalog.parquet", {"product_id": [pids[i] for i in alive],
+                                                   "title": [ptitle[i] for i in alive],
+                                                   "image_uri": [rels[i] for i in alive]})
+        t0 = time.perf_counter()
+        report = refresh(cfg)
+        refresh_s = time.perf_counter() - t0
+        per_night.append(_night(report, refresh_s, ref.d))
+        print(f"[refresh night {night + 1}] {refresh_s:.1f} s: {report['decision']}", flush=True)
+        print(json.dumps(per_night[-1]), flush=True)
 
     reader = IndexReader.open(tmp + "/index")
     x = np.concatenate([pool_img[np.arange(2000) % k] + 0.05 * rng.standard_normal((2000, ref.d))]).astype(np.float32)
@@ -182,7 +203,7 @@ def part1(n: int, tmp: str) -> dict:
 
     full_encode_est = n / rate
     written = report["io"]["index_written_bytes"] + report["io"]["encode_written_bytes"]
-    return {"n": n, "changed": report["diff"], "refresh_s": round(refresh_s, 1),
+    return {"n": n, "change": change, "nights": per_night, "changed": report["diff"], "refresh_s": round(refresh_s, 1),
             "refresh_stages_s": report["seconds"], "full_build_s": round(build_s, 1),
             "encode_rate_per_s": round(rate, 1), "full_encode_estimated_s": round(full_encode_est, 1),
             "refresh_over_full": round(refresh_s / (full_encode_est + build_s), 4),
@@ -269,6 +290,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--rss", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    ap.add_argument("--change", type=float, default=0.01, help="share of the catalog changed each night")
+    ap.add_argument("--nights", type=int, default=2, help="refreshes in a row (the first recomputes the truth)")
     ap.add_argument("--skip-part1", action="store_true")
     ap.add_argument("--rss-child")
     args = ap.parse_args()
@@ -278,11 +301,20 @@ def main() -> None:
     if not args.skip_part1:
         tmp = tempfile.mkdtemp(prefix="bench-refresh-")
         try:
-            results["refresh"] = part1(args.n, tmp)
+            results["refresh"] = part1(args.n, tmp, args.change, args.nights)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         r = results["refresh"]
         print(json.dumps(r, indent=1), flush=True)
+        print("\n| night | refresh s | changed products | truth: kept / full passes | read outside the diff | "
+              "/ changed vector bytes |")
+        for i, nt in enumerate(r["nights"], 1):
+            gt = nt["ground_truth"] or {}
+            print(f"| {i} | {nt['refresh_s']} | {nt['changed_products']:,} | {gt.get('kept')} / "
+                  f"{gt.get('full_passes')} | {nt['read_outside_diff']:,} B | "
+                  f"{nt['read_outside_diff_over_vector_bytes']}x |")
+            print("|   | stages: " + ", ".join(f"{k} {v} s / {nt['stage_io'].get(k, {}).get('read_bytes', 0):,} B read"
+                                             for k, v in nt["stage_s"].items()) + " |")
         print("\n| n | refresh | full re-encode (est.) + rebuild | ratio (goal <= 0.10) | index bytes written / full "
               "version (goal <= 0.05) | all bytes written / full | QPS delta / compacted (goal >= 0.9) |")
         print(f"| {r['n']:,} | {r['refresh_s']} s | {r['full_encode_estimated_s']} + {r['full_build_s']} s | "

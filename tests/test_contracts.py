@@ -263,3 +263,30 @@ def test_contracts_import_no_job_and_refresh_loads_no_beam():
 def test_no_module_over_400_lines():
     long = [f"{p.relative_to(REPO)}: {n}" for p, _ in _modules() if (n := len(p.read_text().splitlines())) > 400]
     assert long == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["", "a", "b", "c", "d"])), max_size=30))
+def test_the_first_occurrence_rule_is_one_function(ids):
+    """contracts.duplicates.first_in_order is the rule encode (first_positions), the diff
+    (first_occurrences) and the duplicate scan (repeats) use: catalog order picks the row."""
+    from mimdex.infra.contracts import duplicates as dups
+    from mimdex.pipelines.refresh.diff import first_occurrences
+
+    expected: dict[str, int] = {}
+    for i, p in enumerate(ids):
+        if p:
+            expected.setdefault(p, i)
+    assert dups.first_positions(ids) == expected
+    rows = [(p, i) for i, p in enumerate(ids) if p]
+    repeated = dups.repeats(pa.table({"id": pa.array([p for p, _ in rows], pa.string()),
+                                      "file": pa.array([0] * len(rows), pa.int32()),
+                                      "row": pa.array([i for _, i in rows], pa.int64())}), ["f"])
+    assert set(repeated) == {(0, i) for p, i in rows if expected[p] != i}
+    cat = pa.table({"product_id": pa.array([p for p, _ in rows], pa.string()),
+                    "state": pa.array([f"s{i}" for _, i in rows], pa.string()),
+                    "attrs": pa.array([None] * len(rows), pa.int64()), "order": pa.array([i for _, i in rows])})
+    firsts, dropped = first_occurrences(cat)
+    assert dict(zip(firsts["product_id"].to_pylist(), firsts["state"].to_pylist())) == {
+        p: f"s{i}" for p, i in expected.items()}
+    assert dropped == len(rows) - len(expected)

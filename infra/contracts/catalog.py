@@ -260,22 +260,13 @@ def duplicate_rows(uris: list[str], ids: list[pa.Array]) -> dict[tuple[int, int]
     return duplicates.find(uris, lambda i: ids[i], sum(len(a) for a in ids))
 
 
-def first_rows(product_ids: list[str | None]) -> dict[str, int]:
-    """product_id -> the position of its first row (the product; later rows repeat it)."""
-    first: dict[str, int] = {}
-    for i, pid in enumerate(product_ids):
-        if pid:
-            first.setdefault(pid, i)
-    return first
-
-
 def metadata_rows(source: str, row_groups: list[int], product_ids: list[str]) -> pa.Table | None:
     """The catalog columns behind ``product_ids`` (from their source file's row groups),
     minus image bytes, aligned with ``product_ids``; first occurrence wins, as in encode."""
     with open_file(source) as pf:
         cols = [c for c in pf.schema_arrow.names if c not in ("image", "images")]
         table = pf.read_row_groups(row_groups, columns=cols)
-    first = first_rows(table.column("product_id").to_pylist())
+    first = duplicates.first_positions(table.column("product_id").to_pylist())
     idx = [first.get(p, -1) for p in product_ids]
     taken = table.take(pa.array([max(i, 0) for i in idx], pa.int64()))
     missing = pa.array([i < 0 for i in idx], pa.bool_())
@@ -314,8 +305,8 @@ def write_subsets(catalog: str, subsets: list[tuple[pa.Array, str]]) -> list[int
                     table = pf.read_row_group(rg)
                     for k, (wanted, _) in enumerate(targets):
                         t = table.filter(pc.fill_null(pc.is_in(table["product_id"], wanted), False))
-                        first = {p: i for p, i in first_rows(t.column("product_id").to_pylist()).items()
-                                 if p not in seen[k]}
+                        first = {p: i for p, i in duplicates.first_positions(
+                                 t.column("product_id").to_pylist()).items() if p not in seen[k]}
                         if not first:
                             continue
                         t = _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root)

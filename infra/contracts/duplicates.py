@@ -45,15 +45,35 @@ def string_hash(ids: pa.Array) -> np.ndarray:
     return h
 
 
+def first_in_order(table: pa.Table, key: str, order: list[tuple[str, str]]) -> tuple[pa.Table, np.ndarray]:
+    """The one rule of "the first occurrence wins": ``table`` sorted by ``key`` and then
+    ``order`` ((column, "ascending" | "descending"), ...), and a mask of each key's first
+    row in that order. Catalog order (file, row) picks a product's row for encode, the
+    diff and the id map alike; "the newest id map wins" is the same rule on (seq, descending).
+    ``key`` must hold no nulls (callers drop rows that are not products first)."""
+    table = table.sort_by([(key, "ascending"), *order])
+    ids = table[key].combine_chunks()
+    first = np.ones(len(ids), bool)
+    if len(ids) > 1:
+        first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return table, first
+
+
+def first_positions(product_ids: list) -> dict[str, int]:
+    """product_id -> the position of its first row (the product; later rows repeat it);
+    null and empty ids are not products."""
+    t = pa.table({"id": pa.array(product_ids, pa.string()), "pos": pa.array(np.arange(len(product_ids)))})
+    t = t.filter(pc.and_(pc.is_valid(t["id"]), pc.not_equal(t["id"], "")))
+    t, first = first_in_order(t, "id", [("pos", "ascending")])
+    return dict(zip(t["id"].filter(pa.array(first)).to_pylist(), t["pos"].filter(pa.array(first)).to_pylist()))
+
+
 def repeats(table: pa.Table, uris: list[str]) -> dict[tuple[int, int], str]:
     """(file, row) -> where its product_id was first seen, for every repeat in ``table``
     (columns id, file, row; null and empty ids are not products and never repeat)."""
     table = table.filter(pc.and_(pc.is_valid(table["id"]), pc.not_equal(table["id"], "")))
-    table = table.sort_by([("id", "ascending"), ("file", "ascending"), ("row", "ascending")])
-    ids = table["id"].combine_chunks()
-    same = np.zeros(len(table), bool)
-    if len(table) > 1:
-        same[1:] = pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    table, first = first_in_order(table, "id", [("file", "ascending"), ("row", "ascending")])
+    same = ~first
     files, rows = table["file"].to_numpy(), table["row"].to_numpy()
     run_start = np.maximum.accumulate(np.where(same, 0, np.arange(len(table))))  # each repeat -> its run's first
     return {(int(files[i]), int(rows[i])): f"{uris[files[run_start[i]]]} row {int(rows[run_start[i]])}"

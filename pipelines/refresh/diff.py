@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mimdex.infra import storage
+from mimdex.infra.contracts.duplicates import first_in_order
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.vectors import ids_for
 
@@ -75,22 +76,12 @@ def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:
     return ids_for(product_ids) % buckets
 
 
-def _first_per_product(table: pa.Table, then: tuple[str, str]) -> tuple[pa.Table, np.ndarray]:
-    """``table`` sorted by product_id and ``then`` (column, order), and a mask of each
-    product's first row in that order."""
-    table = table.sort_by([("product_id", "ascending"), then])
-    ids = table["product_id"].combine_chunks()
-    first = np.ones(len(ids), bool)
-    first[1:] = ~pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    return table, first
-
-
 def first_occurrences(cat: pa.Table) -> tuple[pa.Table, int]:
     """(product_id, state, attrs) of each product's first row in catalog order (``order``),
     and how many later rows repeat a product_id (rejected as duplicate_product_id)."""
     if not cat.num_rows:
         return cat.select(["product_id", "state", "attrs"]), 0
-    cat, first = _first_per_product(cat, ("order", "ascending"))
+    cat, first = first_in_order(cat, "product_id", [("order", "ascending")])
     return cat.filter(pa.array(first)).select(["product_id", "state", "attrs"]), int((~first).sum())
 
 
@@ -99,7 +90,7 @@ def shown_attrs(prev: pa.Table, shown: pa.Table) -> pa.Table:
     rows: the newest id map holding the product wins); null for a product it does not hold."""
     if not shown.num_rows:
         return prev.append_column(ATTRS, pa.nulls(prev.num_rows, pa.int64()))
-    shown, newest = _first_per_product(shown, ("seq", "descending"))
+    shown, newest = first_in_order(shown, "product_id", [("seq", "descending")])
     latest = shown.filter(pa.array(newest)).select(["product_id", "attrs"])
     return prev.join(latest, "product_id", join_type="left outer").select([*prev.column_names, "attrs"])
 

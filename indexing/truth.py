@@ -10,7 +10,7 @@ its change:
   stays exact below the bound;
 - an added vector enters a list when it is nearer than the bound (faiss.knn of the
   queries against the added vectors only);
-- a list with nothing left below its bound is recomputed against the current vectors
+- a list with nothing left within its bound is recomputed against the current vectors
   (a full pass, for those queries only; rare with K = 10);
 - a held-out query whose own product was removed leaves the set; the set is redrawn (a
   full pass) only when fewer than REDRAW_BELOW of the requested queries remain.
@@ -82,8 +82,9 @@ def update(truth: QueryTruth, removed_keys: np.ndarray, vectors: np.ndarray, ids
         fkeys = np.where(pos >= 0, np.asarray(keys, np.int64)[np.maximum(pos, 0)], -1)
         d = np.where((pos < 0) | (found == t.own[:, None]), np.inf, d)
         dists, nids, nkeys = (np.concatenate(p, 1) for p in ((dists, d), (nids, found), (nkeys, fkeys)))
-    # only what lies below the bound is known to be complete; past k, the (k+1)-th bounds it
-    dists = np.where(dists < t.bound[:, None], dists, np.inf).astype(np.float32)
+    # only what lies within the bound is known (one at it ties with any unseen vector);
+    # past k, the (k+1)-th bounds it
+    dists = np.where(dists <= t.bound[:, None], dists, np.inf).astype(np.float32)
     nids, nkeys = np.where(np.isfinite(dists), nids, -1), np.where(np.isfinite(dists), nkeys, -1)
     dists, nids, nkeys = (_pad(a, k + 1, f) for a, f in ((dists, np.inf), (nids, -1), (nkeys, -1)))
     dists, nids, nkeys = _ordered(dists, nids, nkeys, k=k + 1)

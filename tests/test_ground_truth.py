@@ -126,3 +126,22 @@ def test_a_drawn_held_out_set_finds_its_products_keys_in_the_same_pass():
     t = gt.full("held_out", v[pick], ids[pick], None, cat.blocks())
     assert np.array_equal(t.own_keys, keys[pick])
     assert all(ids[pick][i] not in t.ids[i] for i in range(len(pick)))  # never its own neighbour
+
+
+def test_a_query_with_more_identical_neighbours_than_k_is_not_stale():
+    """Catalogs repeat images: 30 products share one vector. The nearest distance is exact
+    (every unseen vector is at least as far), so nothing is recomputed night after night."""
+    cat = Catalog(np.random.default_rng(11), 8)
+    cat.add(100)
+    same = cat.vectors[0][:1]
+    for k in range(100, 130):
+        cat.vectors[k] = same.copy()
+    t = gt.full("street", same, None, None, cat.blocks())
+    assert t.dists[0, 0] == 0.0 and t.bound[0] == 0.0 and not t.stale().any()
+    removed = np.unique(t.keys[0])[:5]
+    for k in removed.tolist():
+        del cat.vectors[k]
+    u = gt.update(t, removed, np.zeros((0, 8), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert not u.stale().any() and u.dists[0, 0] == 0.0
+    fresh = gt.full("street", same, None, None, cat.blocks())
+    assert fresh.dists[0, 0] == u.dists[0, 0] and cat.rows([int(u.keys[0, 0])])[0].tolist() == [same[0].tolist()]

@@ -9,7 +9,7 @@ truth"): what the next refresh updates from its change instead of reading every 
         ids       fixed_size_list<int64>[K]    exact neighbours, nearest first, ties to the smaller id (-1 pads)
         keys      fixed_size_list<int64>[K]    their product keys
         dists     fixed_size_list<float32>[K]  squared L2 (inf pads)
-        bound     float32                every vector nearer than this is in the list
+        bound     float32                every vector nearer than this is in the list (one at it may be)
 
 The manifest names it (``IndexManifest.ground_truth``, a FileRef with its sha256). A
 version without one (built by build-index, or before this file existed) has its truth
@@ -52,8 +52,13 @@ class QueryTruth:
         return replace(self, **{f: getattr(self, f)[rows] for f in self.ROWS})
 
     def stale(self) -> np.ndarray:
-        """Queries whose nearest neighbour is not known exactly (nothing below the bound)."""
-        return ~(self.dists[:, 0] < self.bound)
+        """Queries whose nearest neighbour is not known (nothing left within the bound). A
+        neighbour *at* the bound counts: a vector not in the list is at least as far, so
+        the nearest distance is exact and the id one of those tied at it (catalogs repeat
+        images: without this, a query with 11 identical neighbours would be recomputed
+        every night)."""
+        first = self.dists[:, 0]
+        return ~(np.isfinite(first) & (first <= self.bound))
 
 
 def _fixed(matrix: np.ndarray, type_) -> pa.FixedSizeListArray:

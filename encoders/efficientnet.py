@@ -48,7 +48,7 @@ class SameConv2d(nn.Conv2d):
             self.padding = tuple((k - 1) // 2 for k in self.kernel_size)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN's bf16 depthwise backward on a CPU is 3-5x slower than its fp32 one (its
+        # oneDNN's bf16 depthwise backward on a CPU is 2-10x slower than its fp32 one (its
         # forward is faster; docs/benchmarks.md, "The demo's time"): under CPU autocast,
         # depthwise convolutions that autograd will differentiate run in fp32
         if (self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")

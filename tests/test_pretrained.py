@@ -284,7 +284,7 @@ def test_fine_tuning_keeps_frozen_stages_and_statistics_and_trains_the_rest(smal
 
 
 def test_bf16_training_runs_differentiated_depthwise_convolutions_in_fp32_and_nothing_else():
-    """oneDNN's bf16 depthwise backward is 3-5x slower than fp32 on a CPU (docs/benchmarks.md,
+    """oneDNN's bf16 depthwise backward is 2-10x slower than fp32 on a CPU (docs/benchmarks.md,
     "The demo's time"): under CPU autocast, a depthwise convolution that autograd will
     differentiate runs in fp32; the frozen prefix, pointwise convolutions and inference keep bf16."""
     tower = EfficientNetLiteTower("efficientnet-lite0", 16)

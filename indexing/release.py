@@ -252,7 +252,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         storage.write_json(storage.join(vdir, "report.json"), report)
         raise QualityGateFailed(f"{report['why_not_published']}; version {draft.version} is kept at {vdir} "
                                 "but not published")
-    truth_ref = ground_truth.write(vdir, kept) if kept is not None else None
+    truth_ref = ground_truth.write(vdir, kept) if kept else None   # no query set: nothing to keep
     if truth_ref is not None:
         report["truth_bytes"] = truth_ref.bytes
     storage.write_json(storage.join(vdir, "report.json"), report)

@@ -241,5 +241,12 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
         assert np.array_equal(kept.nearest, fresh.nearest)
         known = kept.dists < kept.bound[:, None]
         assert known.sum() >= len(kept.vectors) and np.array_equal(kept.ids[known], fresh.ids[known])
-        # the gate's figures are those of that truth: the recall a full-evaluation run records
+        # the gate's figures are those of that truth
         assert m.evaluation["held_out"]["queries"] == len(kept.vectors)
+    # --full-evaluation: the kept truth is ignored, the held-out set redrawn from every vector
+    current[60]["title"] += " (full)"
+    _write(str(cat), current)
+    full = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0, full_evaluation=True))
+    truth = full["ground_truth"]
+    assert truth["recomputed_because"] == "--full-evaluation" and truth["kept"] == []
+    assert truth["redrawn"] == ["held_out"] and truth["full_passes"] == 2

@@ -11,9 +11,12 @@ hard links into a pool of 4,000 real synth JPEGs, so a HEAD is a real stat of a 
   * a full build of the index (timed: the measured full rebuild);
   * the full re-encode: estimated from the encode rate measured on a 20,000-product
     catalog of the same kind (stated as an estimate);
-  * 1% changed in equal shares (new, retitled, re-imaged, deleted), then `refresh`
-    (timed whole: diff on Beam, the changed products really encoded on a local Ray, the
-    delta segment, evaluation, publishing) and its report: rows and bytes read and written;
+  * on each of --nights nights, --change (1%) of the catalog changed in equal shares (new,
+    retitled, re-imaged, deleted), then `refresh` (timed whole: diff on Beam, the changed
+    products really encoded on a local Ray, the delta segment, the ground truth,
+    evaluation, publishing) and its report: rows and bytes read and written, per stage
+    (the first night after the build recomputes the gate's ground truth; later ones
+    update the one the previous version kept);
   * the version with its delta against the same version compacted: identical results and
     QPS at the default nprobe (goal >= 0.9x).
 Part 2, peak RSS of the diff stage (a fresh process per size, catalogs with an

@@ -48,8 +48,6 @@ class ExactTopK:
         kk = min(self.k + (self.exclude is not None), len(x))
         d, pos = faiss.knn(self.q, x, kk)
         found = np.where(pos >= 0, np.asarray(ids, np.int64)[np.maximum(pos, 0)], -1)
-        fkeys = np.where(pos >= 0, np.asarray(keys, np.int64)[np.maximum(pos, 0)], -1) if keys is not None \
-            else np.full_like(found, -1)
         d = np.where(pos >= 0, d, np.inf)
         if self.exclude is not None:  # a held-out catalog vector must not find itself
             own = found == self.exclude[:, None]
@@ -58,7 +56,9 @@ class ExactTopK:
         cat_i = np.concatenate([self.ids, found], 1)
         order = np.argsort(cat_d, axis=1, kind="stable")[:, :self.k]
         self.dist, self.ids = np.take_along_axis(cat_d, order, 1), np.take_along_axis(cat_i, order, 1)
-        self.keys = np.take_along_axis(np.concatenate([self.keys, fkeys], 1), order, 1)
+        if keys is not None:  # carried only for callers that give them (the hot path of a build does not)
+            fkeys = np.where(found >= 0, np.asarray(keys, np.int64)[np.maximum(pos, 0)], -1)
+            self.keys = np.take_along_axis(np.concatenate([self.keys, fkeys], 1), order, 1)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dist, self.ids

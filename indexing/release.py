@@ -105,21 +105,24 @@ class Released:
     report: dict
 
 
-def blocks(src: Source, ids: bool = True):
-    """(part name, vectors, ids) of every usable row, part by part (checksums verified);
-    with ``ids=False`` the third item hashes the ids of the rows it is given (sampling)."""
+def _usable(src: Source, ids: bool = True):
+    """(part name, UsableRows) of every part, in order (checksums verified)."""
     for entry in src.manifest.parts:
-        rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
-                           photo_mode=src.photos or "every", idmap=False, ids=ids)
-        yield entry.name, rows.vectors, rows.ids if ids else rows.ids_at
+        yield entry.name, usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector,
+                                      src.alpha, photo_mode=src.photos or "every", idmap=False, ids=ids)
+
+
+def blocks(src: Source, ids: bool = True):
+    """(part name, vectors, ids) of every usable row, part by part; with ``ids=False`` the
+    third item hashes the ids of the rows it is given (sampling)."""
+    for name, rows in _usable(src, ids):
+        yield name, rows.vectors, rows.ids if ids else rows.ids_at
 
 
 def keyed_blocks(src: Source):
     """(vectors, vector ids, product keys) of every usable row, part by part: one full pass
     for the ground truth (indexing.truth)."""
-    for entry in src.manifest.parts:
-        rows = usable_rows(src.root, entry, src.manifest.model, src.manifest.dtype, src.vector, src.alpha,
-                           photo_mode=src.photos or "every", idmap=False)
+    for _, rows in _usable(src):
         yield rows.vectors, rows.ids, rows.product_keys
 
 

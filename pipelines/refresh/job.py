@@ -350,14 +350,14 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         # (compaction follows): the kept lists are renewed as the shards are
         compacting = _delta_share({"delta_vectors": sum(g.added for g in draft.deltas),
                                    "indexed": draft_reader.ntotal}) > cfg.max_delta_share
-        kept = {} if cfg.full_evaluation or compacting else evaluation.kept_truth(cfg.index, prev_index)
+        why = ("--full-evaluation" if cfg.full_evaluation else "compaction follows" if compacting else
+               None if prev_index.ground_truth else "the previous version keeps none (build-index writes none)")
+        kept = evaluation.kept_truth(cfg.index, prev_index) if why is None else {}
         removed = ids_for(d.ids(*diffs.REMOVED_FROM_INDEX).to_pylist())
         truths, report["ground_truth"] = evaluation.carried(kept, src, gate, removed, delta.vectors, delta.ids,
                                                             delta.keys, n)
+        report["ground_truth"]["recomputed_because"] = why
         held = next((t for t in truths if t.name == "held_out"), None)
-        report["ground_truth"]["recomputed_because"] = (
-            "--full-evaluation" if cfg.full_evaluation else "compaction follows" if compacting else
-            None if prev_index.ground_truth else "the previous version keeps none (build-index writes none)")
     with timer.stage("drift"):
         held_v, held_ids = (held.vectors, held.own) if held else (delta.vectors[:0], delta.ids[:0])
         old = ~np.isin(held_ids, delta.ids)

@@ -92,7 +92,7 @@ def run(job: TrainJob, tcfg: TrainConfig, progress: bool = True, data: TrainData
     cfg = _model_config(job)
     require_packages(cfg)
     with timer.stage("load"):
-        data = data or load_data(job, progress)
+        data = data if data is not None else load_data(job, progress)
     with timer.stage("tokenizer"):
         tok_file = job.tokenizer or (os.path.join(job.bert_checkpoint, "tokenizer.json")
                                      if job.bert_checkpoint else None)

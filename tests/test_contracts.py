@@ -129,6 +129,32 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         assert got(diffs.CHANGED, diffs.DELETED) == {p for p in got(*diffs.SUPERSEDED) if judged[p][1] is None}
 
 
+def test_an_image_whose_read_fails_after_a_good_head_is_rejected_in_the_state_the_diff_sees(monkeypatch):
+    """One rule for both sides (fingerprint.row_state): encode's reject state of a row whose
+    bytes could not be read after its HEAD succeeded is the diff's state of that row, so
+    the next night sees it unchanged (still rejected) until the image itself changes."""
+    from mimdex.infra.contracts import fingerprint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = tmp + "/cat"
+        _catalog(root, ["plain", "plain"])
+        real = catalog.fetch_image
+
+        def flaky(uri):   # the second image's GET fails; its HEAD still answers
+            return catalog.Problem("image_uri_unreachable", "read failed") if uri.endswith("P001-1.img") else real(uri)
+
+        monkeypatch.setattr(catalog, "fetch_image", flaky)
+        judged = _encode(root, tmp + "/emb")
+        assert judged["P001"][1] == "image_uri_unreachable" and judged["P000"][1] is None
+        table, cols, _ = catalog.read_unit(root + "/catalog.parquet")
+        states = fingerprint.row_states(table.column("product_id").to_pylist(), catalog.titles_as_bytes(table),
+                                        table.column("image_uri").to_pylist(), [None, None], cols, None, root,
+                                        MODEL.sha256)
+        assert judged["P001"][0] == states[1] and states[1].startswith("fp:")   # the fingerprint state
+        d = _diff(root, tmp + "/emb", tmp, 1)
+        assert d.empty and d.counts["still_rejected"] == 1
+
+
 @settings(max_examples=200, deadline=None)
 @given(products=st.lists(st.tuples(st.booleans(), st.sampled_from(["s1", "s2"]), st.sampled_from([None, 1, 2]),
                                    st.booleans(), st.sampled_from(["s1", "s2"]), st.booleans(),

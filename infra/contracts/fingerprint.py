@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mimdex.infra import storage
 from mimdex.infra.contracts import catalog
-from mimdex.infra.contracts.photos import bounded, product_state
+from mimdex.infra.contracts.photos import LIST_COLUMNS, bounded, product_state
 from mimdex.infra.redact import redact
 
 def column_of(names, image: str) -> str | None:
@@ -124,41 +124,61 @@ def state_of(got: str | catalog.Problem, title: str, model_sha256: str) -> str:
         else source_state(got, title, model_sha256)
 
 
+def image_state(by_uri: bool, value, known: str | catalog.Problem | None, title: str, model_sha256: str) -> str:
+    """The state of one image (a row's, or one photo of its list) as the diff compares it
+    and encode records it: inline bytes by their content hash; an image behind a URI by
+    ``known``, its fingerprint (the catalog's value or what a HEAD said) or why it cannot
+    be used; a null photo is image_missing. The one rule both sides apply."""
+    if value is None:
+        return catalog.rejected_state("image_missing")
+    if not by_uri:
+        return catalog.content_hash(value, title, model_sha256)
+    return state_of(known, title, model_sha256)
+
+
+def row_state(problem: catalog.Problem | None, image_column: str, image, known, title: str | None,
+              model_sha256: str) -> str:
+    """A catalog row's state: its reject state when the row breaks a rule
+    (catalog.row_problem), else its image's (image_state), or for a photo list the
+    product state of its photos (``known``: a value per photo)."""
+    if problem is not None:
+        return catalog.rejected_state(problem.reason)
+    by_uri = image_column in catalog.FINGERPRINT_COLUMNS_OF
+    if image_column in LIST_COLUMNS:
+        return product_state([image_state(by_uri, v, k, title, model_sha256)
+                              for v, k in zip(bounded(image)[0], known)])
+    return image_state(by_uri, image, known, title, model_sha256)
+
+
 def row_states(ids: list, titles: list, images: list, given: list, cols: catalog.Columns, fp_column: str | None,
                root: str, model_sha256: str, threads: int = 16, io: dict | None = None) -> list[str]:
-    """Each catalog row's state as the diff sees it, reading no image behind a URI: the
-    rules encode records the same state by (catalog.row_problem first, then the image).
-    The fingerprints a row needs are taken in bulk first (``of_objects``)."""
+    """Each catalog row's state as the diff sees it (row_state), reading no image behind a
+    URI: the fingerprints the rows need and the catalog does not give are taken in bulk
+    first (``of_objects``)."""
     problems = [catalog.row_problem(p, t, im) for p, t, im in zip(ids, titles, images)]
-    wanted = []
-    for i, problem in enumerate(problems):
-        if problem is None and cols.image == "image_uri" and not (fp_column and given[i]):
-            wanted.append(catalog.resolve_uri(root, images[i]))
-        elif problem is None and cols.image == "image_uris":
-            wanted += [catalog.resolve_uri(root, v) for pos, v in enumerate(bounded(images[i])[0])
-                       if v is not None and not given_of(fp_column, photo_given(given[i], pos))]
+    by_uri = cols.image in catalog.FINGERPRINT_COLUMNS_OF
+    listed = cols.image in LIST_COLUMNS
+
+    def values(i: int) -> list:   # (photo value, the catalog's fingerprint of it) of a row
+        if not listed:
+            return [(images[i], given[i])]
+        return [(v, photo_given(given[i], pos)) for pos, v in enumerate(bounded(images[i])[0])]
+
+    wanted = [catalog.resolve_uri(root, v) for i, problem in enumerate(problems) if problem is None and by_uri
+              for v, g in values(i) if v is not None and not given_of(fp_column, g)]
     fps = of_objects(wanted, threads, io) if wanted else {}
 
-    def photo_fp(i: int, pos: int, v) -> str | catalog.Problem:
-        if v is None:
-            return catalog.Problem("image_missing", "the photo is null")
-        return given_of(fp_column, photo_given(given[i], pos)) or fps[catalog.resolve_uri(root, v)]
+    def known(v, g):
+        if not by_uri or v is None:
+            return None
+        return given_of(fp_column, g) or fps[catalog.resolve_uri(root, v)]
 
     out = []
     for i, problem in enumerate(problems):
-        if problem:
-            out.append(catalog.rejected_state(problem.reason))
+        if problem is not None:
+            out.append(row_state(problem, cols.image, None, None, None, model_sha256))
             continue
-        text, image = titles[i].decode("utf-8"), images[i]
-        if cols.image == "image":
-            out.append(catalog.content_hash(image, text, model_sha256))
-        elif cols.image == "image_uri":
-            got = given_of(fp_column, given[i]) or fps[catalog.resolve_uri(root, image)]
-            out.append(state_of(got, text, model_sha256))
-        elif cols.image == "images":
-            out.append(product_state([catalog.photo_state(catalog.photo_bytes(v, False, root), text, model_sha256)
-                                      for v in bounded(image)[0]]))
-        else:
-            out.append(product_state([state_of(photo_fp(i, pos, v), text, model_sha256)
-                                      for pos, v in enumerate(bounded(image)[0])]))
+        knowns = [known(v, g) for v, g in values(i)]
+        out.append(row_state(None, cols.image, images[i], knowns if listed else knowns[0],
+                             titles[i].decode("utf-8"), model_sha256))
     return out

@@ -85,8 +85,9 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
             fetched = list(pool.map(fetch, [i for i, _ in keep]))
         good = []
         for (i, title), (fp, got) in zip(keep, fetched):
-            if isinstance(got, catalog.Problem):
-                reject(i, got)
+            if isinstance(got, catalog.Problem):   # its state: the diff's (a read that fails after
+                # a good HEAD stays rejected until the image changes, as an undecodable one does)
+                reject(i, got, fingerprint.image_state(True, images[i], fp, title, spec.model_sha256))
             else:
                 images[i], sources[i] = got, fp
                 good.append((i, title))
@@ -97,8 +98,9 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     blank = np.zeros((size, size, 3), np.uint8)
     pixels, out_ids, hashes, texts, rows, jpeg, jpeg_rows, fps = [], [], [], [], [], [], [], []
     for i, title in keep:
-        state = catalog.content_hash(images[i], title, spec.model_sha256)
-        source = fingerprint.source_state(sources[i], title, spec.model_sha256) if sources else state
+        state = catalog.content_hash(images[i], title, spec.model_sha256)   # of the bytes encoded
+        # what the diff compares (the same as ``state`` for inline bytes)
+        source = fingerprint.image_state(bool(sources), images[i], sources.get(i), title, spec.model_sha256)
         if spec.gpu_jpeg and gpu_decodable(images[i]):
             jpeg_rows.append(len(pixels))  # the actor decodes it (its rejects come back late)
             jpeg.append(images[i])
@@ -162,11 +164,11 @@ def _decode_photos(spec: DecodeSpec, unit: Unit, ids, images, keep, reject, reje
     size = spec.image_size
     out_ids, hashes, rows, positions, shas, titles, pixels, encode_rows, reuse_rows, reuse_from, fps = (
         [] for _ in range(11))
-    for (i, title, pos, _, _), (fp, data) in zip(photos, fetched):
-        state = catalog.photo_state(data, title, spec.model_sha256)
-        source = fingerprint.state_of(fp, title, spec.model_sha256) if fp is not None else state
+    for (i, title, pos, value, _), (fp, data) in zip(photos, fetched):
+        state = catalog.photo_state(data, title, spec.model_sha256)   # of the bytes read
+        source = fingerprint.image_state(by_uri, value, fp, title, spec.model_sha256)   # what the diff compares
         if isinstance(data, catalog.Problem):
-            reject(i, data, source if fp is not None else state, pos)
+            reject(i, data, source, pos)
             continue
         sha = hashlib.sha256(data).hexdigest()
         found = reuse.get((ids[i], sha))

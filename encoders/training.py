@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from mimdex.encoders.augment import augment
+from mimdex.encoders.batching import BATCHINGS, category_groups, colour_clusters
 from mimdex.encoders.config import AUGMENTS, PRETRAINED_PRESETS, LossWeights, ModelConfig
 from mimdex.encoders.losses import mim_loss
 from mimdex.encoders.metrics import retrieval_metrics, top_k
@@ -49,12 +50,14 @@ class TrainConfig:
     # "random": batches of random distinct products. "similar": batches built from groups
     # of products whose catalog images have similar colour statistics, so that colour
     # alone cannot tell the in-batch negatives apart (hard negatives, no labels needed).
+    # "category": groups of products of one catalog category (hard negatives by label).
     batching: str = "random"
     group_size: int = 16
     halt_after: int | None = None  # stop (as if killed) after this step's checkpoint; tests only
     # Fine-tuning pretrained towers (recipe_for gives the pretrained presets' values):
     freeze_image_blocks: int = 0   # stem + this many EfficientNet blocks run frozen, without autograd
     freeze_text: bool = False      # text tower frozen (its pooled features computed once), projection trained
+    text_layers: int | None = None  # with freeze_text off: only the top N text layers (and the projection) train
     backbone_lr_scale: float = 1.0  # lr multiplier of pretrained weights; projections get the full lr
     augment: str = "shift"         # augment.AUGMENTS
     compile: bool | None = None    # torch.compile the image path; None: on CUDA yes, on a CPU no
@@ -76,22 +79,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def colour_clusters(pixels: np.ndarray, products: np.ndarray, seed: int, per_cluster: int = 48) -> list[np.ndarray]:
-    """Group ``products`` by k-means (faiss) on colour histograms of their catalog images."""
-    import faiss
-
-    px = pixels[products].reshape(len(products), -1, 3).astype(np.int32)
-    codes = (px // 64) @ np.array([16, 4, 1])  # 4x4x4 colour bins
-    keep = px.min(axis=2) <= 235  # ignore the studio-white background
-    hist = np.stack([np.bincount(c[k], minlength=64) for c, k in zip(codes, keep)]).astype(np.float32)
-    hist = np.sqrt(hist / np.maximum(hist.sum(1, keepdims=True), 1))
-    k = max(1, len(products) // per_cluster)
-    km = faiss.Kmeans(hist.shape[1], k, niter=20, seed=seed, verbose=False)
-    km.train(hist)
-    _, assign = km.index.search(hist, 1)
-    return [products[assign[:, 0] == c] for c in range(k) if np.any(assign[:, 0] == c)]
 
 
 def _jsonable(d: dict) -> dict:
@@ -142,10 +129,11 @@ class Trainer:
         # the caller has loaded pretrained or checkpointed weights, which the features need.
         self._titles = self._street_tokens = self._reform_tokens = None
         self._order, self._order_epoch = None, -1
-        if cfg.batching not in ("random", "similar"):
-            raise UsageError(f"batching must be 'random' or 'similar', got {cfg.batching!r}")
-        self._clusters = colour_clusters(data.product_pixels, data.train_products, cfg.seed) \
-            if cfg.batching == "similar" else []
+        if cfg.batching not in BATCHINGS:
+            raise UsageError(f"batching must be one of {', '.join(BATCHINGS)}, got {cfg.batching!r}")
+        self._clusters = (colour_clusters(data.product_pixels, data.train_products, cfg.seed)
+                          if cfg.batching == "similar" else
+                          category_groups(data.categories, data.train_products) if cfg.batching == "category" else [])
 
     # --- fine-tuning ---------------------------------------------------------------------
 
@@ -158,6 +146,14 @@ class Trainer:
             m.visual.freeze(cfg.freeze_image_blocks)
         if cfg.freeze_text and m.has_text:
             m.text.requires_grad_(False)
+            m.text.text_projection.requires_grad_(True)
+        elif cfg.text_layers is not None and m.has_text:
+            layers = getattr(getattr(m.text, "encoder", None), "layer", None)
+            if layers is None:
+                raise UsageError("text_layers: the text tower has no BERT layers (the MiniLM presets only)")
+            m.text.requires_grad_(False)
+            for layer in list(layers)[len(layers) - cfg.text_layers:] if cfg.text_layers else []:
+                layer.requires_grad_(True)
             m.text.text_projection.requires_grad_(True)
 
     def _param_groups(self) -> list[dict]:
@@ -215,7 +211,7 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.seed, 1, epoch])
         if self.cfg.batching == "random":
             return rng.permutation(self.data.train_products)
-        # Shuffle within each colour cluster, cut into groups, shuffle the groups.
+        # Shuffle within each cluster (colour or category), cut into groups, shuffle the groups.
         groups = []
         for members in self._clusters:
             members = rng.permutation(members)

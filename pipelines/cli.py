@@ -83,12 +83,15 @@ def _add_train(sub) -> None:
                    "tokenizer.json) for the text tower")
     p.add_argument("--tokenizer", help="local tokenizer.json to use instead of training one")
     p.add_argument("--weights", help='loss weights as JSON, e.g. \'{"query_title": 1.0}\'')
-    p.add_argument("--batching", choices=["random", "similar"], default="random",
-                   help="similar: batches of products with similar colour statistics (hard negatives)")
+    p.add_argument("--batching", choices=["random", "similar", "category"], default="random",
+                   help="similar: batches of products with similar colour statistics; category: of one catalog "
+                   "category (hard negatives)")
     p.add_argument("--freeze-image-blocks", type=int, help="EfficientNet presets: stem + this many blocks stay "
                    "frozen (default: the recipe's)")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the text tower frozen and train its projection (pretrained presets: on)")
+    p.add_argument("--text-layers", type=int, help="MiniLM presets, text tower not frozen: only its top N layers "
+                   "train (default: all)")
     p.add_argument("--backbone-lr-scale", type=float, help="learning-rate multiplier of pretrained weights")
     p.add_argument("--augment", choices=list(AUGMENTS), help="street-photo augmentation (default: the recipe's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -119,7 +122,8 @@ def _run_train(args: argparse.Namespace) -> int:
                              bert_checkpoint=args.bert_checkpoint, tokenizer=args.tokenizer, threads=args.threads)
     recipe = recipe_for(args.preset)
     recipe.update({k: v for k, v in (("lr", args.lr), ("freeze_image_blocks", args.freeze_image_blocks),
-                                     ("freeze_text", args.freeze_text), ("backbone_lr_scale", args.backbone_lr_scale),
+                                     ("freeze_text", args.freeze_text), ("text_layers", args.text_layers),
+                                     ("backbone_lr_scale", args.backbone_lr_scale),
                                      ("augment", args.augment)) if v is not None})
     tcfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                        seed=args.seed, checkpoint_every=args.checkpoint_every, weights=weights,

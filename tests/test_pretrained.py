@@ -308,3 +308,22 @@ def test_bf16_training_runs_differentiated_depthwise_convolutions_in_fp32_and_no
     with torch.inference_mode():  # fp32 inference (CPU encoding) is untouched
         tower(x)
     assert all(seen[n] == torch.float32 for n in seen)
+
+
+def test_text_layers_trains_the_top_minilm_layers_and_nothing_below(small_dataset, tmp_path, capsys):
+    """--no-freeze-text --text-layers 2: MiniLM's embeddings and its four lower layers keep
+    their packaged weights; the top two layers and the projection move."""
+    data = small_dataset
+    out = str(tmp_path / "m")
+    assert cli.main(["train", "--data", data, "--catalog", data + "/catalog", "--variant", "3-tower", "--preset", PRESET,
+                     "--out", out, "--max-steps", "2", "--batch-size", "8", "--no-freeze-text", "--text-layers", "2",
+                     "--no-progress"]) == 0
+    trained = load_bundle(out).model.state_dict()
+    start = MIMModel(preset(PRESET, "3-tower"))
+    init_pretrained(start)
+    start = start.state_dict()
+    text = [k for k in start if k.startswith("text.") and not k.startswith("text.text_projection")]
+    top = [k for k in text if k.startswith(("text.encoder.layer.4.", "text.encoder.layer.5."))]
+    assert top and all(torch.equal(trained[k], start[k]) for k in text if k not in top)
+    assert any(not torch.equal(trained[k], start[k]) for k in top if k.endswith("weight"))
+    assert not torch.equal(trained["text.text_projection"], start["text.text_projection"])

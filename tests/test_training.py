@@ -119,7 +119,7 @@ def test_train_reads_and_writes_s3(s3_bucket, capsys):
     assert load_bundle(out).sha256 == storage.read_json(report_uri)["model_sha256"]
 
 
-@pytest.mark.parametrize("batching", ["random", "similar"])
+@pytest.mark.parametrize("batching", ["random", "similar", "category"])
 def test_an_epoch_visits_every_training_product_once(dataset, batching, tmp_path):
     from mimdex.encoders.config import preset
     from mimdex.encoders.text import train_tokenizer
@@ -141,6 +141,12 @@ def test_an_epoch_visits_every_training_product_once(dataset, batching, tmp_path
         # groups of 4 from one colour cluster each: a batch of 8 spans at most 2 clusters
         # (3 where a cluster's last group was short).
         assert len({cluster_of[int(p)] for p in batch}) <= 3
+    if batching == "category":
+        # each cluster is exactly one category's training products
+        assert sorted(sorted(data.categories[int(p)] for p in members)[0] for members in tr._clusters) == \
+            sorted({data.categories[int(p)] for p in data.train_products})
+        assert all(len({data.categories[int(p)] for p in members}) == 1 for members in tr._clusters)
+        assert len({data.categories[int(p)] for p in batch}) <= 3
 
 
 def test_the_compiled_training_path_runs_on_the_cpu_and_trains_as_eager_does(dataset, tmp_path):

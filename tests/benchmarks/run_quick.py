@@ -33,6 +33,7 @@ QUICK: dict[str, list[str]] = {
     "bench_encode.py": ["--products", "300"],
     "bench_faults.py": ["--rate", "0.3", "--latency-rate", "0.05", "--products", "80", "--seeds", "1"],
     "bench_filters.py": ["--queries", "100"],
+    "bench_icons.py": ["--limit", "400", "--epochs", "1", "--batch-size", "32"],
     "bench_index.py": ["--n", "20000", "--shards", "2"],
     "bench_kill_soak.py": ["--trials", "1", "--products", "200"],
     "bench_mmap.py": ["--n", "50000", "--deltas", "1"],
@@ -48,14 +49,15 @@ QUICK: dict[str, list[str]] = {
                         "--epochs", "1"],
 }
 # Scripts whose result is a JSON file they write with --out.
-WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_demo.py", "bench_filters.py", "bench_mmap.py", "bench_real.py",
+WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_demo.py", "bench_filters.py", "bench_icons.py",
+              "bench_mmap.py", "bench_real.py",
               "bench_retag.py", "bench_scale.py", "bench_train_step.py"}
 # Reference libraries a script compares against, installed from PyPI beside (not into) the
 # project's environment, once, under <out>/.deps/<script>, and put on its PYTHONPATH.
 BESIDE = {"bench_autofaiss.py": ["autofaiss", "embedding-reader", "fire", "termcolor", "pandas",
                                  "python-dateutil", "pytz", "tzdata"]}
 # Scripts that are not benchmarks (helpers other scripts import or run).
-HELPERS = {"run_quick.py", "check_same_bytes.py"}
+HELPERS = {"run_quick.py", "check_same_bytes.py", "icon_dataset.py"}
 
 
 def scripts() -> list[str]:

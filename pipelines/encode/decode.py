@@ -100,7 +100,8 @@ def decode_unit(spec: DecodeSpec, unit: Unit) -> tuple[DecodedUnit, dict]:
     for i, title in keep:
         state = catalog.content_hash(images[i], title, spec.model_sha256)   # of the bytes encoded
         # what the diff compares (the same as ``state`` for inline bytes)
-        source = fingerprint.image_state(bool(sources), images[i], sources.get(i), title, spec.model_sha256)
+        source = fingerprint.image_state(spec.image_column == "image_uri", images[i], sources.get(i), title,
+                                         spec.model_sha256)
         if spec.gpu_jpeg and gpu_decodable(images[i]):
             jpeg_rows.append(len(pixels))  # the actor decodes it (its rejects come back late)
             jpeg.append(images[i])

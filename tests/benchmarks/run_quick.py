@@ -33,7 +33,7 @@ QUICK: dict[str, list[str]] = {
     "bench_encode.py": ["--products", "300"],
     "bench_faults.py": ["--rate", "0.3", "--latency-rate", "0.05", "--products", "80", "--seeds", "1"],
     "bench_filters.py": ["--queries", "100"],
-    "bench_icons.py": ["--limit", "400", "--epochs", "1", "--batch-size", "32"],
+    "bench_icons.py": ["--limit", "400", "--epochs", "1", "--batch-size", "32", "--seeds", "0,1"],
     "bench_index.py": ["--n", "20000", "--shards", "2"],
     "bench_kill_soak.py": ["--trials", "1", "--products", "200"],
     "bench_mmap.py": ["--n", "50000", "--deltas", "1"],

@@ -41,6 +41,7 @@ RECIPES: dict[str, dict] = {
     "preset": {},
     "titles-x2": {"weights": {"query_title": 1.0, "product_title": 1.0}},
     "titles-half": {"weights": {"query_title": 0.25, "product_title": 0.25}},
+    "titles-quarter": {"weights": {"query_title": 0.125, "product_title": 0.125}},
     "product-title-only": {"weights": {"query_title": 0.0}},
     "category-negatives": {"batching": "category"},
     "epochs-x2": {"epochs_x": 2},

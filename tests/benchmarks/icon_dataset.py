@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -130,11 +131,8 @@ def _colour(name: str) -> tuple[int, int, int]:
 def resvg_path() -> str | None:
     """Where resvg-py is importable from: the environment, else DEPS (pip-installed there
     from PyPI once, with pip, beside the project's environment)."""
-    try:
-        import resvg_py  # noqa: F401
+    if importlib.util.find_spec("resvg_py") is not None:
         return None
-    except ImportError:
-        pass
     target = os.path.abspath(DEPS)
     if not os.path.exists(os.path.join(target, ".complete")):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, RESVG],

@@ -66,11 +66,13 @@ def _key(cfg: TrainConfig, variant: str) -> str:
     return hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_one(work: str, data: str, preset: str, recipe: str, variant: str, seed: int, args, loaded: dict) -> dict:
+def run_one(data: str, preset: str, recipe: str, variant: str, seed: int, args, loaded: dict) -> dict:
+    """Train (unless ``<data>.models`` holds the model already: train_s 0) and evaluate."""
     cfg = train_config(preset, recipe, args.epochs, args.batch_size, seed)
     out = storage.join(f"{data}.models", f"{preset}-{variant}-{_key(cfg, variant)}")
     job = train_job.TrainJob(data=data, catalog=storage.join(data, "catalog"), out=out, variant=variant,
                              preset=preset)
+
     def data_once():   # one decode of the data for every model
         if "data" not in loaded:
             loaded["data"] = train_job.load_data(job, progress=False)
@@ -151,7 +153,7 @@ def main() -> None:
     for recipe in recipes:
         for variant in variants:
             for seed in seeds:
-                r = run_one(work, data, args.preset, recipe, variant, seed, args, loaded)
+                r = run_one(data, args.preset, recipe, variant, seed, args, loaded)
                 runs.setdefault(recipe, {}).setdefault(variant, {})[seed] = r
                 print(f"{recipe} {variant} seed {seed}: {json.dumps(r)}", flush=True)
     means = {recipe: {v: mean_of(list(by_seed.values())) for v, by_seed in by.items()} for recipe, by in runs.items()}

@@ -152,7 +152,7 @@ class Trainer:
             if layers is None:
                 raise UsageError("text_layers: the text tower has no BERT layers (the MiniLM presets only)")
             m.text.requires_grad_(False)
-            for layer in list(layers)[len(layers) - cfg.text_layers:] if cfg.text_layers else []:
+            for layer in list(layers)[::-1][:cfg.text_layers]:   # the top N
                 layer.requires_grad_(True)
             m.text.text_projection.requires_grad_(True)
 

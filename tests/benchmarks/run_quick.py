@@ -19,6 +19,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from registry import pip_beside  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 # Each script's quick arguments: small data, every code path its full run takes. A script
@@ -57,7 +59,7 @@ WRITES_OUT = {"bench_autofaiss.py", "bench_codes.py", "bench_demo.py", "bench_fi
 BESIDE = {"bench_autofaiss.py": ["autofaiss", "embedding-reader", "fire", "termcolor", "pandas",
                                  "python-dateutil", "pytz", "tzdata"]}
 # Scripts that are not benchmarks (helpers other scripts import or run).
-HELPERS = {"run_quick.py", "check_same_bytes.py", "icon_dataset.py"}
+HELPERS = {"run_quick.py", "check_same_bytes.py", "icon_dataset.py", "registry.py"}
 
 
 def scripts() -> list[str]:
@@ -74,11 +76,7 @@ def _beside(name: str, out_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     if name not in BESIDE:
         return env
-    target = os.path.abspath(os.path.join(out_dir, ".deps", name.removesuffix(".py")))
-    if not os.path.exists(os.path.join(target, ".complete")):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target,
-                        *BESIDE[name]], check=True)
-        open(os.path.join(target, ".complete"), "w").close()
+    target = pip_beside(os.path.join(out_dir, ".deps", name.removesuffix(".py")), BESIDE[name])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (target, env.get("PYTHONPATH")) if p)
     return env
 

@@ -21,6 +21,7 @@ import dirty_catalog as dc
 from mimdex.infra import storage
 from mimdex.infra.contracts import catalog
 from mimdex.infra.contracts import embeddings as emb
+from mimdex.infra.contracts import fingerprint
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.contracts.recall import recall_at
 from mimdex.pipelines.encode.commits import write_unit
@@ -74,11 +75,11 @@ def _expected_reason(kind: str) -> str | None:
     return dc.BAD.get(kind)
 
 
-def _diff(root: str, out: str, tmp: str, buckets: int) -> diffs.Diff:
-    """The refresh's diff (Beam, DirectRunner) of the catalog against the embeddings at ``out``."""
-    d, _ = run_diff(root + "/catalog.parquet", MODEL.sha256, out, emb.read_manifest(out),
+def _diff(root: str, out: str, tmp: str, buckets: int) -> tuple[diffs.Diff, dict]:
+    """The refresh's diff (Beam, DirectRunner) of the catalog against the embeddings at
+    ``out``, and what it read and wrote."""
+    return run_diff(root + "/catalog.parquet", MODEL.sha256, out, emb.read_manifest(out),
                     f"{tmp}/diff-{len(storage.list_files(tmp))}-{buckets}", buckets=buckets)
-    return d
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,8 +102,9 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         assert {p: reason for p, (_, reason) in judged.items()} == {p: _expected_reason(k) for p, k in first.items()}
 
         # an unchanged catalog: nothing to do, whatever it holds
-        unchanged = _diff(root, out, tmp, buckets)
+        unchanged, first_night = _diff(root, out, tmp, buckets)
         assert unchanged.empty, unchanged.counts
+        assert first_night["runs_kept"] == 0
         assert unchanged.counts["unchanged"] == sum(1 for _, r in judged.values() if r is None)
 
         # edits: the diff re-processes exactly the products whose state encode would change
@@ -121,7 +123,9 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
                 rows.append({**rows[i], "product_id": f"ADDED-{i}"})
         dc.write(root, rows, {}, row_group_size=7)
         now = _encode(root, tmp + "/emb-after")
-        d = _diff(root, out, tmp, buckets)
+        d, second_night = _diff(root, out, tmp, buckets)
+        # the same diff from the previous side's runs kept by the first night (none rewritten)
+        assert second_night["runs_kept"] == second_night["parts"] > 0
         got = lambda *kinds: set(d.ids(*kinds).to_pylist())  # noqa: E731
         assert got(*diffs.TO_ENCODE) == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
         assert got(diffs.NEW) == set(now) - set(judged)
@@ -133,7 +137,6 @@ def test_an_image_whose_read_fails_after_a_good_head_is_rejected_in_the_state_th
     """One rule for both sides (fingerprint.row_state): encode's reject state of a row whose
     bytes could not be read after its HEAD succeeded is the diff's state of that row, so
     the next night sees it unchanged (still rejected) until the image itself changes."""
-    from mimdex.infra.contracts import fingerprint
 
     with tempfile.TemporaryDirectory() as tmp:
         root = tmp + "/cat"
@@ -151,7 +154,7 @@ def test_an_image_whose_read_fails_after_a_good_head_is_rejected_in_the_state_th
                                         table.column("image_uri").to_pylist(), [None, None], cols, None, root,
                                         MODEL.sha256)
         assert judged["P001"][0] == states[1] and states[1].startswith("fp:")   # the fingerprint state
-        d = _diff(root, tmp + "/emb", tmp, 1)
+        d, _ = _diff(root, tmp + "/emb", tmp, 1)
         assert d.empty and d.counts["still_rejected"] == 1
 
 
@@ -166,10 +169,11 @@ def test_a_product_is_retagged_exactly_when_its_state_held_and_the_index_shows_o
     cat, prev, shown, want = [], [], [], {}
     for i, (in_cat, state, attrs, in_prev, was, encoded, seen) in enumerate(products):
         pid = f"p{i:03d}"
+        digest = dict(zip(["s1", "s2"], fingerprint.digests(["s1", "s2"]).tolist()))   # as the runs carry them
         if in_cat:
-            cat.append({"product_id": pid, "state": state, "attrs": attrs})
+            cat.append({"product_id": pid, "state": digest[state], "attrs": attrs})
         if in_prev:
-            prev.append({"product_id": pid, "state": was, "encoded": encoded, "part": "part-00000"})
+            prev.append({"product_id": pid, "state": digest[was], "encoded": encoded, "part": "part-00000"})
             if encoded and seen is not None:   # an older id map's row is superseded by the newer one's
                 shown += [{"product_id": pid, "attrs": 99, "seq": 0}, {"product_id": pid, "attrs": seen, "seq": 2}]
         if in_cat and not in_prev:
@@ -180,8 +184,8 @@ def test_a_product_is_retagged_exactly_when_its_state_held_and_the_index_shows_o
             want[pid] = diffs.CHANGED if encoded else diffs.REJUDGED
         elif in_cat and encoded and attrs is not None and seen is not None and attrs != seen:
             want[pid] = diffs.RETAGGED
-    cat_t = pa.Table.from_pylist(cat, pa.schema([("product_id", pa.string()), ("state", pa.string()), diffs.ATTRS]))
-    prev_t = pa.Table.from_pylist(prev, emb.PREVIOUS_SCHEMA)
+    cat_t = pa.Table.from_pylist(cat, pa.schema([("product_id", pa.string()), diffs.STATE, diffs.ATTRS]))
+    prev_t = pa.Table.from_pylist(prev, diffs.PREV_SCHEMA)
     out, counts = diffs.classify(cat_t, diffs.shown_attrs(prev_t, pa.Table.from_pylist(shown, diffs.SHOWN_SCHEMA)))
     assert dict(zip(out["product_id"].to_pylist(), out["change"].to_pylist())) == want
     assert counts[diffs.RETAGGED] == sum(1 for c in want.values() if c == diffs.RETAGGED)

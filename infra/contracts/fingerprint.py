@@ -17,11 +17,17 @@ Encode records both the fingerprint state it encoded from (part column ``source_
 and ``image_fingerprint``) and the exact ``content_hash`` of the bytes it read. An image
 replaced between the HEAD and the read has an older fingerprint than its bytes: the next
 night sees a new fingerprint and encodes it again (never the reverse).
+
+The diff carries a state as ``digests``: its first 8 bytes of BLAKE2b, an int64. Two
+different states compare equal with probability 2^-64 per product, so the diff is the
+one the strings would give, in a third of the bytes of a hex string.
 """
 from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from mimdex.infra import storage
 from mimdex.infra.contracts import catalog
@@ -117,6 +123,12 @@ def source_state(fingerprint: str, title: str, model_sha256: str) -> str:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return "fp:" + h.hexdigest()
+
+
+def digests(states: list[str]) -> np.ndarray:
+    """Each state's 8-byte digest as an int64 (what the diff compares and writes)."""
+    return np.frombuffer(b"".join(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest() for s in states),
+                         "<i8").copy()
 
 
 def state_of(got: str | catalog.Problem, title: str, model_sha256: str) -> str:

@@ -19,6 +19,11 @@ output, under ``<embeddings>/diffs/<id>/``, is the delta and nothing else:
     bucket-00007.json      the bucket's counts
 
 so no process ever holds more than a bucket, and the refresh reads only the changes.
+States travel as 8-byte digests (fingerprint.digests). The previous side's runs are kept
+between nights under ``<embeddings>/state_runs/``, one per embeddings part (and id map),
+named by what they were made from: a part is immutable but for its deletion file, so a
+quiet night rewrites none of them, and the diff's scratch is the catalog side's runs
+(about 13 bytes a row: the product_id, the digest, the catalog order).
 """
 from __future__ import annotations
 
@@ -42,10 +47,12 @@ TO_ENCODE = (NEW, CHANGED, REJUDGED)
 SUPERSEDED = (CHANGED, REJUDGED, DELETED, FORGOTTEN, RETAGGED)   # their earlier part or reject row no longer stands
 REMOVED_FROM_INDEX = (CHANGED, DELETED, RETAGGED)               # their earlier vectors leave the index
 ATTRS = pa.field("attrs", pa.int64())   # contracts.attributes.digest; null where the index has no filter columns
-OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()),
-                        ("state", pa.string()), ATTRS])
-ROWS_PER_BUCKET = 250_000   # what one join holds: ~60 MB of ids and states, whatever the catalog size
-WORK_DIR = "_work"          # each side's sorted runs, deleted when the diff is done
+STATE = pa.field("state", pa.int64())   # fingerprint.digests of the state
+OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()), STATE, ATTRS])
+PREV_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("encoded", pa.bool_()), ("part", pa.string())])
+ROWS_PER_BUCKET = 250_000   # at most what one join holds: ~20 MB of ids and digests, whatever the catalog size
+WORK_DIR = "_work"          # the catalog side's sorted runs, deleted when the diff is done
+STATE_RUNS = "state_runs"   # the previous side's runs, kept beside the embeddings for the next night
 
 
 SHOWN_SCHEMA = pa.schema([("product_id", pa.string()), ATTRS, ("seq", pa.int32())])  # seq: base 0, then deltas
@@ -68,7 +75,10 @@ class DiffSpec:
 
 
 def bucket_count(catalog_rows: int, previous_rows: int) -> int:
-    return max(1, math.ceil(max(catalog_rows, previous_rows) / ROWS_PER_BUCKET))
+    """A power of two: a growing catalog changes the count (and so every kept run) only
+    when it doubles, not every ROWS_PER_BUCKET rows."""
+    need = max(1, math.ceil(max(catalog_rows, previous_rows) / ROWS_PER_BUCKET))
+    return 1 << (need - 1).bit_length()
 
 
 def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:

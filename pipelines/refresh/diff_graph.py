@@ -13,6 +13,8 @@ diff's directory that the driver counts (progress) and sums (report).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -27,15 +29,20 @@ from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import column_bytes, parquet_metadata
 from mimdex.infra.errors import DataError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, SHOWN_SCHEMA, WORK_DIR, Diff, DiffSpec, bucket_count,
-                                           bucket_of, classify, first_occurrences, shown_attrs)
+from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, PREV_SCHEMA, SHOWN_SCHEMA, STATE, STATE_RUNS, WORK_DIR,
+                                           Diff, DiffSpec, bucket_count, bucket_of, classify, first_occurrences,
+                                           shown_attrs)
 
 _level = logging.root.manager.disable
 logging.disable(logging.WARNING)  # Beam warns on import about optional GCP clients
 import apache_beam as beam  # noqa: E402
 logging.disable(_level)
 
-CAT_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("order", pa.int64()), ATTRS])
+CAT_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("order", pa.int64()), ATTRS])
+# digests do not compress; the order rises within a bucket (a stable sort), so deltas are small
+_ENCODING = {"product_id": "PLAIN", "state": "PLAIN", "order": "DELTA_BINARY_PACKED", "attrs": "PLAIN",
+             "encoded": "PLAIN", "part": "PLAIN", "seq": "PLAIN"}
+_BUCKETS_KEY = b"mimdex.buckets"   # a run's footer: the bucket of each row group
 
 
 @dataclass(frozen=True)
@@ -49,25 +56,49 @@ class CatalogUnit:
 
 @dataclass(frozen=True)
 class RunRef:
-    side: str        # "cat" or "prev"
+    side: str        # "cat", "prev" or "shown"
     uri: str
     row_group: int
 
 
-def _write_run(spec: DiffSpec, name: str, side: str, table: pa.Table) -> list[tuple[int, RunRef]]:
-    """``table`` as a run sorted by bucket, one row group per bucket present."""
-    if not table.num_rows:
-        return []
+def _write_run(spec: DiffSpec, uri: str, side: str, table: pa.Table) -> tuple[list[tuple[int, RunRef]], int]:
+    """``table`` as a run at ``uri`` sorted by bucket, one row group per bucket present;
+    (its references, bytes written)."""
     buckets = bucket_of(table.column("product_id").to_pylist(), spec.buckets)
     order = np.argsort(buckets, kind="stable")
     table, buckets = table.take(pa.array(order)), buckets[order]
     cuts = np.flatnonzero(np.diff(buckets)) + 1
-    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(buckets)]])
-    uri = storage.join(spec.out, WORK_DIR, f"{side}-{name}.parquet")
-    with storage.open_write(uri) as f, pq.ParquetWriter(f, table.schema, compression="zstd") as w:
-        for a, b in zip(starts, ends):
-            w.write_table(table.slice(a, b - a), row_group_size=b - a)
-    return [(int(buckets[a]), RunRef(side, uri, rg)) for rg, a in enumerate(starts)]
+    # an empty table is written too: a kept run of a part with no product is still known
+    starts, ends = (np.concatenate([[0], cuts]), np.concatenate([cuts, [len(buckets)]])) if len(buckets) else ([], [])
+    present = [int(buckets[a]) for a in starts]
+    schema = table.schema.with_metadata({_BUCKETS_KEY: json.dumps(present).encode()})
+    encoding = {c: _ENCODING[c] for c in table.column_names}
+    with storage.open_write(uri) as f:
+        with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=False, column_encoding=encoding) as w:
+            for a, b in zip(starts, ends):
+                w.write_table(table.slice(a, b - a).replace_schema_metadata(schema.metadata), row_group_size=b - a)
+        written = f.bytes_written
+    return [(b, RunRef(side, uri, rg)) for rg, b in enumerate(present)], written
+
+
+def _kept_run(spec: DiffSpec, side: str, name: str, made_from: object, make) -> tuple[list, dict]:
+    """The previous side's run of one immutable input (an embeddings part with its
+    deletion file, an id map), kept under STATE_RUNS and named by a hash of ``made_from``
+    and the bucket count: written the first night it is needed, read again on the next.
+    (references, its record: rows, bytes read to make it, bytes written.)"""
+    uri = storage.join(spec.embeddings, STATE_RUNS, kept_run_name(side, name, made_from, spec.buckets))
+    if storage.exists(uri):
+        meta = parquet_metadata(uri, "a kept diff run")
+        present = json.loads(meta.schema.to_arrow_schema().metadata[_BUCKETS_KEY])
+        return [(b, RunRef(side, uri, rg)) for rg, b in enumerate(present)], {"rows": meta.num_rows, "kept": True}
+    table, read = make()
+    refs, written = _write_run(spec, uri, side, table)
+    return refs, {"rows": table.num_rows, "read_bytes": read, "written_bytes": written}
+
+
+def kept_run_name(side: str, name: str, made_from: object, buckets: int) -> str:
+    key = hashlib.sha256(json.dumps([side, made_from, buckets], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{side}-{name}-{key}.parquet"
 
 
 def _record(spec: DiffSpec, name: str, obj: dict) -> None:
@@ -95,12 +126,14 @@ class CatalogStates(beam.DoFn):
                                         spec.catalog_root, spec.model_sha256, spec.fetch_threads, helper)
         order = (np.int64(unit.file_index) << 40) + unit.first_row + np.asarray(rows, np.int64)
         attrs = attributes.digest(table.take(pa.array(rows, pa.int64())), spec.filter_columns)
-        out = pa.table([pa.array([ids[i] for i in rows], pa.string()), pa.array(states, pa.string()),
+        out = pa.table([pa.array([ids[i] for i in rows], pa.string()), pa.array(fingerprint.digests(states)),
                         pa.array(order, pa.int64()), attrs], schema=CAT_SCHEMA)
-        refs = _write_run(spec, f"{unit.index:06d}", "cat", out)
+        refs, written = _write_run(spec, storage.join(spec.out, WORK_DIR, f"cat-{unit.index:06d}.parquet"), "cat",
+                                   out)
         _record(spec, f"cat-{unit.index:06d}", {"rows": len(ids), "empty_product_id": len(ids) - len(rows),
                                                 "read_bytes": read, "image_read_bytes": helper.get("read_bytes", 0),
-                                                "heads": helper.get("heads", 0), "lists": helper.get("lists", 0)})
+                                                "heads": helper.get("heads", 0), "lists": helper.get("lists", 0),
+                                                "written_bytes": written})
         yield from refs
 
 
@@ -112,10 +145,15 @@ class PreviousStates(beam.DoFn):
 
     def process(self, entry: emb.PartEntry):
         spec = self.spec
-        manifest = emb.EmbeddingsManifest(spec.model, spec.dtype, ())
-        table, read = emb.previous_states(spec.embeddings, manifest, entry)
-        refs = _write_run(spec, entry.name, "prev", table)
-        _record(spec, f"prev-{entry.name}", {"rows": table.num_rows, "read_bytes": read})
+
+        def make():
+            manifest = emb.EmbeddingsManifest(spec.model, spec.dtype, ())
+            table, read = emb.previous_states(spec.embeddings, manifest, entry)
+            digests = pa.array(fingerprint.digests(table.column("state").to_pylist()))
+            return table.set_column(1, STATE, digests).cast(PREV_SCHEMA), read
+
+        refs, record = _kept_run(spec, "prev", entry.name, entry.to_json(), make)
+        _record(spec, f"prev-{entry.name}", record)
         yield from refs
 
 
@@ -128,6 +166,10 @@ class IdMap:
     entry: iv.ShardEntry
     seq: int
 
+    def run_key(self, filter_columns: tuple[str, ...]) -> tuple[str, list]:
+        """(name, what its kept run is made from): the id map's content, place and columns."""
+        return f"{self.seq:05d}-{self.entry.name}", [self.entry.ids.sha256, self.seq, list(filter_columns)]
+
 
 class ShownAttrs(beam.DoFn):
     """One id map -> the attrs of each product it holds (product_id and the filter
@@ -138,12 +180,15 @@ class ShownAttrs(beam.DoFn):
 
     def process(self, ref: IdMap):
         spec = self.spec
-        table, read = iv.idmap_columns(ref.version_dir, ref.entry, ["product_id", *spec.filter_columns])
-        out = pa.table([table.column("product_id"), attributes.digest(table, spec.filter_columns),
-                        pa.array(np.full(table.num_rows, ref.seq, np.int32))], schema=SHOWN_SCHEMA)
-        name = f"{ref.seq:05d}-{ref.entry.name}"
-        refs = _write_run(spec, name, "shown", out)
-        _record(spec, f"shown-{name}", {"rows": table.num_rows, "read_bytes": read})
+
+        def make():
+            table, read = iv.idmap_columns(ref.version_dir, ref.entry, ["product_id", *spec.filter_columns])
+            return pa.table([table.column("product_id"), attributes.digest(table, spec.filter_columns),
+                             pa.array(np.full(table.num_rows, ref.seq, np.int32))], schema=SHOWN_SCHEMA), read
+
+        name, made_from = ref.run_key(spec.filter_columns)
+        refs, record = _kept_run(spec, "shown", name, made_from, make)
+        _record(spec, f"shown-{name}", record)
         yield from refs
 
 
@@ -161,7 +206,7 @@ class JoinBucket(beam.DoFn):
                 sides[ref.side].append(pf.read_row_group(ref.row_group))
                 read += column_bytes(pf.metadata, [ref.row_group], pf.schema_arrow.names)
         cat = pa.concat_tables(sides["cat"]) if sides["cat"] else CAT_SCHEMA.empty_table()
-        prev = pa.concat_tables(sides["prev"]) if sides["prev"] else emb.PREVIOUS_SCHEMA.empty_table()
+        prev = pa.concat_tables(sides["prev"]) if sides["prev"] else PREV_SCHEMA.empty_table()
         prev = shown_attrs(prev, pa.concat_tables(sides["shown"]) if sides["shown"] else SHOWN_SCHEMA.empty_table())
         cat, duplicates = first_occurrences(cat)
         forced = None
@@ -259,9 +304,27 @@ def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb
             "image_heads": sum(r["heads"] for r in cat),
             "image_lists": sum(r["lists"] for r in cat),
             "embeddings_rows": sum(r["rows"] for name, r in records.items() if name.startswith("prev-")),
-            "embeddings_bytes": sum(r["read_bytes"] for name, r in records.items() if name.startswith("prev-")),
-            "idmap_bytes": sum(r["read_bytes"] for name, r in records.items() if name.startswith("shown-")),
+            "embeddings_bytes": sum(r.get("read_bytes", 0) for name, r in records.items() if name.startswith("prev-")),
+            "idmap_bytes": sum(r.get("read_bytes", 0) for name, r in records.items() if name.startswith("shown-")),
             "bucket_bytes": sum(b["read_bytes"] for b in buckets),
+            # what this diff wrote besides its output: the catalog side's runs (deleted now)
+            # and the previous side's runs it did not find kept
+            "runs_written_bytes": sum(r.get("written_bytes", 0) for r in records.values()),
+            "runs_kept": sum(1 for r in records.values() if r.get("kept")),
             "buckets": spec.buckets, "units": len(units), "parts": len(parts), "idmaps": len(idmaps)}
     storage.delete(work, recursive=True)
+    _forget_runs(spec, parts, idmaps)
     return Diff(out, counts), read
+
+
+def _forget_runs(spec: DiffSpec, parts: list[emb.PartEntry], idmaps: list[IdMap]) -> None:
+    """Delete the kept runs this diff did not use: those of superseded deletion files,
+    compacted id maps, an older bucket count."""
+    where = storage.join(spec.embeddings, STATE_RUNS)
+    if not storage.exists(where):
+        return
+    used = {kept_run_name("prev", e.name, e.to_json(), spec.buckets) for e in parts}
+    used |= {kept_run_name("shown", *m.run_key(spec.filter_columns), spec.buckets) for m in idmaps}
+    for uri in storage.list_files(where, ".parquet"):
+        if uri.rsplit("/", 1)[-1] not in used:
+            storage.delete(uri)

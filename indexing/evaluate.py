@@ -74,6 +74,9 @@ def sweep(search: Ladder, queries: np.ndarray, truth_nn: np.ndarray, nlist: int,
             found = search(queries, ks, [nprobe << i for i in range(ladder) if nprobe << i <= nlist])
         row: dict = {"nprobe": nprobe}
         for k in KS:
+            if (k + 1, nprobe) not in found:   # kept lists too short for it (indexing.candidates.kept_k)
+                row[f"recall@{k}"] = None
+                continue
             ids, seconds = found[(k + 1, nprobe)]
             if exclude_ids is not None:  # drop the query's own id, keep the order
                 ids = np.array([[i for i in r if i != own][:k] for r, own in zip(ids, exclude_ids)])

@@ -11,12 +11,14 @@ publishes loads the model and encodes them (encoders.queries); this layer never 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from mimdex.indexing.carried_search import CarriedSearch
 from mimdex.indexing.evaluate import Ladder, held_out_at, one_at_a_time, sweep
 from mimdex.indexing.exact import ExactTopK
 from mimdex.indexing.query_recall import query_recall
@@ -24,7 +26,7 @@ from mimdex.indexing.reader import IndexReader, ShardLoader
 from mimdex.indexing.sample import Sample, draw
 from mimdex.indexing.shard_search import ShardSearch
 from mimdex.infra import storage
-from mimdex.infra.contracts import ground_truth
+from mimdex.infra.contracts import ground_truth, search_lists
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest
 from mimdex.infra.contracts.files import FileRef
@@ -215,17 +217,23 @@ def version_bytes(draft: VersionDraft) -> dict:
 def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[QuerySet, ...], timer,
                    extra: dict | None = None, reader: IndexReader | None = None,
                    truth: dict[str, np.ndarray] | None = None,
-                   kept: tuple[ground_truth.QueryTruth, ...] | None = None) -> Released:
+                   kept: tuple[ground_truth.QueryTruth, ...] | None = None,
+                   carried: CarriedSearch | None = None) -> Released:
     """``truth``: each query set's exact nearest neighbours when the caller found them
     (build-index's Beam job), else one blockwise pass over the embeddings finds them.
     ``kept``: the sets' exact neighbour lists (a refresh, indexing.truth): their nearest
-    are the truth, and the version keeps them for the next refresh."""
+    are the truth, and the version keeps them for the next refresh. ``carried``: the
+    sweep's search from the previous version's lists (a refresh): the index is not
+    loaded (but for --queries' product recall), and the version keeps the lists."""
     vdir = iv.version_uri(draft.out, draft.version)
     with timer.stage("evaluate"):
         if kept is not None:
             truth = {t.name: t.nearest for t in kept}
         truth = truth if truth is not None else exact_truth(src, sets)
-        if reader is None and version_bytes(draft)["index_bytes"] > EVAL_LOADED_MAX_BYTES:
+        if carried is not None:
+            searched, search, ladder = carried.describe(draft.parent), carried.ladder, 1
+            loaded = functools.cache(draft.reader)
+        elif reader is None and version_bytes(draft)["index_bytes"] > EVAL_LOADED_MAX_BYTES:
             searched, search, loaded = ("one shard at a time",
                                         ShardSearch(draft.loader(), draft.shards).search_ladder, draft.reader)
             ladder = ShardSearch.LADDER
@@ -235,7 +243,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         evaluation = evaluate(gate, search, loaded, sets, truth, draft.params["nlist"], ladder)
         for name, result in evaluation.items():
             if name != "queries":   # (query_recall always searches a loaded reader)
-                result["searched"] = searched
+                result["searched"] = carried.describe(draft.parent) if carried is not None else searched
     default_nprobe = default_nprobe_of(evaluation)
     at_default = held_out_at(evaluation, default_nprobe)
     model = src.manifest.model
@@ -256,8 +264,11 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         raise QualityGateFailed(f"{report['why_not_published']}; version {draft.version} is kept at {vdir} "
                                 "but not published")
     truth_ref = ground_truth.write(vdir, kept) if kept else None   # no query set: nothing to keep
+    lists_ref = search_lists.write(vdir, carried.lists) if carried is not None else None
     if truth_ref is not None:
         report["truth_bytes"] = truth_ref.bytes
+    if lists_ref is not None:
+        report["search_lists_bytes"] = lists_ref.bytes
     storage.write_json(storage.join(vdir, "report.json"), report)
     iv.write_manifest(draft.out, iv.IndexManifest(
         version=draft.version, model=model, vector=src.vector, fuse_alpha=src.alpha, params=draft.params,
@@ -265,7 +276,7 @@ def finish_version(draft: VersionDraft, src: Source, gate: Gate, sets: tuple[Que
         recall_target=gate.recall_target, training=draft.training,
         embeddings={"uri": src.root, "manifest_created_at": src.manifest.created_at, "parts": len(src.manifest.parts)},
         counts=counts, evaluation=evaluation, parent=draft.parent, photos=src.photos, deltas=draft.deltas,
-        ground_truth=truth_ref))
+        ground_truth=truth_ref, search_lists=lists_ref))
     with timer.stage("publish"):
         try:
             iv.point_latest(draft.out, draft.version, draft.token, draft.parent)

@@ -51,7 +51,7 @@ def top_k(dist: np.ndarray, ids: np.ndarray, k: int, *carried: np.ndarray) -> tu
     out_i[:, :kk] = np.where(np.isfinite(out_d[:, :kk]), np.take_along_axis(ids, order, 1), -1)
     rest = []
     for c in carried:
-        r = np.full((len(ids), k), np.inf, c.dtype)
+        r = np.full((len(ids), k), np.inf if np.issubdtype(c.dtype, np.floating) else -1, c.dtype)
         r[:, :kk] = np.take_along_axis(c, order, 1)
         rest.append(r)
     return (out_d, out_i, *rest)

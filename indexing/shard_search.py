@@ -20,7 +20,8 @@ import numpy as np
 from mimdex.indexing.reader import ShardLoader, set_nprobe
 from mimdex.indexing.rerank import refined_distances, top_k
 from mimdex.infra.contracts import index_version as iv
-from mimdex.infra.contracts.index_codec import deserialize, searched
+from mimdex.infra.contracts.index_codec import deserialize, one_omp_thread, searched
+from mimdex.infra.contracts.vectors import ids_for
 
 Found = dict[tuple[int, int], tuple[np.ndarray, float]]   # (k, nprobe) -> (ids, seconds)
 
@@ -72,18 +73,62 @@ class ShardSearch:
             out[(k, p)] = (merged[1], seconds[(k, p)] + time.perf_counter() - t0)
         return out
 
-    def _refine_of(self, idmap):
+    def candidates(self, queries: np.ndarray, nprobes: list[int], n: int, pieces=None) -> dict[int, tuple]:
+        """What indexing.candidates keeps: for each nprobe, each query's ``n`` candidates
+        nearest by code distance over every shard (ties by id), as (code distances, ids,
+        product keys, re-ranking distances or None, seconds). ``pieces``: (index, id map)
+        pairs to search instead of the version's shards (a refresh's delta alone). The
+        coarse assignment runs on one thread: the same lists on every machine."""
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        xt = _transformed(self._index, x)
+        coarse, seconds = {}, dict.fromkeys(nprobes, 0.0)
+        for p in nprobes:
+            t0 = time.perf_counter()
+            set_nprobe(self._index, p)
+            with one_omp_thread():
+                coarse[p] = faiss.extract_index_ivf(self._index).quantizer.search(xt, p)
+            seconds[p] += time.perf_counter() - t0
+        got: dict[int, list] = {p: [] for p in nprobes}
+        for index, idmap in (pieces if pieces is not None else map(self.loader.load, self.shards)):
+            ivf, rows_of = faiss.extract_index_ivf(index), _rows_of(idmap)
+            refine = self._refine_of(idmap, rows_of)
+            keys = _product_keys(idmap)
+            for p in nprobes:
+                t0 = time.perf_counter()
+                ivf.nprobe = p
+                dist, ids = ivf.search_preassigned(xt, n, *coarse[p][::-1])
+                found = np.where(ids >= 0, keys[rows_of(np.maximum(ids, 0))] if len(keys) else -1, -1)
+                got[p].append((dist, ids, found, *((refine(x, ids),) if refine else ())))
+                seconds[p] += time.perf_counter() - t0
+            del index, idmap, ivf, refine
+        out = {}
+        for p, parts in got.items():
+            dist, ids, *rest = (np.concatenate(column, 1) for column in zip(*parts))
+            dist, ids, keys, *refined = top_k(dist, ids, n, *rest)
+            out[p] = (dist, ids, np.where(ids >= 0, keys, -1), refined[0] if refined else None, seconds[p])
+        return out
+
+    def _refine_of(self, idmap, rows_of=None):
         """refined_distances against this shard's re-ranking codes, or None."""
         if self.loader.refine is None:
             return None
-        ids = idmap.column("id").to_numpy()
-        order = np.argsort(ids, kind="stable")
         codes = iv.refine_codes(idmap, self.loader.refine.sa_code_size())
-
-        def rows_of(found: np.ndarray) -> np.ndarray:
-            return order[np.searchsorted(ids, found, sorter=order)]
-
+        rows_of = rows_of or _rows_of(idmap)
         return lambda x, found: refined_distances(x, found, rows_of, codes, self.loader.refine.sa_decode)
+
+
+def _rows_of(idmap):
+    """found ids -> their rows in ``idmap``."""
+    ids = idmap.column("id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return lambda found: order[np.searchsorted(ids, found, sorter=order)]
+
+
+def _product_keys(idmap) -> np.ndarray:
+    """Each row's product key: the id itself for one vector per product (contracts.vectors)."""
+    if "photo" not in idmap.column_names:
+        return idmap.column("id").to_numpy()
+    return ids_for(idmap.column("product_id").to_pylist())
 
 
 def _transformed(index: faiss.Index, x: np.ndarray) -> np.ndarray:

@@ -284,8 +284,9 @@ def _refresh_args(p, backfill: bool) -> None:
                    help="retrain when the new vectors' coarse MSE exceeds this multiple of the training MSE")
     p.add_argument("--max-change", type=float, default=0.25,
                    help="retrain when more than this share of the catalog was added, changed or deleted")
-    p.add_argument("--max-recall-drop", type=float, default=0.05,
-                   help="retrain when new vectors find themselves (top 10) this much less often than old ones")
+    p.add_argument("--max-code-drift", type=float, default=2.0,
+                   help="retrain when the new vectors' code error (vector to its decoded list code) exceeds this "
+                        "multiple of the held-out old vectors'")
     p.add_argument("--max-delta-share", type=float, default=0.10,
                    help="compact when the delta segments hold more than this share of the index's vectors")
     p.add_argument("--keep", type=int, default=5, help="index versions retention keeps")
@@ -333,7 +334,7 @@ def _run_refresh(args: argparse.Namespace) -> int:
                         photos=args.photos,
                         filter_columns=parse_flag(args.filter_columns) if args.filter_columns is not None else None,
                         max_drift=args.max_drift, max_change=args.max_change,
-                        max_recall_drop=args.max_recall_drop, keep=args.keep,
+                        max_code_drift=args.max_code_drift, keep=args.keep,
                         grace_hours=args.grace_hours, lock_ttl_hours=args.lock_ttl_hours, min_recall=args.min_recall,
                         eval_queries=args.eval_queries, queries=args.queries, ray_address=args.ray_address,
                         full_evaluation=args.full_evaluation,

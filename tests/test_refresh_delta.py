@@ -73,7 +73,7 @@ def test_an_unchanged_image_uri_refresh_reads_no_image_and_a_quiet_change_only_i
     # one image rewritten: its fingerprint (size, mtime) moves, and only it is encoded again
     path = cat / "img" / f"{rows[0]['product_id']}.jpg"
     path.write_bytes((cat / "img" / f"{rows[1]['product_id']}.jpg").read_bytes())
-    report = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0))
+    report = run(replace(cfg, max_drift=10.0, max_code_drift=100.0))
     assert report["diff"]["changed"] == 1 and report["encode"]["rows"] == report["encode"]["encoded"] == 1
     assert report["decision"].startswith("incremental")
 
@@ -94,7 +94,7 @@ def test_a_refresh_writes_a_delta_that_searches_like_a_rebuild_and_compaction_ch
                 for k in range(40, 46)]
     _write(str(cat), changed)
     # (an untrained model's vectors drift: this test is about the delta, not the retrain rule)
-    report = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0))
+    report = run(replace(cfg, max_drift=10.0, max_code_drift=100.0))
     assert {k: report["diff"][k] for k in ("new", "changed", "deleted")} == {"new": 6, "changed": 12, "deleted": 6}
     assert report["encode"]["rows"] == 18 and report["decision"].startswith("incremental")
     m = iv.read_manifest(cfg.index, report["version"])
@@ -212,8 +212,8 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
     current = [dict(r) for r in IndexReader.open(cfg.index).idmap.select(["product_id", "title", "image_uri"])
                .to_pylist()]
     current.sort(key=lambda r: r["product_id"])
-    m = emb.read_manifest(cfg.embeddings)
     for night in range(2):
+        grid = _grid(iv.read_manifest(cfg.index, iv.latest_version(cfg.index)))   # the parent's sweep
         for r in current[50 + 7 * night:53 + 7 * night]:
             r["title"] += f" (night {night})"
         for r in current[53 + 7 * night:54 + 7 * night]:  # a new photo: another product's bytes
@@ -225,7 +225,7 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
         current += [{**current[k], "product_id": f"N{night}-{k}", "title": "new " + current[k]["title"]}
                     for k in range(120, 123)]
         _write(str(cat), current)
-        report = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0))
+        report = run(replace(cfg, max_drift=10.0, max_code_drift=100.0))
         assert report["decision"].startswith("incremental"), report["decision"]
         truth = report["ground_truth"]
         assert truth["kept"] == ["held_out"] and truth["recomputed_because"] is None
@@ -243,10 +243,72 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
         assert known.sum() >= len(kept.vectors) and np.array_equal(kept.ids[known], fresh.ids[known])
         # the gate's figures are those of that truth
         assert m.evaluation["held_out"]["queries"] == len(kept.vectors)
+        # ... and of the search lists carried through the change: every kept search answers
+        # as the published version's loaded index does (night 1 searches none again)
+        assert night == 0 or report["search_lists"]["searched_again"] == 0, report["search_lists"]
+        _lists_answer_as_the_index(cfg.index, m, kept, grid)
     # --full-evaluation: the kept truth is ignored, the held-out set redrawn from every vector
     current[60]["title"] += " (full)"
     _write(str(cat), current)
-    full = run(replace(cfg, max_drift=10.0, max_recall_drop=1.0, full_evaluation=True))
+    full = run(replace(cfg, max_drift=10.0, max_code_drift=100.0, full_evaluation=True))
     truth = full["ground_truth"]
     assert truth["recomputed_because"] == "--full-evaluation" and truth["kept"] == []
     assert truth["redrawn"] == ["held_out"] and truth["full_passes"] == 2
+
+
+
+def test_a_re_ranking_index_carries_its_lists_through_refreshes(uri_world):
+    """The same with re-ranking codes (fast-scan PQ re-ranked with SQ8, k x k_factor
+    candidates): the lists answer recall@1 and @10 (candidates.kept_k) as the loaded index
+    does, and the second night searches none again. (The module's last test: it moves
+    the embeddings on under another index.)"""
+    from mimdex.infra.contracts import ground_truth
+    from mimdex.pipelines import build_index
+
+    cfg, rows, cat = uri_world
+    cfg = replace(cfg, index=cfg.index + "-refine", max_drift=10.0, max_code_drift=100.0)
+    built = build_index.run(build_index.BuildConfig(embeddings=cfg.embeddings, out=cfg.index, shards=2,
+                                                    factory="IVF8,PQ16x4fs,Refine(SQ8)", eval_queries=60))
+    assert built.report["params"]["k_factor"] > 1
+    current = [dict(r) for r in IndexReader.open(cfg.index).idmap.select(["product_id", "title", "image_uri"])
+               .to_pylist()]
+    for night in range(2):
+        grid = _grid(iv.read_manifest(cfg.index, iv.latest_version(cfg.index)))
+        for r in current[10 + 5 * night:14 + 5 * night]:
+            r["title"] += f" (refine night {night})"
+        _write(str(cat), current)
+        report = run(cfg)
+        assert report["decision"].startswith("incremental"), report["decision"]
+        assert night == 0 or report["search_lists"]["searched_again"] == 0
+        m = iv.read_manifest(cfg.index, report["version"])
+        (kept,) = ground_truth.read(iv.version_uri(cfg.index, m.version), m.ground_truth)
+        assert m.evaluation["held_out"]["sweep"][0]["recall@100"] is None   # past what the lists hold
+        _lists_answer_as_the_index(cfg.index, m, kept, grid)
+
+def _lists_answer_as_the_index(index: str, m: iv.IndexManifest, kept, grid: list[int]) -> None:
+    """Every search a version's kept lists answer (indexing.candidates) is the search of
+    the version's loaded index, but among exact ties (catalogs repeat images: the tied
+    order of the reader's heap is not by id): the same distances, every id in the list."""
+    from mimdex.indexing import candidates
+    from mimdex.infra.contracts import search_lists
+
+    lists = search_lists.read(iv.version_uri(index, m.version), m.search_lists)["held_out"]
+    reader = IndexReader.open(index, m.version)
+    assert sorted(set(lists.nprobe.tolist())) == grid
+    for p in grid:
+        mine = lists.take(np.flatnonzero(lists.nprobe == p))
+        mine = mine.take(np.argsort(mine.query)[np.searchsorted(np.sort(mine.query), kept.own)])
+        for k in (2, 11, candidates.kept_k(reader.k_factor) + 1):
+            ids, known = candidates.answer(mine, k, reader.k_factor)
+            want = reader.search(kept.vectors, k, p)[1]
+            assert known.all()
+            order = mine.dists if mine.refined is None else mine.refined
+            for r in np.flatnonzero((ids != want).any(1)):
+                at = dict(zip(mine.ids[r].tolist(), order[r].tolist()))
+                assert all(i in at for i in want[r]), (p, k)
+                np.testing.assert_allclose(sorted(at[i] for i in want[r]), sorted(at[i] for i in ids[r]))
+
+
+def _grid(m: iv.IndexManifest) -> list[int]:
+    sweep = [r["nprobe"] for r in m.evaluation["held_out"]["sweep"]]
+    return [p for p in sweep + [2 * sweep[-1]] if p <= m.params["nlist"]]

@@ -299,13 +299,14 @@ def count_products(root: str, manifest: EmbeddingsManifest) -> int:
 
 
 PREVIOUS_SCHEMA = pa.schema([("product_id", pa.string()), ("state", pa.string()), ("encoded", pa.bool_()),
-                             ("part", pa.string())])
+                             ("part", pa.string()), ("vectors", pa.int32())])
 
 
 def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -> tuple[pa.Table, int]:
     """What one part says about each of its products (PREVIOUS_SCHEMA): the state it was
     encoded or rejected in (``source_state`` where the part has it, the fingerprint state
-    of a by-URI catalog; else the content hash), whether it is indexed, and the part.
+    of a by-URI catalog; else the content hash), whether it is indexed, the part, and its
+    rows in the part (a multi-photo product's encoded photos).
     A product's rows all live in one part, so a part answers for its products alone.
     Also the stored bytes read (the state columns and the rejects file)."""
     rej = read_rejects(root, entry)
@@ -332,11 +333,12 @@ def previous_states(root: str, manifest: EmbeddingsManifest, entry: PartEntry) -
         state.update((pid, product_state([h for _, h in sorted(ps)])) for pid, ps in photos.items())
     else:
         state.update(zip(pids, part.column(column).to_pylist()))
-    encoded = set(pids)
+    encoded = Counter(pids)
     keys = sorted(state)
     table = pa.table([pa.array(keys, pa.string()), pa.array([state[k] for k in keys], pa.string()),
                       pa.array([k in encoded for k in keys], pa.bool_()),
-                      pa.array([entry.name] * len(keys), pa.string())], schema=PREVIOUS_SCHEMA)
+                      pa.array([entry.name] * len(keys), pa.string()),
+                      pa.array([encoded.get(k, 0) for k in keys], pa.int32())], schema=PREVIOUS_SCHEMA)
     return table, stored + (entry.rejects.bytes if entry.rejects else 0)
 
 

@@ -61,7 +61,7 @@ class QueryTruth:
         return ~(np.isfinite(first) & (first <= self.bound))
 
 
-def _fixed(matrix: np.ndarray, type_) -> pa.FixedSizeListArray:
+def fixed(matrix: np.ndarray, type_) -> pa.FixedSizeListArray:
     flat = np.ascontiguousarray(matrix).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type_), matrix.shape[1])
 
@@ -72,16 +72,16 @@ def write(version_dir: str, truths: tuple[QueryTruth, ...]) -> FileRef:
         cols["set"].append(pa.array([t.name] * len(t.vectors), pa.string()))
         cols["own"].append(pa.array(t.own, pa.int64()))
         cols["own_key"].append(pa.array(t.own_keys, pa.int64()))
-        cols["vector"].append(_fixed(t.vectors.astype(np.float32), pa.float32()))
+        cols["vector"].append(fixed(t.vectors.astype(np.float32), pa.float32()))
         for name, type_ in (("ids", pa.int64()), ("keys", pa.int64()), ("dists", pa.float32())):
-            cols[name].append(_fixed(getattr(t, name), type_))
+            cols[name].append(fixed(getattr(t, name), type_))
         cols["bound"].append(pa.array(t.bound, pa.float32()))
     table = pa.table({name: pa.concat_arrays(parts) if parts else pa.array([], pa.null())
                       for name, parts in cols.items()})
     return write_parquet(version_dir, FILE, table)
 
 
-def _matrix(column: pa.ChunkedArray, dtype) -> np.ndarray:
+def matrix(column: pa.ChunkedArray, dtype) -> np.ndarray:
     arr = column.combine_chunks()
     width = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, width)
@@ -97,7 +97,7 @@ def read(version_dir: str, ref: FileRef) -> tuple[QueryTruth, ...]:
         if not part.num_rows:
             continue
         out.append(QueryTruth(
-            name, _matrix(part["vector"], np.float32), part["own"].to_numpy(), part["own_key"].to_numpy(),
-            _matrix(part["ids"], np.int64), _matrix(part["keys"], np.int64), _matrix(part["dists"], np.float32),
+            name, matrix(part["vector"], np.float32), part["own"].to_numpy(), part["own_key"].to_numpy(),
+            matrix(part["ids"], np.int64), matrix(part["keys"], np.int64), matrix(part["dists"], np.float32),
             part["bound"].to_numpy().astype(np.float32)))
     return tuple(out)

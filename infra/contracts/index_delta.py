@@ -138,7 +138,7 @@ def shard_pieces(version_dir: str, shard: iv.ShardEntry, deltas: tuple[DeltaSegm
 def files_of(manifest: iv.IndexManifest) -> set[tuple[str, str]]:
     """Every (version, file name) a version's manifest uses: what retention must keep."""
     refs = [manifest.trained] + [r for s in manifest.shards for r in (s.index, s.ids)]
-    refs += [manifest.ground_truth] if manifest.ground_truth else []
+    refs += [r for r in (manifest.ground_truth, manifest.search_lists) if r]
     for seg in manifest.deltas:
         refs += [r for s in seg.shards for r in (s.index, s.ids)] + ([seg.deleted] if seg.deleted else [])
     return {home_of(r, manifest.version) for r in refs} | {(manifest.version, "manifest.json")}

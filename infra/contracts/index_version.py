@@ -123,6 +123,7 @@ class IndexManifest:
     photos: str | None = None    # a multi-photo catalog: what each product contributes (contracts.photos)
     deltas: tuple[DeltaSegment, ...] = ()   # refreshes since the base shards (contracts.index_delta)
     ground_truth: FileRef | None = None     # the gate's exact neighbours (contracts.ground_truth)
+    search_lists: FileRef | None = None     # the gate's search results (contracts.search_lists)
 
     @property
     def factory(self) -> str:
@@ -143,7 +144,8 @@ class IndexManifest:
                 "evaluation": self.evaluation, "parent": self.parent,
                 **({"photos": self.photos} if self.photos else {}),
                 **({"deltas": [d.to_json() for d in self.deltas]} if self.deltas else {}),
-                **({"ground_truth": self.ground_truth.to_json()} if self.ground_truth else {})}
+                **({"ground_truth": self.ground_truth.to_json()} if self.ground_truth else {}),
+                **({"search_lists": self.search_lists.to_json()} if self.search_lists else {})}
 
     @classmethod
     def from_json(cls, obj: dict, uri: str = "manifest") -> "IndexManifest":
@@ -157,7 +159,8 @@ class IndexManifest:
                        evaluation=dict(obj.get("evaluation") or {}), parent=obj.get("parent"),
                        photos=obj.get("photos"),
                        deltas=tuple(DeltaSegment.from_json(d) for d in obj.get("deltas") or ()),
-                       ground_truth=FileRef.from_json(obj["ground_truth"]) if obj.get("ground_truth") else None)
+                       ground_truth=FileRef.from_json(obj["ground_truth"]) if obj.get("ground_truth") else None,
+                       search_lists=FileRef.from_json(obj["search_lists"]) if obj.get("search_lists") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{uri}: not a valid {INDEX_FORMAT} manifest: {type(exc).__name__} {exc}") from exc
 

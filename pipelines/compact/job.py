@@ -61,7 +61,9 @@ def run(cfg: CompactConfig, beam_args: list[str] | None = None) -> dict:
               "shards": {r.name: r.ntotal for r in records}, "compacted_from": m.version}
     manifest = replace(m, version=version, shards=tuple(records), deltas=(), parent=m.version, counts=counts,
                        trained=index_delta.rebased(m.trained, m.version),
-                       ground_truth=index_delta.rebased(m.ground_truth, m.version) if m.ground_truth else None)
+                       # the same codes in the same lists: the kept truth and search lists hold as they are
+                       ground_truth=index_delta.rebased(m.ground_truth, m.version) if m.ground_truth else None,
+                       search_lists=index_delta.rebased(m.search_lists, m.version) if m.search_lists else None)
     written = sum(r.index.bytes + r.ids.bytes for r in records)
     report.update(version=version, vectors=ntotal, written_bytes=written, seconds=timer.seconds,
                   io=storage.io_since(io0))

@@ -15,7 +15,7 @@ The diff is a Beam job (diff_graph.py): both sides are cut into buckets by a has
 product_id, and each bucket is joined on its own with pyarrow (``classify``, pure). Its
 output, under ``<embeddings>/diffs/<id>/``, is the delta and nothing else:
 
-    bucket-00007.parquet   product_id, change, part, state, attrs   (sorted by product_id)
+    bucket-00007.parquet   product_id, change, part, state, attrs, vectors   (sorted by product_id)
     bucket-00007.json      the bucket's counts
 
 so no process ever holds more than a bucket, and the refresh reads only the changes.
@@ -48,8 +48,11 @@ SUPERSEDED = (CHANGED, REJUDGED, DELETED, FORGOTTEN, RETAGGED)   # their earlier
 REMOVED_FROM_INDEX = (CHANGED, DELETED, RETAGGED)               # their earlier vectors leave the index
 ATTRS = pa.field("attrs", pa.int64())   # contracts.attributes.digest; null where the index has no filter columns
 STATE = pa.field("state", pa.int64())   # fingerprint.digests of the state
-OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()), STATE, ATTRS])
-PREV_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("encoded", pa.bool_()), ("part", pa.string())])
+VECTORS = pa.field("vectors", pa.int32())   # a product's rows in its part (encoded photos): what leaves the index
+OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()), STATE, ATTRS,
+                        VECTORS])
+PREV_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("encoded", pa.bool_()), ("part", pa.string()), VECTORS])
+RUN_FORMAT = 2   # in a kept run's name: runs of another layout are not read
 ROWS_PER_BUCKET = 250_000   # at most what one join holds: ~20 MB of ids and digests, whatever the catalog size
 WORK_DIR = "_work"          # the catalog side's sorted runs, deleted when the diff is done
 STATE_RUNS = "state_runs"   # the previous side's runs, kept beside the embeddings for the next night
@@ -112,7 +115,7 @@ def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> t
 
     A backfill (``forced``) re-encodes exactly the forced products found in the catalog
     (new, changed or rejudged by what the embeddings say of them) and nothing else."""
-    prev = prev.rename_columns(["product_id", "prev_state", "encoded", "part", "prev_attrs"])
+    prev = prev.rename_columns(["product_id", "prev_state", "encoded", "part", "vectors", "prev_attrs"])
     j = cat.join(prev, "product_id", join_type="full outer").sort_by("product_id")
     state, prev_state = j["state"], j["prev_state"]
     in_cat = pc.is_valid(state).to_numpy(zero_copy_only=False)
@@ -138,7 +141,7 @@ def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> t
     for name in CHANGES:
         counts[name] = int((change == name).sum())
     keep = pa.array(change != "")
-    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state, j["attrs"]],
+    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state, j["attrs"], j["vectors"]],
                    schema=OUT_SCHEMA).filter(keep)
     return out, counts
 

@@ -29,7 +29,8 @@ from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import column_bytes, parquet_metadata
 from mimdex.infra.errors import DataError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, PREV_SCHEMA, SHOWN_SCHEMA, STATE, STATE_RUNS, WORK_DIR,
+from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, PREV_SCHEMA, RUN_FORMAT, SHOWN_SCHEMA, STATE, STATE_RUNS,
+                                           WORK_DIR,
                                            Diff, DiffSpec, bucket_count, bucket_of, classify, first_occurrences,
                                            shown_attrs)
 
@@ -41,7 +42,7 @@ logging.disable(_level)
 CAT_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("order", pa.int64()), ATTRS])
 # digests do not compress; the order rises within a bucket (a stable sort), so deltas are small
 _ENCODING = {"product_id": "PLAIN", "state": "PLAIN", "order": "DELTA_BINARY_PACKED", "attrs": "PLAIN",
-             "encoded": "PLAIN", "part": "PLAIN", "seq": "PLAIN"}
+             "encoded": "PLAIN", "part": "PLAIN", "seq": "PLAIN", "vectors": "PLAIN"}
 _BUCKETS_KEY = b"mimdex.buckets"   # a run's footer: the bucket of each row group
 
 
@@ -97,7 +98,7 @@ def _kept_run(spec: DiffSpec, side: str, name: str, made_from: object, make) -> 
 
 
 def kept_run_name(side: str, name: str, made_from: object, buckets: int) -> str:
-    key = hashlib.sha256(json.dumps([side, made_from, buckets], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([side, made_from, buckets, RUN_FORMAT], sort_keys=True).encode()).hexdigest()[:16]
     return f"{side}-{name}-{key}.parquet"
 
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from mimdex.encoders.bundle import load_bundle
 from mimdex.indexing import release, versions
 from mimdex.infra import storage
 from mimdex.infra.contracts import embeddings as emb
-from mimdex.infra.contracts import index_delta
+from mimdex.infra.contracts import ground_truth, index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts import part_deletions
 from mimdex.infra.contracts.reuse import write_reuse
@@ -49,7 +47,7 @@ class RefreshConfig:
     filter_columns: tuple[str, ...] | None = None   # None: the index's (contracts.attributes)
     max_drift: float = 1.25          # retrain when new vectors' coarse MSE > this x the training MSE
     max_change: float = 0.25         # ... or when this share of the catalog was added/changed/deleted
-    max_recall_drop: float = 0.05    # ... or when new vectors find themselves this much less often than old ones
+    max_code_drift: float = 2.0      # ... or when new vectors' code error is this x the held-out old vectors'
     keep: int = 5                    # retention after publishing
     grace_hours: float = 24.0
     lock_ttl_hours: float = 6.0
@@ -323,8 +321,8 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     with timer.stage("update"):
         version = iv.new_version()
         vdir = iv.version_uri(cfg.index, version)
-        segment = update.write_delta(vdir, version, trained, n_shards, d.ids(*diffs.REMOVED_FROM_INDEX).to_pylist(),
-                                     delta)
+        removed_ids = d.ids(*diffs.REMOVED_FROM_INDEX)
+        segment, piece = update.write_delta(vdir, version, trained, n_shards, removed_ids.to_pylist(), delta)
     src = release.Source(cfg.embeddings, composite, vector, alpha, prev_index.photos)
     home = prev_index.version  # the previous version's files are referenced, not copied
     draft = release.VersionDraft(
@@ -334,13 +332,7 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         shards=tuple(index_delta.rebase_shard(s, home) for s in prev_index.shards), counts={},
         deltas=tuple(index_delta.rebase_segment(g, home) for g in prev_index.deltas) + (segment,),
         trained_file=index_delta.rebased(prev_index.trained, home).file)
-    with timer.stage("drift"):
-        # Do the reused codebooks represent the new vectors as well as the old ones?
-        # (A coarse MSE can look fine while the PQ codes of out-of-distribution vectors are poor.)
-        draft_reader = draft.reader()
-        nprobe = prev_index.default_nprobe
-        pick = np.random.default_rng(0).permutation(len(delta.ids))[:2000]
-        new_recall = update.self_recall(draft_reader, delta.vectors[pick], delta.ids[pick], nprobe)
+    indexed = prev_index.ntotal + len(delta.ids) - evaluation.removed_vectors(d, prev_index.photos)
     with timer.stage("truth"):
         # the previous version's ground truth updated from the change (a full pass only
         # where it cannot be): its held-out vectors also measure the old side below
@@ -348,25 +340,22 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
         gate = bcfg.gate(composite.model)
         # a full recomputation on request, and on the night the deltas pass --max-delta-share
         # (compaction follows): the kept lists are renewed as the shards are
-        compacting = _delta_share({"delta_vectors": sum(g.added for g in draft.deltas),
-                                   "indexed": draft_reader.ntotal}) > cfg.max_delta_share
+        compacting = sum(g.added for g in draft.deltas) / max(indexed, 1) > cfg.max_delta_share
         why = ("--full-evaluation" if cfg.full_evaluation else "compaction follows" if compacting else
                None if prev_index.ground_truth else "the previous version keeps none (build-index writes none)")
         kept = evaluation.kept_truth(cfg.index, prev_index) if why is None else {}
-        removed = ids_for(d.ids(*diffs.REMOVED_FROM_INDEX).to_pylist())
+        removed = ids_for(removed_ids.to_pylist())
         truths, report["ground_truth"] = evaluation.carried(kept, src, gate, removed, delta.vectors, delta.ids,
                                                             delta.keys, n)
         report["ground_truth"]["recomputed_because"] = why
-        held = next((t for t in truths if t.name == "held_out"), None)
     with timer.stage("drift"):
-        held_v, held_ids = (held.vectors, held.own) if held else (delta.vectors[:0], delta.ids[:0])
-        old = ~np.isin(held_ids, delta.ids)
-        old_recall = update.self_recall(draft_reader, held_v[old], held_ids[old], nprobe)
-        report["drift"].update(self_recall_at_10_new=new_recall, self_recall_at_10_old=old_recall,
-                               max_recall_drop=cfg.max_recall_drop)
-    if new_recall is not None and old_recall is not None and old_recall - new_recall > cfg.max_recall_drop:
-        report["decision"] = (f"retrain: new vectors find themselves in the top 10 {new_recall:.1%} of the time "
-                              f"against {old_recall:.1%} for the rest (a drop over {cfg.max_recall_drop:.0%})")
+        # do the reused codebooks represent the new vectors as well as the old ones? (a
+        # coarse MSE can look fine while the list codes of out-of-distribution vectors are poor)
+        report["drift"].update(evaluation.code_drift(trained, delta, truths), max_code_drift=cfg.max_code_drift)
+    ratio = report["drift"]["code_error_ratio"]
+    if ratio is not None and ratio > cfg.max_code_drift:
+        report["decision"] = (f"retrain: the new vectors' code error is {ratio}x the held-out old vectors' "
+                              f"(> --max-code-drift {cfg.max_code_drift})")
         report["discarded_incremental_version"] = version
         storage.delete(vdir, recursive=True)
         with timer.stage("build"):
@@ -374,11 +363,16 @@ def _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token
     report["decision"] = ("incremental: previous quantizer reused; a delta segment adds the new vectors and "
                           "deletes the changed and deleted products"
                           + (" (retagged ones: their vectors again, under new id-map rows)" if d.n(diffs.RETAGGED) else ""))
-    draft = replace(draft, counts={"rows": n, "indexed": draft_reader.ntotal, "skipped": delta.skipped,
+    draft = replace(draft, counts={"rows": n, "indexed": indexed, "skipped": delta.skipped,
                                    "delta_segments": len(draft.deltas),
                                    "delta_vectors": sum(g.added for g in draft.deltas)})
+    with timer.stage("evaluate"):
+        renew = tuple(ground_truth.SETS) if why else tuple(report["ground_truth"]["redrawn"])
+        carried = evaluation.search_lists(cfg.index, prev_index, draft, truths, removed, piece, renew)
     sets = tuple(release.QuerySet(t.name, t.vectors, t.own if t.name == "held_out" else None) for t in truths)
-    return release.finish_version(draft, src, gate, sets, timer, reader=draft_reader, kept=truths)
+    released = release.finish_version(draft, src, gate, sets, timer, kept=truths, carried=carried)
+    report["search_lists"] = carried.report()
+    return released
 
 
 def _with_filter_columns(params: dict, columns: tuple[str, ...]) -> dict:
@@ -387,7 +381,7 @@ def _with_filter_columns(params: dict, columns: tuple[str, ...]) -> dict:
 
 
 def check(cfg: RefreshConfig) -> None:
-    for name in ("max_drift", "max_change", "max_delta_share"):
+    for name in ("max_drift", "max_change", "max_delta_share", "max_code_drift"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if cfg.keep < 1:

@@ -19,7 +19,6 @@ from mimdex.infra.contracts import index_codec as codec
 from mimdex.infra.contracts import index_delta
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.embeddings import EmbeddingsManifest, PartEntry
-from mimdex.infra.contracts.recall import hits
 from mimdex.infra.contracts.vectors import check_unique, merge_skipped, shard_of, usable_rows
 
 
@@ -59,11 +58,13 @@ def drift(trained: bytes, vectors: np.ndarray, training: dict | None) -> dict:
 
 
 def write_delta(version_dir: str, version: str, trained: bytes, shards: int, removed: list[str],
-                delta: Delta) -> iv.DeltaSegment:
+                delta: Delta) -> tuple[iv.DeltaSegment, tuple | None]:
     """The new version's delta segment (contracts.index_delta): the new vectors' codes (faiss
     ``sa_encode`` with the reused trained index) per shard, and the deletion list of the
     ``removed`` product_ids (changed or deleted: all their earlier vectors go). Nothing of
-    the previous version is read or rewritten."""
+    the previous version is read or rewritten. Also the delta alone as one searchable
+    (index, id map with re-ranking codes), for the evaluation (indexing.carried_search);
+    None without new vectors."""
     index = codec.deserialize(trained)
     nlist, code_size = codec.lists_shape(index)
     lists, codes, refine = codec.encode(index, delta.vectors)
@@ -76,13 +77,33 @@ def write_delta(version_dir: str, version: str, trained: bytes, shards: int, rem
         check_unique(delta.ids[sel], idmap, f"delta of shard {shard}")
         out[int(shard)] = (codec.encoded_lists(nlist, code_size, delta.ids[sel], lists[sel], codes[sel]), len(sel),
                            idmap)
-    return index_delta.write_segment(version_dir, version, out, removed)
+    piece = (codec.shard_index(trained, codec.encoded_lists(nlist, code_size, delta.ids, lists, codes)), with_codes) \
+        if len(delta.ids) else None
+    return index_delta.write_segment(version_dir, version, out, removed), piece
 
 
-def self_recall(reader, vectors: np.ndarray, ids: np.ndarray, nprobe: int, k: int = 10) -> float | None:
-    """Share of vectors that find their own id in the top k: how well the reused
-    codebooks represent them."""
+def code_error(trained: bytes, vectors: np.ndarray) -> float | None:
+    """Mean squared distance between vectors and what their list codes decode to under the
+    trained index: how well the reused codebooks represent them."""
     if not len(vectors):
         return None
-    _, found = reader.search(vectors, k, nprobe)
-    return round(float(hits(found, ids, k).mean()), 4)
+    index = codec.searched(codec.deserialize(trained))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    with codec.one_omp_thread():   # the same bits on every machine (codec.encode)
+        x, decoded = _decoded(index, x)
+    return float(((x - decoded) ** 2).sum(1).mean())
+
+
+def _decoded(index: faiss.Index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, its codes decoded), in the space the lists code (after an OPQ rotation, which
+    keeps distances). faiss's sa_decode of fast-scan lists is unsupported: their PQ
+    decodes the residual from the vector's centroid."""
+    ivf = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if not isinstance(ivf, faiss.IndexIVFPQFastScan):
+        return x, index.sa_decode(index.sa_encode(x))
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    _, lists = ivf.quantizer.search(x, 1)
+    centroids = ivf.quantizer.reconstruct_batch(lists.ravel()) if ivf.by_residual else np.zeros_like(x)
+    return x, centroids + ivf.pq.decode(ivf.pq.compute_codes(np.ascontiguousarray(x - centroids)))

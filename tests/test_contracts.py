@@ -104,7 +104,7 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         # an unchanged catalog: nothing to do, whatever it holds
         unchanged, first_night = _diff(root, out, tmp, buckets)
         assert unchanged.empty, unchanged.counts
-        assert first_night["runs_kept"] == 0
+        assert first_night["runs_kept"] == {"cat": 0, "prev": 0, "shown": 0}
         assert unchanged.counts["unchanged"] == sum(1 for _, r in judged.values() if r is None)
 
         # edits: the diff re-processes exactly the products whose state encode would change
@@ -125,7 +125,7 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         now = _encode(root, tmp + "/emb-after")
         d, second_night = _diff(root, out, tmp, buckets)
         # the same diff from the previous side's runs kept by the first night (none rewritten)
-        assert second_night["runs_kept"] == second_night["parts"] > 0
+        assert second_night["runs_kept"]["prev"] == second_night["parts"] > 0
         got = lambda *kinds: set(d.ids(*kinds).to_pylist())  # noqa: E731
         assert got(*diffs.TO_ENCODE) == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
         assert got(diffs.NEW) == set(now) - set(judged)
@@ -171,7 +171,7 @@ def test_a_product_is_retagged_exactly_when_its_state_held_and_the_index_shows_o
         pid = f"p{i:03d}"
         digest = dict(zip(["s1", "s2"], fingerprint.digests(["s1", "s2"]).tolist()))   # as the runs carry them
         if in_cat:
-            cat.append({"product_id": pid, "state": digest[state], "attrs": attrs})
+            cat.append({"product_id": pid, "state": digest[state], "attrs": attrs, "order": i})
         if in_prev:
             prev.append({"product_id": pid, "state": digest[was], "encoded": encoded, "part": "part-00000"})
             if encoded and seen is not None:   # an older id map's row is superseded by the newer one's
@@ -184,7 +184,7 @@ def test_a_product_is_retagged_exactly_when_its_state_held_and_the_index_shows_o
             want[pid] = diffs.CHANGED if encoded else diffs.REJUDGED
         elif in_cat and encoded and attrs is not None and seen is not None and attrs != seen:
             want[pid] = diffs.RETAGGED
-    cat_t = pa.Table.from_pylist(cat, pa.schema([("product_id", pa.string()), diffs.STATE, diffs.ATTRS]))
+    cat_t = pa.Table.from_pylist(cat, pa.schema([("product_id", pa.string()), diffs.STATE, diffs.ATTRS, diffs.ORDER]))
     prev_t = pa.Table.from_pylist(prev, diffs.PREV_SCHEMA)
     out, counts = diffs.classify(cat_t, diffs.shown_attrs(prev_t, pa.Table.from_pylist(shown, diffs.SHOWN_SCHEMA)))
     assert dict(zip(out["product_id"].to_pylist(), out["change"].to_pylist())) == want

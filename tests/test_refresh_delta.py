@@ -246,6 +246,9 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
         # ... and of the search lists carried through the change: every kept search answers
         # as the published version's loaded index does (night 1 searches none again)
         assert night == 0 or report["search_lists"]["searched_again"] == 0, report["search_lists"]
+        # the encode input came from the diff's own read of the catalog (the rows that moved)
+        assert report["encode_input"] == {"rows_from_the_diff": report["encode"]["rows"],
+                                          "rows_read_from_the_catalog": 0}
         _lists_answer_as_the_index(cfg.index, m, kept, grid)
     # --full-evaluation: the kept truth is ignored, the held-out set redrawn from every vector
     current[60]["title"] += " (full)"

@@ -155,15 +155,16 @@ def read_columns(uri: str, row_groups: list[int] | None = None) -> tuple[pa.Tabl
 
 
 def read_unit(uri: str, row_groups: list[int] | None = None,
-              filter_columns: tuple[str, ...] = ()) -> tuple[pa.Table, Columns, int]:
+              filter_columns: tuple[str, ...] = (), every_column: bool = False) -> tuple[pa.Table, Columns, int]:
     """read_columns (and the index's filter columns, exit 65 naming the file where one is
-    missing or not a string, integer or bool), and the stored bytes of what was read (a
-    job's report), from the footer the read used."""
+    missing or not a string, integer or bool; or ``every_column``), and the stored bytes of
+    what was read (a job's report), from the footer the read used."""
     with open_file(uri) as pf:
         cols = check_schema(uri, pf.schema_arrow)
         attributes.check(f"catalog {uri}", pf.schema_arrow, filter_columns)
         names = ["product_id", "title", cols.image] + list(filter_columns)
         names += [c for c in FINGERPRINT_COLUMNS_OF.get(cols.image, ()) if c in pf.schema_arrow.names]
+        names += [c for c in pf.schema_arrow.names if every_column and c not in names]
         groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
         table = pf.read(columns=names) if row_groups is None else pf.read_row_groups(row_groups, columns=names)
         stored = column_bytes(pf.metadata, groups, names)
@@ -286,19 +287,40 @@ def write_subset(catalog: str, wanted: pa.Array, out: str) -> int:
     return write_subsets(catalog, [(wanted, out)])[0]
 
 
-def write_subsets(catalog: str, subsets: list[tuple[pa.Array, str]]) -> list[int]:
+def write_subsets(catalog: str, subsets: list[tuple[pa.Array, str]],
+                  given: list[pa.Table | None] | None = None) -> list[int]:
     """write_subset for several (wanted product_ids, out) at once, in one pass over the
     catalog. The catalog is streamed a row group at a time: memory follows the wanted
-    sets, not the catalog. Returns each file's rows."""
+    sets, not the catalog. ``given``: per subset, rows already at hand (the refresh diff's
+    payload: each wanted product's first catalog row, as the catalog holds it), written
+    first; the catalog is streamed only for wanted products they do not hold. Returns each
+    file's rows."""
     files, root = catalog_files(catalog)
     targets = [(pa.array(w, pa.string()) if not isinstance(w, (pa.Array, pa.ChunkedArray)) else w, out)
                for w, out in subsets]
     seen: list[set[str]] = [set() for _ in targets]
     writers: list[pq.ParquetWriter | None] = [None] * len(targets)
     rows = [0] * len(targets)
+
+    def write(k: int, t: pa.Table, uri: str) -> None:
+        if writers[k] is None:
+            writers[k] = pq.ParquetWriter(sinks[k], t.schema, compression="zstd")
+        try:
+            t = t.cast(writers[k].schema)
+        except (pa.ArrowInvalid, ValueError) as exc:
+            raise DataError(f"catalog {uri}: its columns differ from the catalog's first file's: {exc}") from exc
+        writers[k].write_table(t, row_group_size=2048)
+        rows[k] += t.num_rows
+
     with contextlib.ExitStack() as stack:
         sinks = [stack.enter_context(storage.open_write(out)) for _, out in targets]
-        for uri in files:
+        for k, t in enumerate(given or []):
+            if t is not None and t.num_rows:
+                cols = check_schema(catalog, t.schema)
+                write(k, _absolute_uris(t, cols, root), catalog)
+                seen[k] |= set(t.column("product_id").to_pylist())
+        streamed = [len(set(wanted.to_pylist()) - seen[k]) > 0 for k, (wanted, _) in enumerate(targets)]
+        for uri in files if any(streamed) else ():
             with open_file(uri) as pf:
                 cols = check_schema(uri, pf.schema_arrow)
                 for rg in range(pf.metadata.num_row_groups):
@@ -309,17 +331,9 @@ def write_subsets(catalog: str, subsets: list[tuple[pa.Array, str]]) -> list[int
                                  t.column("product_id").to_pylist()).items() if p not in seen[k]}
                         if not first:
                             continue
-                        t = _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root)
                         seen[k] |= set(first)
-                        if writers[k] is None:
-                            writers[k] = pq.ParquetWriter(sinks[k], t.schema, compression="zstd")
-                        try:
-                            t = t.cast(writers[k].schema)
-                        except (pa.ArrowInvalid, ValueError) as exc:
-                            raise DataError(f"catalog {uri}: its columns differ from the catalog's first file's: "
-                                            f"{exc}") from exc
-                        writers[k].write_table(t, row_group_size=2048)
-                        rows[k] += t.num_rows
+                        write(k, _absolute_uris(t.take(pa.array(sorted(first.values()), pa.int64())), cols, root),
+                              uri)
         for (wanted, _), writer in zip(targets, writers):
             if writer is None:
                 raise DataError(f"catalog {catalog}: none of the {len(wanted)} product ids wanted from it "

@@ -49,12 +49,14 @@ REMOVED_FROM_INDEX = (CHANGED, DELETED, RETAGGED)               # their earlier 
 ATTRS = pa.field("attrs", pa.int64())   # contracts.attributes.digest; null where the index has no filter columns
 STATE = pa.field("state", pa.int64())   # fingerprint.digests of the state
 VECTORS = pa.field("vectors", pa.int32())   # a product's rows in its part (encoded photos): what leaves the index
+ORDER = pa.field("order", pa.int64())   # a catalog row's place: file index << 40 | row (its first occurrence)
 OUT_SCHEMA = pa.schema([("product_id", pa.string()), ("change", pa.string()), ("part", pa.string()), STATE, ATTRS,
-                        VECTORS])
+                        VECTORS, ORDER])
 PREV_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("encoded", pa.bool_()), ("part", pa.string()), VECTORS])
 RUN_FORMAT = 2   # in a kept run's name: runs of another layout are not read
 ROWS_PER_BUCKET = 250_000   # at most what one join holds: ~20 MB of ids and digests, whatever the catalog size
-WORK_DIR = "_work"          # the catalog side's sorted runs, deleted when the diff is done
+WORK_DIR = "_work"          # the diff's progress records, deleted when the diff is done
+PAYLOAD_DIR = "payload"     # catalog rows that moved since the previous night's runs, whole
 STATE_RUNS = "state_runs"   # the previous side's runs, kept beside the embeddings for the next night
 
 
@@ -90,12 +92,12 @@ def bucket_of(product_ids: list[str], buckets: int) -> np.ndarray:
 
 
 def first_occurrences(cat: pa.Table) -> tuple[pa.Table, int]:
-    """(product_id, state, attrs) of each product's first row in catalog order (``order``),
-    and how many later rows repeat a product_id (rejected as duplicate_product_id)."""
+    """(product_id, state, attrs, order) of each product's first row in catalog order
+    (``order``), and how many later rows repeat a product_id (rejected as duplicate_product_id)."""
     if not cat.num_rows:
-        return cat.select(["product_id", "state", "attrs"]), 0
+        return cat.select(["product_id", "state", "attrs", "order"]), 0
     cat, first = first_in_order(cat, "product_id", [("order", "ascending")])
-    return cat.filter(pa.array(first)).select(["product_id", "state", "attrs"]), int((~first).sum())
+    return cat.filter(pa.array(first)).select(["product_id", "state", "attrs", "order"]), int((~first).sum())
 
 
 def shown_attrs(prev: pa.Table, shown: pa.Table) -> pa.Table:
@@ -141,8 +143,8 @@ def classify(cat: pa.Table, prev: pa.Table, forced: set[str] | None = None) -> t
     for name in CHANGES:
         counts[name] = int((change == name).sum())
     keep = pa.array(change != "")
-    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state, j["attrs"], j["vectors"]],
-                   schema=OUT_SCHEMA).filter(keep)
+    out = pa.table([j["product_id"], pa.array(change, pa.string()), j["part"], state, j["attrs"], j["vectors"],
+                    j["order"]], schema=OUT_SCHEMA).filter(keep)
     return out, counts
 
 
@@ -170,6 +172,19 @@ class Diff:
 
     def ids(self, *changes: str) -> pa.Array:
         return self.table(changes).column("product_id").combine_chunks()
+
+    def payload(self, *changes: str) -> pa.Table | None:
+        """The catalog rows of these changes that the diff kept whole (each product's first
+        row, matched by its order), with the catalog's columns; None without any. The rest
+        (rows that had not moved since the previous night's runs: a backfill's, or after a
+        failed night) are read from the catalog."""
+        files = storage.list_files(storage.join(self.out, PAYLOAD_DIR), ".parquet")
+        if not files:
+            return None
+        want = self.table(changes, ("product_id", "order"))
+        rows = pa.concat_tables([storage.parquet_dataset(u).to_table() for u in files], promote_options="permissive")
+        rows = rows.join(want, ["product_id", "order"], join_type="inner")
+        return rows.drop_columns(["order"])
 
     def summary(self) -> dict:
         """The report's view: new, changed, rejudged, deleted, forgotten_rejects, unchanged, ..."""

@@ -5,21 +5,23 @@ embeddings' states by product_id (diff.py says what comes out).
                                                                             GroupByKey(bucket) --JoinBucket--> bucket-N
     embeddings parts           --PreviousStates-> a sorted run per part --/
 
-Each side writes its rows to a Parquet *run* with one row group per bucket and passes
-on only (bucket, run, row group) references: the rows never go through the runner's
-shuffle, so the DirectRunner holds references, not the catalog, and a join reads exactly
-its bucket's row groups. Every output is written whole, with a JSON record under the
+Each side writes its rows to a Parquet *run* (runs.py) with one row group per bucket and
+passes on only (bucket, run, row group) references: the rows never go through the
+runner's shuffle, so the DirectRunner holds references, not the catalog, and a join reads
+exactly its bucket's row groups. Runs are kept for the next night (runs.py): a quiet night
+writes none. A catalog unit compares its rows with its previous run and writes the rows
+that moved whole (every column) to ``payload/``: the refresh's encode input, without a
+second read of the catalog. Every output is written whole, with a JSON record under the
 diff's directory that the driver counts (progress) and sums (report).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimdex.infra import storage
@@ -29,8 +31,9 @@ from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import column_bytes, parquet_metadata
 from mimdex.infra.errors import DataError
 from mimdex.pipelines import beam_runner
-from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, PREV_SCHEMA, RUN_FORMAT, SHOWN_SCHEMA, STATE, STATE_RUNS,
-                                           WORK_DIR,
+from mimdex.pipelines.refresh import runs
+from mimdex.pipelines.refresh.diff import (ATTRS, CHANGES, PREV_SCHEMA, SHOWN_SCHEMA, STATE, STATE_RUNS,
+                                           PAYLOAD_DIR, WORK_DIR,
                                            Diff, DiffSpec, bucket_count, bucket_of, classify, first_occurrences,
                                            shown_attrs)
 
@@ -40,10 +43,6 @@ import apache_beam as beam  # noqa: E402
 logging.disable(_level)
 
 CAT_SCHEMA = pa.schema([("product_id", pa.string()), STATE, ("order", pa.int64()), ATTRS])
-# digests do not compress; the order rises within a bucket (a stable sort), so deltas are small
-_ENCODING = {"product_id": "PLAIN", "state": "PLAIN", "order": "DELTA_BINARY_PACKED", "attrs": "PLAIN",
-             "encoded": "PLAIN", "part": "PLAIN", "seq": "PLAIN", "vectors": "PLAIN"}
-_BUCKETS_KEY = b"mimdex.buckets"   # a run's footer: the bucket of each row group
 
 
 @dataclass(frozen=True)
@@ -53,53 +52,6 @@ class CatalogUnit:
     file_index: int
     row_groups: tuple[int, ...]
     first_row: int
-
-
-@dataclass(frozen=True)
-class RunRef:
-    side: str        # "cat", "prev" or "shown"
-    uri: str
-    row_group: int
-
-
-def _write_run(spec: DiffSpec, uri: str, side: str, table: pa.Table) -> tuple[list[tuple[int, RunRef]], int]:
-    """``table`` as a run at ``uri`` sorted by bucket, one row group per bucket present;
-    (its references, bytes written)."""
-    buckets = bucket_of(table.column("product_id").to_pylist(), spec.buckets)
-    order = np.argsort(buckets, kind="stable")
-    table, buckets = table.take(pa.array(order)), buckets[order]
-    cuts = np.flatnonzero(np.diff(buckets)) + 1
-    # an empty table is written too: a kept run of a part with no product is still known
-    starts, ends = (np.concatenate([[0], cuts]), np.concatenate([cuts, [len(buckets)]])) if len(buckets) else ([], [])
-    present = [int(buckets[a]) for a in starts]
-    schema = table.schema.with_metadata({_BUCKETS_KEY: json.dumps(present).encode()})
-    encoding = {c: _ENCODING[c] for c in table.column_names}
-    with storage.open_write(uri) as f:
-        with pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=False, column_encoding=encoding) as w:
-            for a, b in zip(starts, ends):
-                w.write_table(table.slice(a, b - a).replace_schema_metadata(schema.metadata), row_group_size=b - a)
-        written = f.bytes_written
-    return [(b, RunRef(side, uri, rg)) for rg, b in enumerate(present)], written
-
-
-def _kept_run(spec: DiffSpec, side: str, name: str, made_from: object, make) -> tuple[list, dict]:
-    """The previous side's run of one immutable input (an embeddings part with its
-    deletion file, an id map), kept under STATE_RUNS and named by a hash of ``made_from``
-    and the bucket count: written the first night it is needed, read again on the next.
-    (references, its record: rows, bytes read to make it, bytes written.)"""
-    uri = storage.join(spec.embeddings, STATE_RUNS, kept_run_name(side, name, made_from, spec.buckets))
-    if storage.exists(uri):
-        meta = parquet_metadata(uri, "a kept diff run")
-        present = json.loads(meta.schema.to_arrow_schema().metadata[_BUCKETS_KEY])
-        return [(b, RunRef(side, uri, rg)) for rg, b in enumerate(present)], {"rows": meta.num_rows, "kept": True}
-    table, read = make()
-    refs, written = _write_run(spec, uri, side, table)
-    return refs, {"rows": table.num_rows, "read_bytes": read, "written_bytes": written}
-
-
-def kept_run_name(side: str, name: str, made_from: object, buckets: int) -> str:
-    key = hashlib.sha256(json.dumps([side, made_from, buckets, RUN_FORMAT], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{side}-{name}-{key}.parquet"
 
 
 def _record(spec: DiffSpec, name: str, obj: dict) -> None:
@@ -114,7 +66,12 @@ class CatalogStates(beam.DoFn):
 
     def process(self, unit: CatalogUnit):
         spec = self.spec
-        table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups), spec.filter_columns)
+        # the unit's run as the previous night left it: rows that did not move since then
+        # need no payload (and on a quiet night the run is not written again)
+        kept = storage.join(spec.embeddings, STATE_RUNS, runs.cat_run_name(unit.index, spec.buckets))
+        prior, present, prior_bytes = runs.read_run(kept) if storage.exists(kept) else (None, [], 0)
+        table, cols, read = catalog.read_unit(unit.uri, list(unit.row_groups), spec.filter_columns,
+                                              every_column=prior is not None)
         fp_col = fingerprint.column_of(table.column_names, cols.image)
         ids = table.column("product_id").to_pylist()
         titles = catalog.titles_as_bytes(table)
@@ -129,13 +86,39 @@ class CatalogStates(beam.DoFn):
         attrs = attributes.digest(table.take(pa.array(rows, pa.int64())), spec.filter_columns)
         out = pa.table([pa.array([ids[i] for i in rows], pa.string()), pa.array(fingerprint.digests(states)),
                         pa.array(order, pa.int64()), attrs], schema=CAT_SCHEMA)
-        refs, written = _write_run(spec, storage.join(spec.out, WORK_DIR, f"cat-{unit.index:06d}.parquet"), "cat",
-                                   out)
+        payload = 0
+        if prior is not None:
+            payload = _write_payload(spec, unit, table.take(pa.array(rows, pa.int64())), out, prior)
+        out, groups = runs.by_bucket(spec, out)
+        if prior is not None and prior.equals(out):
+            refs, written = runs.refs_of("cat", kept, present), 0
+        else:
+            refs, written = runs.write_run(spec, kept, "cat", out, groups)
         _record(spec, f"cat-{unit.index:06d}", {"rows": len(ids), "empty_product_id": len(ids) - len(rows),
                                                 "read_bytes": read, "image_read_bytes": helper.get("read_bytes", 0),
                                                 "heads": helper.get("heads", 0), "lists": helper.get("lists", 0),
-                                                "written_bytes": written})
+                                                "runs_read_bytes": prior_bytes, "written_bytes": written,
+                                                "kept": written == 0, "payload_rows": payload})
         yield from refs
+
+
+def _write_payload(spec: DiffSpec, unit: CatalogUnit, rows: pa.Table, out: pa.Table, prior: pa.Table) -> int:
+    """The whole catalog rows (every column, and their order) whose (product_id, state,
+    attrs) the unit's previous run does not hold: where tonight's changes are, so the
+    refresh's encode input needs no second read of the catalog. Rows written."""
+    def key(t: pa.Table) -> pa.Table:
+        return pa.table([t["product_id"], t["state"], pc.fill_null(t["attrs"], 0)], names=["product_id", "state", "a"])
+
+    mine = key(out).append_column("pos", pa.array(np.arange(out.num_rows), pa.int64()))
+    moved = mine.join(key(prior), ["product_id", "state", "a"], join_type="left anti")
+    pos = np.sort(moved.column("pos").to_numpy())
+    if not len(pos):
+        return 0
+    picked = rows.take(pa.array(pos)).append_column("order", out.column("order").take(pa.array(pos)))
+    uri = storage.join(spec.out, PAYLOAD_DIR, f"unit-{unit.index:06d}.parquet")
+    with storage.open_write(uri) as f:
+        pq.write_table(picked, f, compression="zstd")
+    return len(pos)
 
 
 class PreviousStates(beam.DoFn):
@@ -153,7 +136,7 @@ class PreviousStates(beam.DoFn):
             digests = pa.array(fingerprint.digests(table.column("state").to_pylist()))
             return table.set_column(1, STATE, digests).cast(PREV_SCHEMA), read
 
-        refs, record = _kept_run(spec, "prev", entry.name, entry.to_json(), make)
+        refs, record = runs.kept_run(spec, "prev", entry.name, entry.to_json(), make)
         _record(spec, f"prev-{entry.name}", record)
         yield from refs
 
@@ -188,7 +171,7 @@ class ShownAttrs(beam.DoFn):
                              pa.array(np.full(table.num_rows, ref.seq, np.int32))], schema=SHOWN_SCHEMA), read
 
         name, made_from = ref.run_key(spec.filter_columns)
-        refs, record = _kept_run(spec, "shown", name, made_from, make)
+        refs, record = runs.kept_run(spec, "shown", name, made_from, make)
         _record(spec, f"shown-{name}", record)
         yield from refs
 
@@ -311,21 +294,25 @@ def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb
             # what this diff wrote besides its output: the catalog side's runs (deleted now)
             # and the previous side's runs it did not find kept
             "runs_written_bytes": sum(r.get("written_bytes", 0) for r in records.values()),
-            "runs_kept": sum(1 for r in records.values() if r.get("kept")),
+            "runs_kept": {side: sum(1 for name, r in records.items() if name.startswith(side + "-") and r.get("kept"))
+                          for side in ("cat", "prev", "shown")},
+            "runs_read_bytes": sum(r.get("runs_read_bytes", 0) for r in cat),
+            "payload_rows": sum(r.get("payload_rows", 0) for r in cat),
             "buckets": spec.buckets, "units": len(units), "parts": len(parts), "idmaps": len(idmaps)}
     storage.delete(work, recursive=True)
-    _forget_runs(spec, parts, idmaps)
+    _forget_runs(spec, len(units), parts, idmaps)
     return Diff(out, counts), read
 
 
-def _forget_runs(spec: DiffSpec, parts: list[emb.PartEntry], idmaps: list[IdMap]) -> None:
+def _forget_runs(spec: DiffSpec, units: int, parts: list[emb.PartEntry], idmaps: list[IdMap]) -> None:
     """Delete the kept runs this diff did not use: those of superseded deletion files,
-    compacted id maps, an older bucket count."""
+    compacted id maps, an older bucket count, catalog units past the catalog's end."""
     where = storage.join(spec.embeddings, STATE_RUNS)
     if not storage.exists(where):
         return
-    used = {kept_run_name("prev", e.name, e.to_json(), spec.buckets) for e in parts}
-    used |= {kept_run_name("shown", *m.run_key(spec.filter_columns), spec.buckets) for m in idmaps}
+    used = {runs.kept_run_name("prev", e.name, e.to_json(), spec.buckets) for e in parts}
+    used |= {runs.cat_run_name(u, spec.buckets) for u in range(units)}
+    used |= {runs.kept_run_name("shown", *m.run_key(spec.filter_columns), spec.buckets) for m in idmaps}
     for uri in storage.list_files(where, ".parquet"):
         if uri.rsplit("/", 1)[-1] not in used:
             storage.delete(uri)

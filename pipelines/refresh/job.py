@@ -155,12 +155,16 @@ def run(cfg: RefreshConfig) -> dict:
                 source = storage.join(run_dir, "input", "catalog.parquet")
                 subsets = []  # a resumed run keeps its input
                 if d.n(*diffs.TO_ENCODE) and not storage.exists(source):
-                    subsets.append((to_encode, source))
+                    subsets.append((diffs.TO_ENCODE, source))
                 if d.n(diffs.RETAGGED) and not storage.exists(storage.join(run_dir, retag.ROWS)) \
                         and not storage.exists(storage.join(run_dir, retag.DONE)):
-                    subsets.append((d.ids(diffs.RETAGGED), storage.join(run_dir, retag.ROWS)))
-                if subsets:  # one pass over the catalog for both
-                    write_subsets(cfg.catalog, subsets)
+                    subsets.append(((diffs.RETAGGED,), storage.join(run_dir, retag.ROWS)))
+                if subsets:  # the rows the diff kept whole; one pass over the catalog for the rest, if any
+                    given = [d.payload(*c) for c, _ in subsets]
+                    written = write_subsets(cfg.catalog, [(d.ids(*c), out) for c, out in subsets], given)
+                    from_diff = sum(g.num_rows for g in given if g is not None)
+                    report["encode_input"] = {"rows_from_the_diff": from_diff,
+                                              "rows_read_from_the_catalog": sum(written) - from_diff}
             reuse = None
             if d is not None and d.n(diffs.CHANGED) and not full_reason and not cfg.ids_file:
                 reuse = _reuse_photos(cfg.embeddings, prev_emb, d, run_dir)

@@ -178,7 +178,8 @@ class Diff:
         row, matched by its order), with the catalog's columns; None without any. The rest
         (rows that had not moved since the previous night's runs: a backfill's, or after a
         failed night) are read from the catalog."""
-        files = storage.list_files(storage.join(self.out, PAYLOAD_DIR), ".parquet")
+        where = storage.join(self.out, PAYLOAD_DIR)
+        files = storage.list_files(where, ".parquet") if storage.exists(where) else []
         if not files:
             return None
         want = self.table(changes, ("product_id", "order"))

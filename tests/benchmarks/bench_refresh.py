@@ -70,8 +70,11 @@ def _pool(tmp: str, k: int) -> tuple[list[bytes], list[str]]:
     return t.column("image").to_pylist(), t.column("title").to_pylist()
 
 
-def _write_catalog(path: str, rows: dict) -> None:
-    pq.write_table(pa.table(rows, SCHEMA), path, row_group_size=UNIT, compression="zstd")
+def _write_catalog(path: str, rows: dict, version: list[str] | None = None) -> None:
+    table = pa.table(rows, SCHEMA)
+    if version is not None:
+        table = table.append_column("image_version", pa.array(version, pa.string()))
+    pq.write_table(table, path, row_group_size=UNIT, compression="zstd")
 
 
 def _link(pool_dir: str, root: str, rel: str, j: int) -> None:
@@ -81,21 +84,34 @@ def _link(pool_dir: str, root: str, rel: str, j: int) -> None:
     os.link(os.path.join(pool_dir, f"{j}.jpg"), dst)
 
 
-def _night(report: dict, seconds: float, d: int) -> dict:
+def _night(report: dict, seconds: float, d: int, change: float) -> dict:
     """One refresh's wall and bytes per stage, and the changed products' vector bytes (what
-    the issue's goal compares the reads outside the diff against)."""
+    the issue's goal compares the reads outside the diff against): the reads outside the
+    diff's own, over those bytes; the refresh over the diff alone; the diff's scratch (the
+    runs it wrote) per catalog row."""
     c = report["diff"]
     changed = c["new"] + c["changed"] + c["deleted"]
     vector_bytes = (c["new"] + c["changed"]) * d * 2   # float16 image vectors of the products encoded
     io = report.get("stage_io", {})
     outside = sum(v["read_bytes"] for k, v in io.items() if k not in ("diff",))
-    return {"refresh_s": round(seconds, 1), "changed_products": changed, "changed_vector_bytes": vector_bytes,
-            "stage_s": report["seconds"], "stage_io": io, "read_outside_diff": outside,
+    read = report["read"]
+    diff_s = report["seconds"]["diff"]
+    return {"change": change, "refresh_s": round(seconds, 1), "diff_s": diff_s,
+            "refresh_over_diff": round(seconds / max(diff_s, 1e-9), 2), "changed_products": changed,
+            "changed_vector_bytes": vector_bytes, "stage_s": report["seconds"], "stage_io": io,
+            "read_outside_diff": outside,
             "read_outside_diff_over_vector_bytes": round(outside / max(vector_bytes, 1), 2),
+            "scratch_bytes": read["runs_written_bytes"],
+            "scratch_bytes_per_row": round(read["runs_written_bytes"] / max(read["catalog_rows"], 1), 2),
+            "runs_kept": read["runs_kept"], "payload_rows": read["payload_rows"],
+            "encode_input": report.get("encode_input"), "search_lists": report.get("search_lists"),
             "ground_truth": report.get("ground_truth"), "decision": report["decision"]}
 
 
-def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
+def part1(n: int, tmp: str, changes: list[float], versions: bool = False) -> dict:
+    """``changes``: each night's changed share (0: a quiet night). ``versions``: the catalog
+    has an image_version column (no HEAD or LIST; only the images a night encodes exist on
+    disk: how a 10M catalog fits this machine)."""
     from mimdex.encoders.bundle import load_bundle, save_untrained_bundle
     from mimdex.indexing.reader import IndexReader
     from mimdex.pipelines import build_index, compact, encode
@@ -121,9 +137,10 @@ def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
     ptitle = [f"{titles[i % k]} #{i}" for i in range(n)]
     for d in range(n // 10000 + 1):
         os.makedirs(f"{root}/img/{d:03d}", exist_ok=True)
-    for i in range(n):
+    version = ["v0"] * n if versions else None
+    for i in range(0 if versions else n):
         _link(pool_dir, root, rels[i], i % k)
-    _write_catalog(root + "/catalog.parquet", {"product_id": pids, "title": ptitle, "image_uri": rels})
+    _write_catalog(root + "/catalog.parquet", {"product_id": pids, "title": ptitle, "image_uri": rels}, version)
     rng = np.random.default_rng(0)
     entries = []
     for u, a in enumerate(range(0, n, UNIT)):
@@ -131,7 +148,8 @@ def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
         j = np.arange(a, b) % k
         x = pool_img[j] + 0.05 * rng.standard_normal((b - a, ref.d)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        fps = [fingerprint.of_object(f"{root}/{rels[i]}") for i in range(a, b)]
+        fps = [fingerprint.of_row(f"{root}/{rels[i]}", version[i], "image_version") if versions
+               else fingerprint.of_object(f"{root}/{rels[i]}") for i in range(a, b)]
         states = [fingerprint.source_state(fp, ptitle[i], sha) for fp, i in zip(fps, range(a, b))]
         hashes = [cat.content_hash(images[i % k], ptitle[i], sha) for i in range(a, b)]
         name = f"part-{u:05d}"
@@ -150,6 +168,8 @@ def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
 
     # the encode rate, on 20k products of the same catalog
     sub = 20_000
+    for i in range(sub if versions else 0):
+        _link(pool_dir, root, rels[i], i % k)
     _write_catalog(tmp + "/sub.parquet", {"product_id": pids[:sub], "title": ptitle[:sub],
                                           "image_uri": [f"{root}/{r}" for r in rels[:sub]]})
     t0 = time.perf_counter()
@@ -158,39 +178,48 @@ def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
     rate = sub / (time.perf_counter() - t0)
     print(f"[encode rate] {rate:.0f} products/s (20k, Ray start-up included)", flush=True)
 
-    # --change of the catalog changed in equal shares (new, retitled, re-imaged, deleted),
-    # on each of --nights nights: the first after the build recomputes the gate's ground
-    # truth (build-index keeps none), later ones update it (the steady state)
-    q = max(1, int(n * change / 4))
+    # each night, its --changes share of the catalog changed in equal parts (new, retitled,
+    # re-imaged, deleted): the first after the build recomputes the gate's ground truth and
+    # searches its lists (build-index keeps neither), later ones update them (the steady state)
     alive = list(range(n))
     os.makedirs(f"{root}/img/new", exist_ok=True)
     cfg = RefreshConfig(catalog=root + "/catalog.parquet", model=model_uri, embeddings=tmp + "/emb",
                         index=tmp + "/index", unit_rows=UNIT, progress=False, keep=10)
     per_night = []
-    for night in range(nights):
+    for night, change in enumerate(changes):
+        q = int(n * change / 4)
         perm = np.random.default_rng([1, night]).permutation(alive)
         retitle, reimage, delete = perm[:q], perm[q:2 * q], set(perm[2 * q:3 * q].tolist())
         for i in retitle:
             ptitle[i] += f" (edition {night})"
+            if versions:   # re-encoded: its image is read
+                _link(pool_dir, root, rels[i], i % k)
         for i in reimage:  # a pool image of another size: a new ETag-like fingerprint
             j = next(j for j in range(i % k + 1, i % k + k) if sizes[j % k] != sizes[i % k]) % k
             _link(pool_dir, root, rels[i], j)
+            if versions:
+                version[i] = f"v{night + 1}"
         alive = [i for i in alive if i not in delete]
         for m in range(q):  # new products join the catalog (and later nights' changes)
             pids.append(f"N{night}-{m:08d}")
             ptitle.append(f"relisted {titles[m % k]}")
             rels.append(f"img/new/N{night}-{m:08d}.jpg")
+            version.append("v0") if versions else None
             _link(pool_dir, root, rels[-1], (m + night * q) % k)
             alive.append(len(pids) - 1)
         _write_catalog(root + "/catalog.parquet", {"product_id": [pids[i] for i in alive],
                                                    "title": [ptitle[i] for i in alive],
-                                                   "image_uri": [rels[i] for i in alive]})
+                                                   "image_uri": [rels[i] for i in alive]},
+                       [version[i] for i in alive] if versions else None)
         t0 = time.perf_counter()
         report = refresh(cfg)
         refresh_s = time.perf_counter() - t0
-        per_night.append(_night(report, refresh_s, ref.d))
-        print(f"[refresh night {night + 1}] {refresh_s:.1f} s: {report['decision']}", flush=True)
+        per_night.append(_night(report, refresh_s, ref.d, change))
+        print(f"[refresh night {night + 1}, {change:.1%} changed] {refresh_s:.1f} s: {report['decision']}", flush=True)
         print(json.dumps(per_night[-1]), flush=True)
+        if not report.get("nothing_to_do"):
+            last, last_s = report, refresh_s
+    report, refresh_s = last, last_s
 
     reader = IndexReader.open(tmp + "/index")
     x = np.concatenate([pool_img[np.arange(2000) % k] + 0.05 * rng.standard_normal((2000, ref.d))]).astype(np.float32)
@@ -206,7 +235,7 @@ def part1(n: int, tmp: str, change: float = 0.01, nights: int = 2) -> dict:
 
     full_encode_est = n / rate
     written = report["io"]["index_written_bytes"] + report["io"]["encode_written_bytes"]
-    return {"n": n, "change": change, "nights": per_night, "changed": report["diff"], "refresh_s": round(refresh_s, 1),
+    return {"n": n, "changes": changes, "image_version": versions, "nights": per_night, "changed": report["diff"], "refresh_s": round(refresh_s, 1),
             "refresh_stages_s": report["seconds"], "full_build_s": round(build_s, 1),
             "encode_rate_per_s": round(rate, 1), "full_encode_estimated_s": round(full_encode_est, 1),
             "refresh_over_full": round(refresh_s / (full_encode_est + build_s), 4),
@@ -293,8 +322,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--rss", type=int, nargs="*", default=[1_000_000, 10_000_000])
-    ap.add_argument("--change", type=float, default=0.01, help="share of the catalog changed each night")
-    ap.add_argument("--nights", type=int, default=2, help="refreshes in a row (the first recomputes the truth)")
+    ap.add_argument("--changes", type=float, nargs="+", default=[0.01, 0.01, 0.0, 0.001],
+                    help="each night's changed share, in order (0: a quiet night; the first night after the "
+                         "build searches and recomputes what the build keeps none of)")
+    ap.add_argument("--image-version", action="store_true",
+                    help="a catalog with an image_version column, images on disk only where a night encodes them")
     ap.add_argument("--skip-part1", action="store_true")
     ap.add_argument("--rss-child")
     args = ap.parse_args()
@@ -304,18 +336,20 @@ def main() -> None:
     if not args.skip_part1:
         tmp = tempfile.mkdtemp(prefix="bench-refresh-")
         try:
-            results["refresh"] = part1(args.n, tmp, args.change, args.nights)
+            results["refresh"] = part1(args.n, tmp, args.changes, args.image_version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         r = results["refresh"]
         print(json.dumps(r, indent=1), flush=True)
-        print("\n| night | refresh s | changed products | truth: kept / full passes | read outside the diff | "
-              "/ changed vector bytes |")
+        print("\n| night | changed | refresh s | diff s | refresh / diff | read outside the diff | / changed "
+              "vector bytes | diff scratch per row | encode input from the diff / the catalog | lists searched again |")
         for i, nt in enumerate(r["nights"], 1):
-            gt = nt["ground_truth"] or {}
-            print(f"| {i} | {nt['refresh_s']} | {nt['changed_products']:,} | {gt.get('kept')} / "
-                  f"{gt.get('full_passes')} | {nt['read_outside_diff']:,} B | "
-                  f"{nt['read_outside_diff_over_vector_bytes']}x |")
+            ei, sl = nt["encode_input"] or {}, nt["search_lists"] or {}
+            print(f"| {i} | {nt['change']:.1%} ({nt['changed_products']:,}) | {nt['refresh_s']} | {nt['diff_s']} | "
+                  f"{nt['refresh_over_diff']} | {nt['read_outside_diff']:,} B | "
+                  f"{nt['read_outside_diff_over_vector_bytes']}x | {nt['scratch_bytes_per_row']} B | "
+                  f"{ei.get('rows_from_the_diff', '-')} / {ei.get('rows_read_from_the_catalog', '-')} | "
+                  f"{sl.get('searched_again', '-')} of {sl.get('lists', '-')} |")
             print("|   | stages: " + ", ".join(f"{k} {v} s / {nt['stage_io'].get(k, {}).get('read_bytes', 0):,} B read"
                                              for k, v in nt["stage_s"].items()) + " |")
         print("\n| n | refresh | full re-encode (est.) + rebuild | ratio (goal <= 0.10) | index bytes written / full "

@@ -68,7 +68,7 @@ def update(kept: Lists, removed_keys: np.ndarray, added: Lists | None) -> Lists:
         for col, more in zip(cols, (added.dists, added.ids, added.keys, added.refined)):
             col.append(more)
     dists, ids, *rest = (np.concatenate(col, 1) for col in cols)
-    dists = np.where((ids >= 0) & (dists < kept.bound[:, None]), dists, np.inf)
+    dists = np.where((ids >= 0) & (dists <= kept.bound[:, None]), dists, np.inf)
     dists, ids, *rest = top_k(dists, np.where(np.isfinite(dists), ids, -1), c + 1, *rest)
     bound = np.minimum(kept.bound, dists[:, c]).astype(np.float32)
     valid = ids[:, :c] >= 0
@@ -80,12 +80,14 @@ def update(kept: Lists, removed_keys: np.ndarray, added: Lists | None) -> Lists:
 def answer(lists: Lists, k: int, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, known): each row's top k as the reader returns it (k x k_factor candidates by
     code distance, re-ranked by the finer codes where the index has them), and whether the
-    row's list holds all of those candidates."""
+    row's list holds all of those candidates. A candidate *at* the bound counts: one not
+    in the row is at least as far, so only the order among tied distances may differ, as
+    it does between two faiss searches (fast-scan distances are quantised: ties are common)."""
     m = k * k_factor
     c = lists.ids.shape[1]
     held = (lists.ids >= 0).sum(1)
     last = lists.dists[:, min(m, c) - 1]
-    known = (m <= c) & (last < lists.bound) | (held < m) & ~np.isfinite(lists.bound)
+    known = (m <= c) & (last <= lists.bound) | (held < m) & ~np.isfinite(lists.bound)
     _, ids, *refined = top_k(lists.dists, lists.ids, m, *([lists.refined] if lists.refined is not None else []))
     if refined:
         _, ids = top_k(refined[0], ids, k)

@@ -85,3 +85,21 @@ def test_a_list_the_change_cut_short_says_it_cannot_answer():
                        np.array([[0.1, 0.2, 0.3, np.inf]], np.float32), None, np.array([np.inf], np.float32))
     got, known = cand.answer(whole, 4, 1)
     assert known.tolist() == [True] and got[0].tolist() == [5, 6, 7, -1]
+
+
+def test_the_code_drift_check_tells_vectors_the_codebooks_fit_from_ones_they_do_not():
+    """--max-code-drift (2.0): new vectors from the training distribution stay near the
+    old ones' code error, vectors from elsewhere (a new kind of product) do not."""
+    from mimdex.infra.contracts import index_codec as codec
+    from mimdex.pipelines.refresh.update import code_error
+
+    rng = np.random.default_rng(0)
+    for factory in ("IVF16,SQ8", "IVF16,PQ8x4fs,Refine(SQ8)"):
+        index = faiss.index_factory(D, factory)
+        index.train(rng.standard_normal((4000, D)).astype(np.float32))
+        trained = codec.serialize(index)
+        old = code_error(trained, rng.standard_normal((1000, D)).astype(np.float32))
+        same = code_error(trained, rng.standard_normal((2000, D)).astype(np.float32))
+        shifted = code_error(trained, 2.5 * rng.standard_normal((2000, D)).astype(np.float32) + 1.0)
+        assert same / old < 1.2 and shifted / old > 2.0, (factory, same / old, shifted / old)
+    assert code_error(trained, np.zeros((0, D), np.float32)) is None

@@ -12,7 +12,7 @@ to evaluate (indexing.candidates).
                                               one vector per product)
         dists     fixed_size_list<float32>[C] code distances (inf pads)
         refined   fixed_size_list<float32>[C] re-ranking distances (only where the index re-ranks)
-        bound     float32                     every candidate nearer than this is in the row
+        bound     float32                     every candidate nearer than this is in the row (one at it may be)
 
 The manifest names it (``IndexManifest.search_lists``, a FileRef with its sha256). A version
 without one has its lists searched again by the next refresh, which then writes the file.
@@ -40,7 +40,7 @@ class Lists:
     keys: np.ndarray             # m x C int64 their product keys
     dists: np.ndarray            # m x C float32 code distances; inf pads
     refined: np.ndarray | None   # m x C float32 re-ranking distances (None: the index does not re-rank)
-    bound: np.ndarray            # m float32: every candidate nearer than this is in the row
+    bound: np.ndarray            # m float32: every candidate nearer than this is in the row (one at it may be)
 
     ROWS = ("query", "nprobe", "ids", "keys", "dists", "refined", "bound")
 

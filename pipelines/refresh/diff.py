@@ -15,15 +15,13 @@ The diff is a Beam job (diff_graph.py): both sides are cut into buckets by a has
 product_id, and each bucket is joined on its own with pyarrow (``classify``, pure). Its
 output, under ``<embeddings>/diffs/<id>/``, is the delta and nothing else:
 
-    bucket-00007.parquet   product_id, change, part, state, attrs, vectors   (sorted by product_id)
+    bucket-00007.parquet   product_id, change, part, state, attrs, vectors, order   (by product_id)
     bucket-00007.json      the bucket's counts
+    payload/unit-000042.parquet   whole catalog rows that moved since the unit's previous run
 
 so no process ever holds more than a bucket, and the refresh reads only the changes.
-States travel as 8-byte digests (fingerprint.digests). The previous side's runs are kept
-between nights under ``<embeddings>/state_runs/``, one per embeddings part (and id map),
-named by what they were made from: a part is immutable but for its deletion file, so a
-quiet night rewrites none of them, and the diff's scratch is the catalog side's runs
-(about 13 bytes a row: the product_id, the digest, the catalog order).
+States travel as 8-byte digests (fingerprint.digests); the runs are kept between nights
+(runs.py), so a quiet night writes none.
 """
 from __future__ import annotations
 

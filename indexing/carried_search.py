@@ -61,16 +61,16 @@ class CarriedSearch:
         return Lists(rows.query, rows.nprobe, out[1], out[2], out[0],
                      out[3] if rows.refined is not None else None, rows.bound)
 
-    def _fill(self, nprobes: list[int]) -> None:
+    def _fill(self, nprobes: list[int], timed: bool = False) -> None:
         """Search again, in one pass over the shards, every (query, nprobe) of ``nprobes``
-        whose row is missing or cannot answer the largest kept search (and every query of an
-        nprobe whose queries/s no version measured)."""
+        whose row is missing or cannot answer the largest kept search (and, ``timed``: every
+        query of an nprobe whose queries/s no version measured: the sweep reports it)."""
         want: dict[str, list[tuple[int, np.ndarray]]] = {}
         for name, (_, qkeys) in self.sets.items():
             rows = self.lists.get(name)
             for p in nprobes:
                 have = np.zeros(len(qkeys), bool)
-                if rows is not None and (name, p) in self.qps:
+                if rows is not None and (not timed or (name, p) in self.qps):
                     mine = rows.take(np.flatnonzero(rows.nprobe == p))
                     _, known = cand.answer(mine, self.k + 1, self.k_factor)
                     have = np.isin(qkeys, mine.query[known])
@@ -102,7 +102,7 @@ class CarriedSearch:
     def ladder(self, queries: np.ndarray, ks: list[int], nprobes: list[int]) -> dict:
         """evaluate.Ladder: searches for k above the kept one are left out (recall@k null)."""
         name = self.by_vectors[_key(queries)]
-        self._fill(nprobes)
+        self._fill(nprobes, timed=True)
         qkeys, rows, out = self.sets[name][1], self.lists[name], {}
         for p in nprobes:
             mine = rows.take(np.flatnonzero(rows.nprobe == p))

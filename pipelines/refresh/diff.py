@@ -182,8 +182,10 @@ class Diff:
             return None
         want = self.table(changes, ("product_id", "order"))
         rows = pa.concat_tables([storage.parquet_dataset(u).to_table() for u in files], promote_options="permissive")
-        rows = rows.join(want, ["product_id", "order"], join_type="inner")
-        return rows.drop_columns(["order"])
+        # matched on the keys alone: Arrow joins carry no list columns (image_uris)
+        at = rows.select(["product_id", "order"]).append_column("row", pa.array(np.arange(rows.num_rows)))
+        hit = np.sort(at.join(want, ["product_id", "order"], join_type="inner").column("row").to_numpy())
+        return rows.take(pa.array(hit, pa.int64())).drop_columns(["order"])
 
     def summary(self) -> dict:
         """The report's view: new, changed, rejudged, deleted, forgotten_rejects, unchanged, ..."""

@@ -125,7 +125,7 @@ def test_encode_and_the_bucketed_refresh_diff_judge_every_row_alike(kinds, edits
         now = _encode(root, tmp + "/emb-after")
         d, second_night = _diff(root, out, tmp, buckets)
         # the same diff from the previous side's runs kept by the first night (none rewritten)
-        assert second_night["runs_kept"]["prev"] == second_night["parts"] > 0
+        assert second_night["runs_kept"]["prev"] == second_night["part_batches"] > 0
         got = lambda *kinds: set(d.ids(*kinds).to_pylist())  # noqa: E731
         assert got(*diffs.TO_ENCODE) == {p for p, (state, _) in now.items() if judged.get(p, (None,))[0] != state}
         assert got(diffs.NEW) == set(now) - set(judged)
@@ -320,3 +320,22 @@ def test_the_first_occurrence_rule_is_one_function(ids):
     assert dict(zip(firsts["product_id"].to_pylist(), firsts["state"].to_pylist())) == {
         p: f"s{i}" for p, i in expected.items()}
     assert dropped == len(rows) - len(expected)
+
+
+def test_parts_are_diffed_in_batches_that_a_refresh_does_not_move():
+    """The diff reads the embeddings' states in batches of about a catalog unit's rows (a
+    bucket's join reads a row group of every run); a refresh appends parts, so the batches
+    before stay as they were and their kept runs are found again."""
+    from mimdex.infra.contracts.files import FileRef
+    from mimdex.pipelines.refresh.diff_graph import BATCH_ROWS, part_batches
+
+    def part(i: int, rows: int) -> emb.PartEntry:
+        return emb.PartEntry(f"part-{i:05d}", FileRef(f"part-{i:05d}.parquet", "0" * 64, 1, rows),
+                             FileRef(f"rej-{i}.parquet", "0" * 64, 1, 5) if i == 3 else None)
+
+    sizes = [BATCH_ROWS // 3, BATCH_ROWS // 3, BATCH_ROWS // 3, BATCH_ROWS // 5, BATCH_ROWS, 10]
+    parts = [part(i, n) for i, n in enumerate(sizes)]
+    names = [[e.name for e in b] for b in part_batches(parts)]
+    assert names == [["part-00000", "part-00001", "part-00002", "part-00003"], ["part-00004"], ["part-00005"]]
+    later = part_batches(parts + [part(6, 99)])
+    assert later[:2] == part_batches(parts)[:2] and [e.name for e in later[2]] == ["part-00005", "part-00006"]

@@ -1,10 +1,11 @@
 """The refresh diff's sorted runs (diff_graph.py): each side's rows as a Parquet file with
 one row group per bucket, sorted by bucket, the buckets present named in the footer.
 
-The catalog side's run of each unit and the previous side's run of each embeddings part
-(and id map) are kept under ``<embeddings>/state_runs/`` for the next night: a part is
-immutable but for its deletion file, so its run is named by what it was made from; a
-catalog unit's run is named by its place and rewritten only when its rows moved.
+The catalog side's run of each unit and the previous side's run of each batch of
+embeddings parts (and id map) are kept under ``<embeddings>/state_runs/`` for the next
+night: a part is immutable but for its deletion file, so a batch's run is named by what
+it was made from; a catalog unit's run is named by its place and rewritten only when its
+rows moved.
 """
 from __future__ import annotations
 

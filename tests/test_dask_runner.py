@@ -185,7 +185,7 @@ def refresh_and_compact_like_the_directrunner(s3_server, bucket_name: str, beam_
         objects.update(objs)
     dc.write(bucket + "/cat", rows, objects, row_group_size=40)
     # (an untrained model's vectors drift: this test is about the delta, not the retrain rule)
-    step(lambda w: ["refresh", *_refresh_common(bucket, w), "--max-drift", "10", "--max-recall-drop", "1",
+    step(lambda w: ["refresh", *_refresh_common(bucket, w), "--max-drift", "10", "--max-code-drift", "100",
                     "--max-delta-share", "0.5"])   # the delta stays a delta: compaction is the next step
     for world in runners:
         report = storage.read_json(storage.list_files(f"{bucket}/{world}/index/_reports", ".json")[-1])

@@ -117,7 +117,7 @@ def part1(n: int, tmp: str, changes: list[float], versions: bool = False) -> dic
     from mimdex.pipelines import build_index, compact, encode
     from mimdex.pipelines.refresh import RefreshConfig, run as refresh
 
-    k = 4000  # pool images: each night encodes 3% of n exactly (no noise); few copies of each keep self-recall honest
+    k = 4000  # pool images: each night encodes 3% of n exactly (no noise); few copies of each keep the search honest
     images, titles = _pool(tmp, k)
     pool_dir, root = tmp + "/pool", tmp + "/cat"
     os.makedirs(pool_dir)

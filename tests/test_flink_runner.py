@@ -97,6 +97,7 @@ def test_refresh_and_compaction_on_flink_publish_the_directrunners_bytes(s3_serv
     # the diff's units and buckets are sized for millions of rows: smaller here, so that
     # each of its stages has several elements to spread (the driver sizes both, for both runners)
     monkeypatch.setattr(diff_graph, "UNIT_ROWS", 40)
+    monkeypatch.setattr(diff_graph, "BATCH_ROWS", 40)
     monkeypatch.setattr(refresh_diff, "ROWS_PER_BUCKET", 16)
     before = {j["jid"] for j in flink_two.rest_get("/jobs/overview")["jobs"]}
     refresh_and_compact_like_the_directrunner(s3_server, "mimdex-flink-refresh", flink_two.beam_args())

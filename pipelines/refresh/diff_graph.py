@@ -234,12 +234,13 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit], parts: list[emb.PartEntry],
+def build_pipeline(p: beam.Pipeline, spec: DiffSpec, units: list[CatalogUnit],
+                   batches: list[tuple[emb.PartEntry, ...]],
                    idmaps: list[IdMap] = ()) -> None:
     cat = p | "CatalogUnits" >> beam.Create(units, reshuffle=True) | "CatalogStates" >> beam.ParDo(CatalogStates(spec))
     sides = [cat]
-    if parts:
-        sides.append(p | "Parts" >> beam.Create(part_batches(parts), reshuffle=True) | "PreviousStates" >> beam.ParDo(
+    if batches:
+        sides.append(p | "Parts" >> beam.Create(batches, reshuffle=True) | "PreviousStates" >> beam.ParDo(
             PreviousStates(spec)))
     if idmaps:
         sides.append(p | "IdMaps" >> beam.Create(list(idmaps), reshuffle=True) | "ShownAttrs" >> beam.ParDo(
@@ -298,8 +299,9 @@ def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb
                     previous.dtype if previous else "float16", out, buckets or bucket_count(rows, prev_rows), tuple(forced),
                     filter_columns=tuple(filter_columns))
     work = storage.join(out, WORK_DIR)
-    beam_runner.run(lambda p: build_pipeline(p, spec, units, parts, idmaps), list(beam_args or []), work,
-                    len(units) + len(part_batches(parts)) + len(idmaps), stall_timeout, f"the diff in {out} is incomplete; re-run the refresh")
+    batches = part_batches(parts)
+    beam_runner.run(lambda p: build_pipeline(p, spec, units, batches, idmaps), list(beam_args or []), work,
+                    len(units) + len(batches) + len(idmaps), stall_timeout, f"the diff in {out} is incomplete; re-run the refresh")
     records = {u.rsplit("/", 1)[-1]: storage.read_json(u) for u in storage.list_files(work, ".json")}
     buckets = [storage.read_json(u) for u in storage.list_files(out, ".json")]
     counts = {k: sum(b.get(k, 0) for b in buckets) for k in (*CHANGES, "unchanged", "still_rejected")}
@@ -322,19 +324,20 @@ def run_diff(catalog_uri: str, model_sha256: str, embeddings: str, previous: emb
             "runs_read_bytes": sum(r.get("runs_read_bytes", 0) for r in cat),
             "payload_rows": sum(r.get("payload_rows", 0) for r in cat),
             "buckets": spec.buckets, "units": len(units), "parts": len(parts),
-            "part_batches": len(part_batches(parts)), "idmaps": len(idmaps)}
+            "part_batches": len(batches), "idmaps": len(idmaps)}
     storage.delete(work, recursive=True)
-    _forget_runs(spec, len(units), parts, idmaps)
+    _forget_runs(spec, len(units), batches, idmaps)
     return Diff(out, counts), read
 
 
-def _forget_runs(spec: DiffSpec, units: int, parts: list[emb.PartEntry], idmaps: list[IdMap]) -> None:
+def _forget_runs(spec: DiffSpec, units: int, batches: list[tuple[emb.PartEntry, ...]], idmaps: list[IdMap]
+                 ) -> None:
     """Delete the kept runs this diff did not use: those of superseded deletion files,
     compacted id maps, an older bucket count, catalog units past the catalog's end."""
     where = storage.join(spec.embeddings, STATE_RUNS)
     if not storage.exists(where):
         return
-    used = {runs.kept_run_name("prev", b[0].name, [e.to_json() for e in b], spec.buckets) for b in part_batches(parts)}
+    used = {runs.kept_run_name("prev", b[0].name, [e.to_json() for e in b], spec.buckets) for b in batches}
     used |= {runs.cat_run_name(u, spec.buckets) for u in range(units)}
     used |= {runs.kept_run_name("shown", *m.run_key(spec.filter_columns), spec.buckets) for m in idmaps}
     for uri in storage.list_files(where, ".parquet"):

@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from mimdex.indexing.rows import codes_index, lists_to_rows, rows_of
 from mimdex.infra.contracts import index_version as iv
-from mimdex.infra.contracts.index_codec import deserialize, lists_header, searched, serialize, without_pq_tables
+from mimdex.infra.contracts.index_codec import (append_lists, deserialize, lists_header, searched, serialize,
+                                                without_pq_tables)
 from mimdex.infra.errors import DataError
 
 READY = "ready.json"
@@ -147,7 +148,7 @@ def open_mapped(path: str) -> Mapped:
         names = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".faiss"))
         index = faiss.read_index(os.path.join(path, names[0]), flags)
         for name in names[1:]:
-            index.merge_from(faiss.read_index(os.path.join(path, name), flags), 0)
+            append_lists(index, faiss.read_index(os.path.join(path, name), flags))
     refine_path = os.path.join(path, "refine.faiss")
     refine = faiss.read_index(refine_path, faiss.IO_FLAG_MMAP_IFC) if os.path.exists(refine_path) else None
     idmap = pa.ipc.open_file(pa.memory_map(os.path.join(path, "idmap.arrow"))).read_all()

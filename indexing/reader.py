@@ -2,8 +2,9 @@
 
 All shards share one trained quantizer, so their inverted lists can be searched side by
 side and the top-k merged exactly, or consolidated into one IVF at load time (faiss
-``merge_from``, exact as well): the default, because fast-scan PQ computes its look-up
-tables per query and probed list, and separate shards would compute them once per shard.
+``merge_from`` by way of index_codec.append_lists, exact as well): the default, because
+fast-scan PQ computes its look-up tables per query and probed list, and separate shards
+would compute them once per shard.
 Every shard and id map is checked against the manifest's sha256 when loaded. A version
 with delta segments (refreshes since its base shards) is read as base + deltas minus
 deletions (contracts.index_delta.combine), the same vectors compaction would write.
@@ -36,7 +37,7 @@ from mimdex.infra.contracts import attributes
 from mimdex.infra.contracts import index_version as iv
 from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
-from mimdex.infra.contracts.index_codec import deserialize, lists_shape, refine_quantizer, shard_index
+from mimdex.infra.contracts.index_codec import append_lists, deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError
 
@@ -84,7 +85,7 @@ class IndexReader:
         if mapped is not None:   # a cached version, mapped (mapped.py): lists already hold rows
             self.index, self.shards, tables = mapped.index, [], [mapped.idmap]
         elif consolidate:
-            # one shard at a time, its lists moved into the index (merge_from) before the
+            # one shard at a time, its lists moved into the index (append_lists) before the
             # next is read: a shard's file and its deserialised lists are both in memory
             # while it loads (1.3 GB for a 2.5M-vector SQ8 shard; four loaded at once held 4x that)
             tables = []
@@ -94,7 +95,7 @@ class IndexReader:
                 if self.index is None:
                     self.index = index
                 else:
-                    self.index.merge_from(index, 0)
+                    append_lists(self.index, index)
             self.shards = []
         else:
             with ThreadPoolExecutor(4) as pool:

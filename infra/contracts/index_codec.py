@@ -255,3 +255,28 @@ def shard_index(trained: bytes, lists: "bytes | Callable[[int], bytes]") -> fais
     ivf.ntotal = sum(flat.list_size(i) for i in range(flat.nlist))
     index.ntotal = ivf.ntotal
     return index
+
+
+def append_lists(dst: faiss.Index, src: faiss.Index) -> None:
+    """``dst.merge_from(src, 0)``: src's lists appended to dst's (src left empty), ids as
+    they are. faiss's BlockInvertedLists.add_entries (fast-scan's packed lists), appending
+    to a list whose size is a multiple of its block's bytes, copies as many blocks as the
+    joined list holds from a source that holds only the new ones: a heap overrun (faiss
+    1.15; a 10M-vector IVF16384 PQ16x4fs index aborted while its four shards merged). Any
+    list whose size fills whole blocks is joined here first, as the concatenation of both
+    lists' blocks; faiss appends the rest code by code, correctly."""
+    dl = faiss.downcast_InvertedLists(faiss.extract_index_ivf(dst).invlists)
+    sl = faiss.downcast_InvertedLists(faiss.extract_index_ivf(src).invlists)
+    if isinstance(dl, faiss.BlockInvertedLists):
+        nvec, block = dl.n_per_block, dl.block_size
+        for lst in range(dl.nlist):
+            o, n = dl.list_size(lst), sl.list_size(lst)
+            if not n or not o or o % nvec:
+                continue
+            ids = np.concatenate([faiss.rev_swig_ptr(dl.get_ids(lst), o), faiss.rev_swig_ptr(sl.get_ids(lst), n)])
+            codes = np.concatenate([faiss.rev_swig_ptr(dl.get_codes(lst), o // nvec * block),
+                                    faiss.rev_swig_ptr(sl.get_codes(lst), -(-n // nvec) * block)])
+            dl.resize(lst, 0)
+            sl.resize(lst, 0)   # merge_from skips it; its count still moves with src.ntotal
+            dl.add_entries(lst, o + n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    dst.merge_from(src, 0)

@@ -37,6 +37,7 @@ MANIFEST_FORMAT = "mimdex-embeddings/1"
 DTYPES = ("float16", "float32")
 PA_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 RECORDED_IN = "the embeddings manifest"
+PAGE_CHECKSUMS = b"mimdex.page_checksums"   # a part's footer says its pages carry CRC32s
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def part_schema(model: ModelRef, dtype: str, unit: str, fingerprint: str, photos
     if sources:  # a by-URI catalog: the fingerprint the image was read at, and the state the diff compares
         extra += [("image_fingerprint", pa.string()), ("source_state", pa.string())]
     meta = {"model_sha256": model.sha256, "variant": model.variant, "d": model.d, "dtype": dtype, "unit": unit,
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "page_checksums": "crc32"}   # write_part writes them
     return pa.schema(fields + [("content_hash", pa.string())] + extra,
                      metadata={f"mimdex.{k}": str(v) for k, v in meta.items()})
 
@@ -207,7 +208,7 @@ def has_photos(table_or_schema) -> bool:
 
 def write_part(root: str, name: str, table: pa.Table, rejects: list[dict]) -> tuple[FileRef, FileRef | None, dict]:
     """A unit's part and its rejects, each written whole: (part, rejects, reasons)."""
-    part = write_parquet(root, f"{name}.parquet", table)
+    part = write_parquet(root, f"{name}.parquet", table, page_checksums=True)
     stale = storage.join(root, "rejects", f"{name}.parquet")
     if not rejects:
         if storage.exists(stale):
@@ -246,24 +247,33 @@ def read_part(root: str, entry: PartEntry, model: ModelRef, dtype: str,
     return live_rows(root, table.select(columns) if columns else table, entry)
 
 
-def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns) -> tuple[pa.Table, int]:
+def read_part_columns(root: str, entry: PartEntry, model: ModelRef, dtype: str, columns,
+                      verified: bool = False) -> tuple[pa.Table, int]:
     """Some columns of a part's live rows, reading only their column chunks (the diff reads
-    states, not vectors), and the stored bytes of those chunks. The whole-file sha256
-    cannot be checked without reading it all: the size and the schema are (exit 65,
-    named). ``columns``: names -> the columns wanted."""
+    states, a refresh's delta the vectors it indexes, not the other tower's), and the
+    stored bytes of those chunks. The whole-file sha256 cannot be checked without reading
+    it all: the size, the schema and each page's CRC32 are (exit 65, named; parts written
+    since page_checksums hold one per page). ``verified``: a part without page CRCs is
+    read whole against its sha256 instead. ``columns``: names -> the columns wanted."""
     uri = storage.join(root, entry.part.file)
+    table = None
     with storage.open_read(uri) as f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
             check_part_schema(uri, pf.schema_arrow, model, dtype)
             if entry.part.bytes and f.size != entry.part.bytes:
                 raise DataError(f"embeddings part {uri}: {f.size} bytes, {RECORDED_IN} says {entry.part.bytes}; "
                                 "refusing a replaced or truncated file")
-            names = columns(pf.schema_arrow.names)
-            table = pf.read(columns=names)
-            stored = column_bytes(pf.metadata, range(pf.metadata.num_row_groups), names)
+            if not verified or PAGE_CHECKSUMS in (pf.schema_arrow.metadata or {}):
+                names = columns(pf.schema_arrow.names)
+                table = pf.read(columns=names)
+                stored = column_bytes(pf.metadata, range(pf.metadata.num_row_groups), names)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"embeddings part {uri}: not a readable Parquet file: {exc}") from exc
+            raise DataError(f"embeddings part {uri}: not a readable Parquet file, or a page fails its "
+                            f"checksum: {exc}") from exc
+    if table is None:
+        whole = read_part(root, entry, model, dtype)
+        return whole.select(columns(whole.schema.names)), entry.part.bytes
     return live_rows(root, table, entry), stored
 
 

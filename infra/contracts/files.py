@@ -61,9 +61,11 @@ def use_system_memory_pool() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
 
 
-def write_parquet(root: str, name: str, table: pa.Table, row_group_size: int | None = None) -> FileRef:
+def write_parquet(root: str, name: str, table: pa.Table, row_group_size: int | None = None,
+                  page_checksums: bool = False) -> FileRef:
     with storage.open_write(storage.join(root, name)) as f:
-        pq.write_table(table, f, row_group_size=row_group_size or max(1, table.num_rows), **encodings(table.schema))
+        pq.write_table(table, f, row_group_size=row_group_size or max(1, table.num_rows),
+                       write_page_checksum=page_checksums, **encodings(table.schema))
     return FileRef(name, f.sha256(), f.bytes_written, table.num_rows)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from mimdex.infra.contracts import catalog, photos
-from mimdex.infra.contracts.embeddings import PartEntry, has_photos, read_part
+from mimdex.infra.contracts.embeddings import PartEntry, has_photos, read_part, read_part_columns
 from mimdex.infra.contracts.model import ModelRef
 from mimdex.infra.errors import DataError, UsageError
 
@@ -134,12 +134,20 @@ def _photo_metadata(meta: pa.Table, positions: list[int | None]) -> pa.Table:
 
 def usable_rows(root: str, entry: PartEntry, model: ModelRef, dtype: str, kind: str, fuse_alpha: float,
                 metadata: bool = False, photo_mode: str = photos.DEFAULT_MODE, idmap: bool = True,
-                ids: bool = True) -> UsableRows:
+                ids: bool = True, paged: bool = False) -> UsableRows:
     """One part (checksum verified) -> what goes into an index; with ``metadata`` the id
     map rows carry the catalog's columns (title, image_uri, ...); ``idmap=False`` (sampling,
     evaluation: vectors and ids only) builds no id map at all, ``ids=False`` (sampling)
-    no ids either (UsableRows.ids_at hashes the ones wanted)."""
-    table = read_part(root, entry, model, dtype)
+    no ids either (UsableRows.ids_at hashes the ones wanted). ``paged`` (a refresh's delta):
+    only the columns the index takes, each page checked against its CRC, not the whole
+    file against its sha256 (embeddings.read_part_columns)."""
+    if paged:
+        wanted = {"product_id", "photo"} | ({"image_emb"} if kind != "text" else set()) | \
+            ({"text_emb"} if kind != "image" else set())
+        table, _ = read_part_columns(root, entry, model, dtype, lambda names: [c for c in names if c in wanted],
+                                     verified=True)
+    else:
+        table = read_part(root, entry, model, dtype)
     vectors = index_vectors(table, kind, fuse_alpha)
     bad, reasons = invalid_rows(vectors)
     pids = table.column("product_id").to_pylist()

@@ -35,7 +35,7 @@ def new_vectors(root: str, manifest: EmbeddingsManifest, entries: list[PartEntry
                 photo_mode: str | None = None) -> Delta:
     """Vectors, ids and id-map rows (with catalog metadata) of the delta parts."""
     parts = [usable_rows(root, e, manifest.model, manifest.dtype, kind, alpha, metadata=True,
-                         photo_mode=photo_mode or "every") for e in entries]
+                         photo_mode=photo_mode or "every", paged=True) for e in entries]
     skipped = merge_skipped(p.skipped for p in parts)
     if not parts:
         empty = np.zeros(0, np.int64)

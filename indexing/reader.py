@@ -46,9 +46,11 @@ class ShardLoader:
     """A version's shards, one at a time: each a searchable faiss index (the IVF of an
     IndexRefine; the re-ranking codes are in its id map) and its id map."""
 
-    def __init__(self, uri: str, params: dict, trained: FileRef, deltas: tuple[iv.DeltaSegment, ...] = ()):
+    def __init__(self, uri: str, params: dict, trained: FileRef, deltas: tuple[iv.DeltaSegment, ...] = (),
+                 held: bytes | None = None):
         self.uri = uri
-        self.trained = iv.read_trained(uri, trained)
+        # ``held``: the trained bytes the caller already has (a draft version), not read again
+        self.trained = held if held is not None else iv.read_trained(uri, trained)
         self.deltas = tuple(deltas)
         self._deletions = delta.later_deletions(uri, self.deltas) if self.deltas else None
         trained_index = deserialize(self.trained)

@@ -94,7 +94,8 @@ class VersionDraft:
                            default_nprobe, deltas=self.deltas)
 
     def loader(self) -> ShardLoader:
-        return ShardLoader(iv.version_uri(self.out, self.version), self.params, self.trained_ref, self.deltas)
+        return ShardLoader(iv.version_uri(self.out, self.version), self.params, self.trained_ref, self.deltas,
+                           held=self.trained)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def run(build: Callable, beam_args: list[str], progress_dir: str, expected: int,
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
         raise type(cause)(str(cause)) from exc
-    for marker, cls in (("DataError", DataError), ("ObjectNotFound", DataError),
+    for marker, cls in (("ObjectNotFound", storage.ObjectNotFound), ("DataError", DataError),
                         ("StorageFailure", TransientError)):
         if marker in str(exc):
             raise cls(f"Beam job failed: {str(exc).strip().splitlines()[-1]}") from exc

@@ -260,6 +260,47 @@ def test_the_kept_ground_truth_equals_a_full_recomputation_night_after_night(uri
 
 
 
+def test_a_refresh_whose_parent_retention_removed_exits_75_and_the_next_run_publishes(uri_world, monkeypatch):
+    """Operators side by side on one index: while a refresh runs, LATEST moves twice (an
+    engineer's build-index publishes, then a rollback) and retention removes the version
+    the refresh started from, its kept truth with it. The refresh could never have
+    published (LATEST is not its parent): exit 75 saying so, not 65 as if the index were
+    damaged, and LATEST as the rollback left it. The next run publishes the change. (The
+    race is placed by wrapping the kept-truth read; everything in it is the real build,
+    rollback and retention on the real files.)"""
+    from mimdex.infra.errors import TransientError
+    from mimdex.pipelines import build_index
+    from mimdex.pipelines.refresh import evaluation
+
+    cfg, rows, cat = uri_world
+    cfg = replace(cfg, max_drift=10.0, max_code_drift=100.0)
+    parent = iv.latest_version(cfg.index)
+    assert iv.read_manifest(cfg.index, parent).ground_truth is not None
+    older = [v for v in iv.list_versions(cfg.index) if v < parent and iv.is_complete(cfg.index, v)][-1]
+    current = pq.read_table(str(cat / "catalog.parquet")).to_pylist()
+    for r in current[40:43]:
+        r["title"] += " (raced)"
+    _write(str(cat), current)
+    read_kept = evaluation.kept_truth
+
+    def raced(index, manifest):
+        build_index.run(build_index.BuildConfig(embeddings=cfg.embeddings, out=index, shards=2, eval_queries=60))
+        versions.rollback(index, older)
+        versions.prune(index, keep=1, grace_hours=0)
+        assert not iv.is_complete(index, parent)
+        return read_kept(index, manifest)
+
+    monkeypatch.setattr(evaluation, "kept_truth", raced)
+    with pytest.raises(TransientError, match=f"LATEST moved from {parent} to {older} while this job ran") as e:
+        run(cfg)
+    assert e.value.exit_code == 75 and "truth" in str(e.value)
+    assert iv.read_latest(cfg.index)[0].version == older
+    monkeypatch.setattr(evaluation, "kept_truth", read_kept)
+    report = run(cfg)
+    titles = dict(zip(*(IndexReader.open(cfg.index).idmap.column(c).to_pylist() for c in ("product_id", "title"))))
+    assert report["published"] and all(titles[r["product_id"]] == r["title"] for r in current[40:43])
+
+
 def test_a_re_ranking_index_carries_its_lists_through_refreshes(uri_world):
     """The same with re-ranking codes (fast-scan PQ re-ranked with SQ8, k x k_factor
     candidates): the lists answer recall@1 and @10 (candidates.kept_k) as the loaded index

@@ -176,3 +176,30 @@ def test_retention_racing_a_build_never_lets_it_publish_deleted_files(three_vers
     assert publish.is_complete(out, late)
     assert sorted(storage.list_files(publish.version_uri(out, late))) == sorted(
         publish.version_uri(out, late) + f for f in ("/manifest.json", "/trained.index"))
+
+
+def test_a_file_gone_from_a_jobs_parent_is_a_lost_race_only_once_latest_moved(three_versions, tmp_path):
+    """index_version.started_from, which refresh and compact read their parent under: while
+    LATEST names the parent, a missing file is damage (ObjectNotFound, exit 65); once
+    LATEST moved on, retention removed it and the job lost its race (exit 75, naming both
+    versions). A runner that returns a worker's error only as text (Flink, Dask) keeps it
+    an ObjectNotFound (beam_runner), so that compaction's Beam stage is judged the same."""
+    from mimdex.infra.errors import TransientError
+    from mimdex.pipelines import beam_runner
+
+    out, built = three_versions
+    gone = publish.version_uri(out, built[2]) + "/trained.index.gone"
+    with pytest.raises(storage.ObjectNotFound) as damaged, publish.started_from(out, built[2]):
+        storage.read_bytes(gone)
+    assert damaged.value.exit_code == 65
+    versions.rollback(out, built[0])
+    with pytest.raises(TransientError, match=f"{gone}: LATEST moved from {built[2]} to {built[0]} while this "
+                                             "job ran") as lost, publish.started_from(out, built[2]):
+        storage.read_bytes(gone)
+    assert lost.value.exit_code == 75
+
+    def remote_failure(pipeline):   # what a portable runner hands back: the worker's traceback as text
+        raise RuntimeError(f"Pipeline failed:\nmimdex.infra.storage.ObjectNotFound: read: no such object or "
+                           f"directory: {gone}")
+    with pytest.raises(TransientError, match="LATEST moved"), publish.started_from(out, built[2]):
+        beam_runner.run(remote_failure, [], str(tmp_path / "progress"), 1, 60.0, "unfinished")

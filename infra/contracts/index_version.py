@@ -14,15 +14,18 @@
 
 A publisher reads LATEST when it starts (its parent) and replaces it only if it still
 names that parent: of two builds racing on one root exactly one publishes; the other gets
-exit 75 and its complete, unpublished version stays for inspection.
+exit 75 and its complete, unpublished version stays for inspection. A publisher that finds
+a file of its parent gone after LATEST moved on lost that race too (retention removed the
+parent: started_from), and exits 75 rather than calling the index damaged.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -224,6 +227,24 @@ def read_latest(root: str) -> tuple[LatestPointer | None, str | None]:
 def latest_version(root: str) -> str | None:
     pointer, _ = read_latest(root)
     return pointer.version if pointer else None
+
+
+@contextlib.contextmanager
+def started_from(root: str, parent: str | None) -> Iterator[None]:
+    """Reads of ``parent`` (the version LATEST named when the job started): a file found
+    missing once LATEST names another version was removed by retention, which keeps only
+    LATEST's version, the one it replaced, younger ones and the files they use. The job
+    could not have published (LATEST is not its parent): exit 75, and a re-run starts from
+    the new LATEST. While LATEST still names the parent, a missing file is damage (exit 65)."""
+    try:
+        yield
+    except storage.ObjectNotFound as exc:
+        now = latest_version(root) if parent is not None else parent
+        if now == parent:
+            raise
+        raise TransientError(f"{exc}: LATEST moved from {parent} to {now} while this job ran and retention "
+                             f"removed {parent}'s files; nothing was published; run it again (it starts "
+                             f"from {now})") from exc
 
 
 def _pointer(version: str, previous: str | None) -> bytes:

@@ -34,7 +34,13 @@ def run(cfg: CompactConfig, beam_args: list[str] | None = None) -> dict:
     pointer, token = iv.read_latest(cfg.index)
     if pointer is None:
         raise DataError(f"index {cfg.index}: no LATEST (nothing has been published here to compact)")
-    m = iv.read_manifest(cfg.index, pointer.version)
+    with iv.started_from(cfg.index, pointer.version):   # retention may remove it once LATEST moves on
+        return _compact(cfg, beam_args, pointer.version, token, timer, io0)
+
+
+def _compact(cfg: CompactConfig, beam_args: list[str] | None, parent: str, token: str | None, timer: StageTimer,
+             io0: dict) -> dict:
+    m = iv.read_manifest(cfg.index, parent)
     report: dict = {"index_root": cfg.index, "from": m.version, "delta_segments": len(m.deltas),
                     "delta_vectors": sum(d.added for d in m.deltas)}
     if not m.deltas:

@@ -106,7 +106,8 @@ def run(cfg: RefreshConfig) -> dict:
             model_sha = load_bundle(cfg.model).sha256
             prev_emb = emb.read_manifest(cfg.embeddings) if emb.has_manifest(cfg.embeddings) else None
             pointer, token = iv.read_latest(cfg.index)
-            prev_index = iv.read_manifest(cfg.index, pointer.version) if pointer else None
+            parent = pointer.version if pointer else None
+            prev_index = iv.read_manifest(cfg.index, parent) if pointer else None
             columns = (cfg.filter_columns if cfg.filter_columns is not None
                        else tuple(prev_index.params.get(attributes.PARAM, ())) if prev_index else ())
             cfg = replace(cfg, filter_columns=columns)
@@ -125,10 +126,11 @@ def run(cfg: RefreshConfig) -> dict:
                 from mimdex.pipelines.refresh import diff_graph  # Beam is imported only to diff
 
                 diff_dir = storage.join(cfg.embeddings, "diffs", iv.new_version())
-                d, report["read"] = diff_graph.run_diff(cfg.catalog, model_sha, cfg.embeddings,
-                                                        None if full_reason else prev_emb, diff_dir, forced,
-                                                        list(cfg.beam_args), cfg.stall_timeout,
-                                                        filter_columns=columns, index=(cfg.index, prev_index))
+                with iv.started_from(cfg.index, parent):
+                    d, report["read"] = diff_graph.run_diff(cfg.catalog, model_sha, cfg.embeddings,
+                                                            None if full_reason else prev_emb, diff_dir, forced,
+                                                            list(cfg.beam_args), cfg.stall_timeout,
+                                                            filter_columns=columns, index=(cfg.index, prev_index))
                 to_encode = d.ids(*diffs.TO_ENCODE)
                 if forced:
                     found = set(to_encode.to_pylist())
@@ -191,8 +193,9 @@ def run(cfg: RefreshConfig) -> dict:
         composite = _composite(cfg.embeddings, base, d, delta, run_id, retagged)
         manifest_name = f"manifests/{run_id}.json"
         emb.write_manifest(cfg.embeddings, composite, manifest_name)
-        released = _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token, composite,
-                                 manifest_name, run_id, prev_emb.encoded if prev_emb and not full_reason else 0)
+        with iv.started_from(cfg.index, parent):   # retention may remove it once LATEST moves on
+            released = _next_version(cfg, report, timer, full_reason, d, prev_index, pointer, token, composite,
+                                     manifest_name, run_id, prev_emb.encoded if prev_emb and not full_reason else 0)
         emb.write_manifest(cfg.embeddings, composite)  # now the current embeddings
         _forget_diffs(cfg.embeddings)
         segments, share = released.counts.get("delta_segments", 0), _delta_share(released.counts)

@@ -39,7 +39,10 @@ from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
 from mimdex.infra.contracts.index_codec import append_lists, deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
-from mimdex.infra.errors import DataError
+from mimdex.infra.errors import DataError, TransientError
+
+
+OPEN_ATTEMPTS = 3   # opens of LATEST, each after it moved away from the last and retention removed that
 
 
 class ShardLoader:
@@ -136,11 +139,25 @@ class IndexReader:
         """LATEST (or ``version``) of the index at ``root``. ``mmap``: from a local cache
         (``cache_dir``, default $MIMDEX_INDEX_CACHE or ~/.cache/mimdex/index) that the
         version is downloaded, verified and folded into once, its files mapped rather
-        than read (mapped.py)."""
-        if version is None:
+        than read (mapped.py). Without ``version``, a LATEST whose files retention removed
+        while they were read (LATEST moved on meanwhile: index_version.started_from) is
+        opened again as the new LATEST, up to OPEN_ATTEMPTS times."""
+        if version is not None:
+            return cls._open(root, version, consolidate, mmap, cache_dir)
+        lost = None
+        for _ in range(OPEN_ATTEMPTS):
             version = iv.latest_version(root)
             if version is None:
                 raise DataError(f"index {root}: no LATEST (nothing has been published here)")
+            try:   # LATEST moved on twice while we read, and retention removed the files: the new LATEST
+                with iv.started_from(root, version):
+                    return cls._open(root, version, consolidate, mmap, cache_dir)
+            except TransientError as exc:
+                lost = exc
+        raise lost
+
+    @classmethod
+    def _open(cls, root: str, version: str, consolidate: bool, mmap: bool, cache_dir: str | None) -> "IndexReader":
         m = iv.read_manifest(root, version)
         uri = iv.version_uri(root, version)
         if not mmap:

@@ -203,3 +203,32 @@ def test_a_file_gone_from_a_jobs_parent_is_a_lost_race_only_once_latest_moved(th
                            f"directory: {gone}")
     with pytest.raises(TransientError, match="LATEST moved"), publish.started_from(out, built[2]):
         beam_runner.run(remote_failure, [], str(tmp_path / "progress"), 1, 60.0, "unfinished")
+
+
+def test_a_reader_of_latest_whose_files_retention_removed_mid_open_opens_the_new_latest(three_versions,
+                                                                                         monkeypatch):
+    """A server opening LATEST while an engineer's build publishes, a rollback follows and
+    retention runs: the version it was reading loses its files (it is neither LATEST nor
+    the one LATEST replaced). The reader opens the new LATEST instead of failing; a named
+    version that lost its files stays an error (exit 65). The race is placed by wrapping
+    the reader's first shard load; the build, rollback and retention are the real ones."""
+    from mimdex.indexing import reader as reader_mod
+
+    out, built = three_versions
+    load, raced = reader_mod.ShardLoader.load, []
+
+    def racing_load(self, entry):
+        if not raced:
+            raced.append(entry)   # first: the build below loads shards too
+            run(BuildConfig(embeddings=out.rsplit("/", 1)[0] + "/emb1", out=out, shards=2, eval_queries=50))
+            versions.rollback(out, built[0])
+            versions.prune(out, keep=1, grace_hours=0)
+            assert not publish.is_complete(out, built[2])
+        return load(self, entry)
+
+    monkeypatch.setattr(reader_mod.ShardLoader, "load", racing_load)
+    reader = IndexReader.open(out)
+    assert raced and reader.version == built[0] and reader.ntotal == 400
+    with pytest.raises(storage.ObjectNotFound) as gone:
+        IndexReader.open(out, version=built[2])
+    assert gone.value.exit_code == 65

@@ -40,6 +40,7 @@ from mimdex.infra.contracts import index_delta as delta
 from mimdex.infra.contracts.index_codec import append_lists, deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
 from mimdex.infra.errors import DataError, TransientError
+from mimdex.infra.storage import ObjectNotFound
 
 
 OPEN_ATTEMPTS = 3   # opens of LATEST, each after it moved away from the last and retention removed that
@@ -153,6 +154,8 @@ class IndexReader:
                 with iv.started_from(root, version):
                     return cls._open(root, version, consolidate, mmap, cache_dir)
             except TransientError as exc:
+                if not isinstance(exc.__cause__, ObjectNotFound):   # throttling and the like: not a lost race
+                    raise
                 lost = exc
         raise lost
 

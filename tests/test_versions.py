@@ -232,3 +232,14 @@ def test_a_reader_of_latest_whose_files_retention_removed_mid_open_opens_the_new
     with pytest.raises(storage.ObjectNotFound) as gone:
         IndexReader.open(out, version=built[2])
     assert gone.value.exit_code == 65
+    # any other exit-75 failure (storage retries exhausted) is not a lost race: raised, not opened again
+    from mimdex.infra.errors import TransientError
+    calls = []
+
+    def throttled(self, entry):
+        calls.append(entry)
+        raise TransientError("storage retries exhausted")
+    monkeypatch.setattr(reader_mod.ShardLoader, "load", throttled)
+    with pytest.raises(TransientError, match="^storage retries exhausted$"):
+        IndexReader.open(out)
+    assert len(calls) == 1

@@ -39,8 +39,7 @@ from mimdex.infra.contracts.files import FileRef
 from mimdex.infra.contracts import index_delta as delta
 from mimdex.infra.contracts.index_codec import append_lists, deserialize, lists_shape, refine_quantizer, shard_index
 from mimdex.infra.contracts.vectors import ids_for
-from mimdex.infra.errors import DataError, TransientError
-from mimdex.infra.storage import ObjectNotFound
+from mimdex.infra.errors import DataError
 
 
 OPEN_ATTEMPTS = 3   # opens of LATEST, each after it moved away from the last and retention removed that
@@ -153,9 +152,7 @@ class IndexReader:
             try:   # LATEST moved on twice while we read, and retention removed the files: the new LATEST
                 with iv.started_from(root, version):
                     return cls._open(root, version, consolidate, mmap, cache_dir)
-            except TransientError as exc:
-                if not isinstance(exc.__cause__, ObjectNotFound):   # throttling and the like: not a lost race
-                    raise
+            except iv.LostRace as exc:   # not throttling and the like: those are raised as they are
                 lost = exc
         raise lost
 

@@ -229,22 +229,25 @@ def latest_version(root: str) -> str | None:
     return pointer.version if pointer else None
 
 
+class LostRace(TransientError):
+    """A file of the version a job started from, removed by retention after LATEST moved on."""
+
+
 @contextlib.contextmanager
 def started_from(root: str, parent: str | None) -> Iterator[None]:
     """Reads of ``parent`` (the version LATEST named when the job started): a file found
     missing once LATEST names another version was removed by retention, which keeps only
     LATEST's version, the one it replaced, younger ones and the files they use. The job
     could not have published (LATEST is not its parent): exit 75, and a re-run starts from
-    the new LATEST. While LATEST still names the parent, a missing file is damage (exit 65)."""
+    the new LATEST (LostRace). While LATEST still names the parent, a missing file is damage (exit 65)."""
     try:
         yield
     except storage.ObjectNotFound as exc:
-        now = latest_version(root) if parent is not None else parent
-        if now == parent:
+        if parent is None or (now := latest_version(root)) == parent:
             raise
-        raise TransientError(f"{exc}: LATEST moved from {parent} to {now} while this job ran and retention "
-                             f"removed {parent}'s files; nothing was published; run it again (it starts "
-                             f"from {now})") from exc
+        raise LostRace(f"{exc}: LATEST moved from {parent} to {now} while this job ran and retention "
+                       f"removed {parent}'s files; nothing was published; run it again (it starts "
+                       f"from {now})") from exc
 
 
 def _pointer(version: str, previous: str | None) -> bytes:
